@@ -48,8 +48,7 @@ class _Group(click.Group):
 @click.option("-v", "--verbose", count=True, help="Log more: -v info, -vv debug.")
 def main(verbose: int) -> None:
     """tandem: an LLM inference server whose scheduler and GPU worker run in tandem."""
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    _setup_logging(logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG)
 
 
 @main.command()
@@ -79,7 +78,11 @@ def list_() -> None:
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print every detail as JSON.")
 def show(model: str, as_json: bool) -> None:
-    """Show a model's architecture, size, quantization and chat template (MODEL: name or path)."""
+    """Show a model's details.
+
+    Architecture, parameters, quantization, context length and chat template of MODEL (a stored
+    name, or a path to a .gguf file or safetensors folder).
+    """
     info = describe_model(_stored_or_local(model))
     click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
 
@@ -87,9 +90,25 @@ def show(model: str, as_json: bool) -> None:
 @main.command()
 @click.argument("model")
 def rm(model: str) -> None:
-    """Remove MODEL from the store (a registered file or ollama blob itself is kept)."""
+    """Remove MODEL from the store.
+
+    Files the store downloaded are deleted; a registered local file or ollama blob is kept.
+    """
     remove_model(model)
     click.echo(f"deleted '{model}'")
+
+
+def _setup_logging(level: int) -> None:
+    # Only tandem's loggers: libraries such as huggingface_hub print through their own handlers, and a
+    # root handler would print each of their lines twice.
+    log = logging.getLogger("tandem")
+    for old in [h for h in log.handlers if getattr(h, "_tandem_cli", False)]:
+        log.removeHandler(old)  # bound to an earlier sys.stderr (repeated in-process invocations)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler._tandem_cli = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+    log.setLevel(level)
 
 
 def _stored_or_local(model: str) -> ModelRef:
@@ -156,6 +175,18 @@ def human_age(when: datetime) -> str:
             return f"{n} {unit}{'s' if n > 1 else ''} ago"
     return "just now"
 
+
+def _register_commands() -> None:
+    # Engine commands live in their own modules; importing them here keeps `tandem list` fast
+    # enough (they import lazily what they need inside).
+    from tandem.commands.generate import generate
+    from tandem.commands.tokenize import tokenize
+
+    main.add_command(generate)
+    main.add_command(tokenize)
+
+
+_register_commands()
 
 if __name__ == "__main__":
     main()

@@ -149,19 +149,30 @@ def apply_penalties(
     out_counts = None
     if output_token_ids is not None:
         out_counts = _token_counts(output_token_ids, vocab_size, logits.dtype)
-    seen = None if out_counts is None else out_counts > 0
+    in_prompt = None
     if prompt_token_ids is not None:
         in_prompt = _token_counts(prompt_token_ids, vocab_size, logits.dtype) > 0
-        seen = in_prompt if seen is None else seen | in_prompt
+    return apply_penalty_state(logits, params, in_prompt, out_counts)
+
+
+def apply_penalty_state(
+    logits: Tensor, params: SamplingTensors, prompt_mask: Tensor | None, output_counts: Tensor | None
+) -> Tensor:
+    """Penalties from per-row state the worker keeps on the device: (B, V) prompt presence mask and
+    output token counts, so no token history has to travel with each step."""
+    seen = None if output_counts is None else output_counts > 0
+    if prompt_mask is not None:
+        seen = prompt_mask if seen is None else seen | prompt_mask
     if seen is not None:
         rp = params.repetition_penalty[:, None]
         # Dividing a negative logit would raise it; multiplying lowers it, so both move away from the token.
         logits = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
-    if out_counts is not None:
+    if output_counts is not None:
+        counts = output_counts.to(logits.dtype)
         logits = (
             logits
-            - params.frequency_penalty[:, None] * out_counts
-            - params.presence_penalty[:, None] * (out_counts > 0).to(logits.dtype)
+            - params.frequency_penalty[:, None] * counts
+            - params.presence_penalty[:, None] * (counts > 0).to(logits.dtype)
         )
     return logits
 
@@ -192,16 +203,21 @@ def sample(
     prompt_token_ids: Tensor | None = None,
     output_token_ids: Tensor | None = None,
     max_top_logprobs: int = 0,
+    penalty_state: tuple[Tensor | None, Tensor | None] | None = None,
 ) -> SampleOutput:
     """Sample one token per row of `logits` (B, V).
 
     `prompt_token_ids` / `output_token_ids` are int64 (B, L) padded with -1; None skips the penalties that
-    need them. `max_top_logprobs` is the host-known K of the top-n outputs (0 => none), passed in so the
+    need them; `penalty_state` = (prompt_mask, output_counts) replaces both with state kept on the
+    device. `max_top_logprobs` is the host-known K of the top-n outputs (0 => none), passed in so the
     output shape never depends on device data.
     """
     raw = logits.to(torch.float32)
     vocab_size = raw.shape[1]
-    penalized = apply_penalties(raw, params, prompt_token_ids, output_token_ids)
+    if penalty_state is not None:
+        penalized = apply_penalty_state(raw, params, *penalty_state)
+    else:
+        penalized = apply_penalties(raw, params, prompt_token_ids, output_token_ids)
     greedy_ids = penalized.argmax(dim=-1)
 
     sampling = params.temperature > 0

@@ -128,6 +128,11 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def _parse(buf: mmap.mmap, path: Path) -> dict[str, Any]:
+    return parse_header(buf, path)[0]
+
+
+def parse_header(buf: mmap.mmap, path: Path) -> tuple[dict[str, Any], _Cursor]:
+    """Metadata, plus a cursor left at the tensor descriptors that follow it."""
     if len(buf) < 24:
         raise GGUFMetadataError(f"{path}: not a GGUF file (too short)")
     (magic,) = struct.unpack_from("<I", buf, 0)
@@ -154,7 +159,7 @@ def _parse(buf: mmap.mmap, path: Path) -> dict[str, Any]:
         vtype = cur.scalar("I")
         out[key] = cur.value(vtype)
     logger.debug("read %d metadata keys from %s", kv_count, path)
-    return out
+    return out, cur
 
 
 def metadata_from_reader(reader: GGUFReader) -> dict[str, Any]:
@@ -166,9 +171,7 @@ def metadata_from_reader(reader: GGUFReader) -> dict[str, Any]:
         if field.types[0] == GGUFValueType.ARRAY:
             etype = field.types[-1] if len(field.types) > 1 else None
             if etype == GGUFValueType.STRING:
-                out[key] = [
-                    bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data
-                ]
+                out[key] = [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
             elif etype is not None and etype in _SCALARS:
                 out[key] = [field.parts[i].tolist()[0] for i in field.data]
             else:

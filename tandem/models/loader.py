@@ -95,7 +95,7 @@ def load_safetensors_dir(path: str | Path, dtype: torch.dtype = torch.float32) -
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for hf_name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            for hf_name in f.keys():
                 name = _hf_to_gguf_name(hf_name)
                 if name is None:
                     log.debug("skipping tensor %s", hf_name)

@@ -32,7 +32,9 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfi
         raise UnsupportedModelError("GGUF metadata gives no vocabulary size")
     rope_dims = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
     if rope_dims != head_dim:
-        raise UnsupportedModelError(f"partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported")
+        raise UnsupportedModelError(
+            f"partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported"
+        )
     scaling = None
     scaling_type = meta.get(f"{arch}.rope.scaling.type")
     if scaling_type not in (None, "none"):

@@ -293,6 +293,6 @@ def sha256_file(path: Path, progress: bool = False, desc: str = "hashing") -> st
 def _bar(progress: bool, total: int | None, desc: str) -> tqdm:
     # disable=None lets tqdm hide itself when stderr is not a terminal (logs, CI, tests).
     return tqdm(
-        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
         disable=None if progress else True, file=sys.stderr, leave=False,
     )  # fmt: skip

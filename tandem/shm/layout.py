@@ -224,6 +224,8 @@ def batch_layout(
         seq("cu_seqlens", "int32", extra=1),
         seq("block_tables", "int32", max_blocks_per_seq),
         seq("sample_mask", "uint8"),
+        # Penalties tell prompt tokens from generated ones by position (worker-side state).
+        seq("prompt_lens", "int32"),
         seq("temperature", "float32"),
         seq("top_k", "int32"),
         seq("top_p", "float32"),

@@ -23,7 +23,7 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def hf_model(default_model_path: Path):  # noqa: ANN201 - transformers type is heavy to import here
+def hf_model(default_model_path: Path):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(default_model_path.parent), gguf_file=default_model_path.name, dtype=torch.float32
@@ -47,7 +47,7 @@ def _our_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("prompt", range(len(PROMPTS)))
-def test_logits_match_transformers(hf_model, ours: LlamaModel, prompt: int) -> None:  # noqa: ANN001
+def test_logits_match_transformers(hf_model, ours: LlamaModel, prompt: int) -> None:
     ids = PROMPTS[prompt]
     with torch.inference_mode():
         expected = hf_model(torch.tensor([ids])).logits[0].float()

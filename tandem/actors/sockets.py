@@ -1,0 +1,168 @@
+"""ZeroMQ socket options and ipc paths, set the same way in every process.
+
+Why each option matters (reference/reliability-notes.md, section 3.2):
+- LINGER: the default (-1) makes ``ctx.term()`` hang forever on a message queued to an absent peer.
+- ZMTP heartbeats: without them a hung (SIGSTOPped) peer over tcp is never noticed.
+- MAXMSGSIZE: bounds what an untrusted peer can make us allocate before msgpack sees it.
+- ROUTER_MANDATORY: a ROUTER otherwise drops replies to unknown or slow peers silently.
+- IMMEDIATE: queue only to completed connections, so a send to a peer that is gone fails (Again)
+  instead of piling up messages that will never leave.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
+import zmq
+
+log = logging.getLogger(__name__)
+
+CONTROL_LINGER_MS = 1000  # long enough to deliver a final ActorFailed, short enough not to stall exit
+DATA_LINGER_MS = 0  # data left unsent at shutdown has nobody to go to
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 3000
+# sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
+MAX_IPC_PATH = 107
+
+
+def make_socket(
+    ctx: zmq.Context,
+    socket_type: int,
+    *,
+    linger_ms: int = CONTROL_LINGER_MS,
+    max_msg_size: int | None = None,
+    immediate: bool = False,
+    router_mandatory: bool | None = None,
+    heartbeat_ivl_ms: int | None = HEARTBEAT_IVL_MS,
+    heartbeat_timeout_ms: int = HEARTBEAT_TIMEOUT_MS,
+    sndhwm: int | None = None,
+    rcvhwm: int | None = None,
+) -> zmq.Socket:
+    """A socket with the house options set; call before bind/connect (options apply to new pipes).
+
+    ``router_mandatory`` defaults to on for ROUTER sockets. ``max_msg_size`` should be set on every
+    socket that receives from a peer we do not control (clients). ZMTP heartbeats only act on
+    stream transports (tcp, ipc); ``heartbeat_ivl_ms=None`` turns them off.
+    """
+    sock = ctx.socket(socket_type)
+    try:
+        sock.setsockopt(zmq.LINGER, linger_ms)
+        if max_msg_size is not None:
+            limit_message_size(sock, max_msg_size)
+        if immediate:
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+        if router_mandatory or (router_mandatory is None and socket_type == zmq.ROUTER):
+            set_router_mandatory(sock)
+        if heartbeat_ivl_ms is not None:
+            enable_heartbeats(sock, heartbeat_ivl_ms, heartbeat_timeout_ms)
+        if sndhwm is not None:
+            sock.setsockopt(zmq.SNDHWM, sndhwm)
+        if rcvhwm is not None:
+            sock.setsockopt(zmq.RCVHWM, rcvhwm)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def enable_heartbeats(sock: zmq.Socket, ivl_ms: int = HEARTBEAT_IVL_MS,
+                      timeout_ms: int = HEARTBEAT_TIMEOUT_MS, ttl_ms: int | None = None) -> None:
+    """ZMTP PING every ``ivl_ms``; drop the connection when no traffic arrives for ``timeout_ms``.
+
+    This proves the peer's I/O thread is alive, not that its main loop makes progress: pair it with
+    an application heartbeat or progress watchdog.
+    """
+    sock.setsockopt(zmq.HEARTBEAT_IVL, ivl_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout_ms)
+    if ttl_ms is not None:
+        sock.setsockopt(zmq.HEARTBEAT_TTL, ttl_ms)
+
+
+def set_router_mandatory(sock: zmq.Socket) -> None:
+    """Make sends to unknown peers raise EHOSTUNREACH and full peers raise Again (with NOBLOCK)."""
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+
+
+def limit_message_size(sock: zmq.Socket, max_bytes: int) -> None:
+    """Disconnect a peer that sends a message larger than ``max_bytes``."""
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+
+
+def close_socket(sock: zmq.Socket | None, linger_ms: int | None = None) -> None:
+    """Close if open; ``linger_ms`` overrides the socket's LINGER (0: drop what is unsent)."""
+    if sock is None or sock.closed:
+        return
+    sock.close(linger=linger_ms)
+
+
+# --------------------------------------------------------------------------------------
+# ipc endpoints and the per-server runtime directory
+# --------------------------------------------------------------------------------------
+def ipc_address(runtime_dir: Path, stem: str) -> str:
+    """A fresh ``ipc://{runtime_dir}/{stem}-<rand>.sock`` whose file does not exist yet.
+
+    libzmq silently unlinks an existing path on bind and orphans whoever was bound there, so the
+    random suffix plus the existence check keep two servers or actors from stealing each other's path.
+    """
+    for _ in range(8):
+        path = Path(runtime_dir) / f"{stem}-{secrets.token_hex(4)}.sock"
+        if len(os.fsencode(path)) > MAX_IPC_PATH:
+            raise ValueError(f"ipc path too long for a unix socket ({len(os.fsencode(path))} > "
+                             f"{MAX_IPC_PATH} bytes): {path}; use a shorter runtime directory")
+        if not path.exists():
+            return f"ipc://{path}"
+    raise FileExistsError(f"could not find a free ipc path in {runtime_dir}")
+
+
+def ipc_path(address: str) -> Path | None:
+    """The filesystem path of an ``ipc://`` address, None for other transports or abstract sockets."""
+    if not address.startswith("ipc://"):
+        return None
+    rest = address[len("ipc://"):]
+    if not rest or rest.startswith("@"):
+        return None
+    return Path(rest)
+
+
+def remove_ipc_file(address: str) -> None:
+    path = ipc_path(address)
+    if path is None:
+        return
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("could not remove ipc socket file %s: %s", path, e)
+
+
+def make_runtime_dir(prefix: str = "tandem", base: Path | None = None) -> Path:
+    """A fresh 0700 directory for one server's ipc socket files.
+
+    Under ``base``, else ``$XDG_RUNTIME_DIR`` (per-user, tmpfs, cleaned at logout), else the system
+    temp dir. The mode keeps other users from connecting whatever the umask made the socket files.
+    """
+    if base is None:
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        if xdg and os.path.isdir(xdg) and os.access(xdg, os.W_OK | os.X_OK):
+            base = Path(xdg)
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=base))
+    os.chmod(path, 0o700)  # mkdtemp already asks for 0700; be explicit against odd filesystems
+    return path
+
+
+def remove_runtime_dir(path: Path) -> None:
+    """Remove a directory made by make_runtime_dir, with whatever socket files are left in it."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("could not remove runtime directory %s: %s", path, e)

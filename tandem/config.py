@@ -1,0 +1,60 @@
+"""Engine settings: one dataclass, built from CLI options (or the Python API); no env reads."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_KV_CACHE_MEMORY = 512 * 2**20
+
+
+@dataclass
+class EngineConfig:
+    model_path: str  # a .gguf file or a safetensors folder (resolved by the model store)
+    model_name: str = ""
+    device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"
+    dtype: str = "auto"  # "auto" (fp32 on CPU, bf16 on GPU) | "float32" | "bfloat16" | "float16"
+    kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY  # bytes for the paged KV pool
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_queue: int = 512
+    context_length: int | None = None  # None: the model's own
+    overlap: bool = True
+    ring_depth: int = 2
+    enable_prefix_caching: bool = True
+    step_timeout: float = 120.0  # seconds without a result before the worker counts as hung
+    max_worker_restarts: int = 2
+    threads: int | None = None  # torch intra-op threads in the worker (CPU)
+    log_level: int = logging.WARNING
+    runtime_dir: Path | None = None  # set by whoever starts the engine
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue", "kv_cache_memory"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ring_depth < 2:
+            raise ValueError(f"ring_depth must be >= 2, got {self.ring_depth}")
+        if self.context_length is not None and self.context_length < 2:
+            raise ValueError(f"context_length must be >= 2, got {self.context_length}")
+
+
+@dataclass
+class WorkerConfig:
+    """What the scheduler hands the worker it spawns."""
+
+    model_path: str
+    device: str
+    dtype: str
+    kv_cache_memory: int
+    block_size: int
+    max_num_seqs: int
+    context_length: int
+    ring: dict[str, Any]  # RingSegment.handle()
+    doorbell_endpoint: str
+    results_endpoint: str
+    max_num_batched_tokens: int = 512
+    threads: int | None = None

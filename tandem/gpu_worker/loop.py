@@ -1,0 +1,82 @@
+"""The GPU-worker process: wait for a doorbell, run the step, post the previous step's results.
+
+Results of step N are posted after step N+1 is launched when N+1's doorbell is already
+waiting, so the device always has the next step queued while the host copies results; when
+nothing is queued they are posted at once, so the scheduler is never left waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from tandem.actors import ActorContext
+from tandem.config import WorkerConfig
+from tandem.gpu_worker.runner import ModelRunner, PendingResult
+from tandem.messages import Doorbell, StepResult, decode, encode
+from tandem.shm import RingSegment
+
+log = logging.getLogger(__name__)
+
+
+def worker_main(ctx: ActorContext) -> None:
+    cfg: WorkerConfig = ctx.config
+    ring = RingSegment.from_handle(cfg.ring)
+    ctx.add_cleanup(ring.close)
+    runner = ModelRunner(cfg)
+    bells = ctx.zmq_ctx.socket(zmq.PULL)
+    bells.setsockopt(zmq.LINGER, 0)
+    bells.connect(cfg.doorbell_endpoint)
+    results = ctx.zmq_ctx.socket(zmq.PUSH)
+    results.setsockopt(zmq.LINGER, 1000)
+    results.connect(cfg.results_endpoint)
+    ctx.add_cleanup(lambda: (bells.close(0), results.close(0)))
+
+    c = runner.config
+    ctx.send_ready(
+        {
+            "memory_plan": runner.memory_plan(cfg.max_num_batched_tokens),
+            "model": {"architecture": c.architecture, "vocab_size": c.vocab_size, "num_layers": c.num_layers},
+        }
+    )
+    poller = zmq.Poller()
+    poller.register(bells, zmq.POLLIN)
+    poller.register(ctx.inbox, zmq.POLLIN)
+    pending: PendingResult | None = None
+    last_done = time.perf_counter()
+
+    def post(p: PendingResult) -> None:
+        nonlocal last_done
+        results.send(encode(runner.finalize(p)))
+        last_done = time.perf_counter()
+
+    while not ctx.stop_event.is_set():
+        if pending is not None and not bells.poll(0):
+            post(pending)
+            pending = None
+        events = dict(poller.poll(100))
+        if ctx.inbox in events and ctx.poll_inbox() is not None:
+            break
+        if bells not in events:
+            continue
+        bell = decode(bells.recv())
+        assert isinstance(bell, Doorbell), bell
+        idle_ms = 0.0 if pending is not None else (time.perf_counter() - last_done) * 1000
+        try:
+            launched = runner.launch(ring.slot(bell.slot), bell, idle_ms)
+        except Exception as exc:  # one bad step fails its requests, not the server
+            log.exception("step %d failed", bell.step)
+            if pending is not None:
+                post(pending)
+                pending = None
+            msg = StepResult(bell.step, bell.slot, 0, b"", b"", error=f"{type(exc).__name__}: {exc}")
+            results.send(encode(msg))
+            continue
+        if pending is not None:
+            post(pending)
+        pending = launched
+    if pending is not None:
+        post(pending)
+    log.info("worker stopping")

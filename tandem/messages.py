@@ -1,0 +1,329 @@
+"""Every message that crosses a process boundary, as typed dataclasses with one msgpack codec.
+
+Wire form: ``[tag, field0, field1, ...]`` in declaration order. New fields are only ever
+appended with defaults, so a peer one version behind decodes what it knows and ignores the
+rest (PROTOCOL.md, "Versioning"). Tensors travel as raw bytes plus dtype/shape or in the
+shared-memory ring, never as lists of floats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, get_args, get_origin
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+_REGISTRY: dict[int, type] = {}
+_DECODERS: dict[type, list[Any]] = {}
+T = TypeVar("T")
+
+
+class MessageError(ValueError):
+    """A frame that does not decode into a known message."""
+
+
+def message(tag: int):
+    def wrap(cls: type[T]) -> type[T]:
+        if tag in _REGISTRY:
+            raise RuntimeError(f"message tag {tag} used twice ({_REGISTRY[tag].__name__}, {cls.__name__})")
+        cls = dataclass(cls)  # type: ignore[assignment]
+        cls.TAG = tag  # type: ignore[attr-defined]
+        _REGISTRY[tag] = cls
+        return cls
+
+    return wrap
+
+
+def _to_wire(value: Any) -> Any:
+    if hasattr(value, "TAG"):
+        return [_to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)]
+    if isinstance(value, list | tuple):
+        return [_to_wire(v) for v in value]
+    return value
+
+
+def encode(msg: Any) -> bytes:
+    return msgpack.packb([msg.TAG, *_to_wire(msg)], use_bin_type=True)
+
+
+def _nested_type(hint: Any) -> tuple[str, type] | None:
+    """('one' | 'list', cls) when a field holds message dataclasses that need rebuilding."""
+    origin = get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in get_args(hint):
+            found = _nested_type(arg)
+            if found:
+                return found
+        return None
+    if origin is list:
+        (arg,) = get_args(hint) or (Any,)
+        if isinstance(arg, type) and hasattr(arg, "TAG"):
+            return ("list", arg)
+        return None
+    if isinstance(hint, type) and hasattr(hint, "TAG"):
+        return ("one", hint)
+    return None
+
+
+def _decoders(cls: type) -> list[Any]:
+    if cls not in _DECODERS:
+        hints = typing.get_type_hints(cls)
+        _DECODERS[cls] = [(f.name, _nested_type(hints[f.name])) for f in dataclasses.fields(cls)]
+    return _DECODERS[cls]
+
+
+def _from_wire(cls: type[T], values: list[Any]) -> T:
+    kwargs = {}
+    for (name, nested), value in zip(_decoders(cls), values, strict=False):
+        if nested is not None and value is not None:
+            kind, sub = nested
+            value = [_from_wire(sub, v) for v in value] if kind == "list" else _from_wire(sub, value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def decode(data: bytes) -> Any:
+    try:
+        arr = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise MessageError(f"frame is not valid msgpack: {exc}") from None
+    if not isinstance(arr, list) or not arr or not isinstance(arr[0], int):
+        raise MessageError("frame is not a tandem message (expected [tag, ...fields])")
+    cls = _REGISTRY.get(arr[0])
+    if cls is None:
+        raise MessageError(f"unknown message tag {arr[0]}")
+    try:
+        return _from_wire(cls, arr[1:])
+    except TypeError as exc:
+        raise MessageError(f"malformed {cls.__name__}: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------
+# Actor control (any actor -> its parent, parent -> actor)
+# --------------------------------------------------------------------------------------
+@message(1)
+class Ready:
+    name: str
+    pid: int
+    version: int = PROTOCOL_VERSION
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@message(2)
+class Heartbeat:
+    name: str
+    pid: int
+    time: float
+
+
+@message(3)
+class ActorFailed:
+    name: str
+    pid: int
+    error: str
+    traceback: str = ""
+
+
+@message(4)
+class Stop:
+    reason: str = ""
+    drain: bool = False
+
+
+# --------------------------------------------------------------------------------------
+# Requests and their results (client <-> gateway <-> scheduler)
+# --------------------------------------------------------------------------------------
+class InvalidParameterError(ValueError):
+    def __init__(self, param: str, reason: str) -> None:
+        super().__init__(f"invalid parameter '{param}': {reason}")
+        self.param = param
+
+
+def _finite(
+    name: str, v: Any, lo: float | None = None, hi: float | None = None, lo_open: bool = False
+) -> None:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise InvalidParameterError(name, f"must be a finite number, got {v!r}")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise InvalidParameterError(name, f"must be {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise InvalidParameterError(name, f"must be <= {hi}, got {v}")
+
+
+def _int(name: str, v: Any, lo: int | None = None) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidParameterError(name, f"must be an integer, got {v!r}")
+    if lo is not None and v < lo:
+        raise InvalidParameterError(name, f"must be >= {lo}, got {v}")
+
+
+@message(10)
+class SamplingParams:
+    max_tokens: int | None = None  # None: until EOS or the context is full
+    temperature: float = 1.0
+    top_k: int = 0  # <= 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; 0: sampled token only; n: plus top-n
+    return_logits: bool = False  # full logits row of every generated position (debugging, evals)
+    skip_special_tokens: bool = True
+
+    MAX_TOP_LOGPROBS: typing.ClassVar[int] = 20
+
+    def validate(self) -> None:
+        """Raise InvalidParameterError naming the first bad field."""
+        if self.max_tokens is not None:
+            _int("max_tokens", self.max_tokens, 1)
+        _finite("temperature", self.temperature, 0.0)
+        _int("top_k", self.top_k)
+        _finite("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        _finite("min_p", self.min_p, 0.0, 1.0)
+        _finite("repetition_penalty", self.repetition_penalty, 0.0, lo_open=True)
+        _finite("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _finite("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        if self.seed is not None:
+            _int("seed", self.seed)
+            if not -(2**63) <= self.seed < 2**64:
+                raise InvalidParameterError("seed", "must fit in 64 bits")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise InvalidParameterError("stop", "must be a list of non-empty strings")
+        if not isinstance(self.stop_token_ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
+        ):
+            raise InvalidParameterError("stop_token_ids", "must be a list of token ids")
+        if self.logprobs is not None:
+            _int("logprobs", self.logprobs, 0)
+            if self.logprobs > self.MAX_TOP_LOGPROBS:
+                raise InvalidParameterError("logprobs", f"must be <= {self.MAX_TOP_LOGPROBS}")
+
+
+@message(11)
+class SubmitRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = 0.0
+
+
+@message(12)
+class CancelRequest:
+    request_id: str
+    reason: str = "cancelled"
+
+
+@message(13)
+class TokenDelta:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[float] | None = None
+    # per token: [[id, logprob], ...] best first
+    top_logprobs: list[list[list[float]]] | None = None
+    logits: list[bytes] | None = None  # per token: float32 row of the vocabulary
+
+
+@message(14)
+class Finished:
+    request_id: str
+    finish_reason: str  # "stop" | "length" | "cancelled" | "context"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    stop_reason: str | int | None = None  # the stop string or token id that matched
+    queued_s: float = 0.0
+    prefill_s: float = 0.0  # admission -> first token
+    decode_s: float = 0.0  # first token -> finish
+
+
+@message(15)
+class RequestError:
+    request_id: str
+    code: str  # "invalid_request" | "busy" | "context_length" | "worker_died" | "internal" | ...
+    message: str
+
+
+@message(16)
+class OutputBatch:
+    """Everything one scheduler step produced: one frame instead of one per request."""
+
+    deltas: list[TokenDelta] = field(default_factory=list)
+    finished: list[Finished] = field(default_factory=list)
+    errors: list[RequestError] = field(default_factory=list)
+
+
+@message(17)
+class StatsRequest:
+    query_id: int = 0
+
+
+@message(18)
+class Stats:
+    query_id: int
+    worker_alive: bool
+    waiting: int
+    running: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    block_size: int
+    prefix_cache_hit_tokens: int
+    prefix_cache_query_tokens: int
+    steps: int
+    prompt_tokens_total: int
+    generated_tokens_total: int
+    preemptions: int
+    overlap: bool
+    step_time_ms_avg: float
+    gpu_idle_ms_avg: float
+    memory_plan: dict[str, Any] = field(default_factory=dict)
+    max_queue: int = 0
+    worker_restarts: int = 0
+
+
+# --------------------------------------------------------------------------------------
+# Scheduler <-> GPU worker
+# --------------------------------------------------------------------------------------
+@message(30)
+class Doorbell:
+    """Step ``step`` is in ring slot ``slot``; the worker may read it now."""
+
+    step: int
+    slot: int
+    num_tokens: int
+    num_seqs: int
+    max_top_logprobs: int = 0
+    any_penalties: bool = False
+    all_greedy: bool = False
+    want_logits: bool = False
+
+
+@message(31)
+class StepResult:
+    """Sampled tokens of one step, one row per sequence that sampled, plus the slot's credit."""
+
+    step: int
+    slot: int
+    num_sampled: int
+    token_ids: bytes  # int64[num_sampled]
+    logprobs: bytes  # float32[num_sampled]
+    top_k: int = 0
+    top_ids: bytes = b""  # int64[num_sampled, top_k]
+    top_logprobs: bytes = b""  # float32[num_sampled, top_k]
+    logits: bytes = b""  # float32[num_sampled, vocab] when asked
+    vocab_size: int = 0
+    forward_ms: float = 0.0
+    idle_ms: float = 0.0  # time the device waited for this step's doorbell
+    error: str = ""

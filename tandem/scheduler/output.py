@@ -1,0 +1,97 @@
+"""Turn sampled tokens into streamed text and decide when a sequence stops.
+
+Stop strings may straddle token boundaries, so text that could still become the start of a
+stop string is held back until the next token settles it; no client ever sees a stop string
+or half of one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tandem.models.detokenizer import IncrementalDetokenizer
+from tandem.models.tokenizer import Tokenizer
+from tandem.scheduler.sequence import Sequence
+
+
+@dataclass
+class _Stream:
+    detok: IncrementalDetokenizer
+    held: str = ""  # decoded text not yet sent: may be the start of a stop string
+    stops: tuple[str, ...] = ()
+    max_stop: int = 0
+    sent_chars: int = 0
+
+
+@dataclass
+class TokenEvent:
+    text: str  # new text for the client (may be empty)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _holdback(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer, context_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.eos_ids = frozenset(tokenizer.eos_ids)
+        self.context_length = context_length
+        self._streams: dict[int, _Stream] = {}
+
+    def _stream(self, seq: Sequence) -> _Stream:
+        st = self._streams.get(seq.seq_id)
+        if st is None:
+            stops = tuple(seq.params.stop)
+            detok = IncrementalDetokenizer(
+                self.tokenizer, seq.token_ids[: seq.prompt_len], skip_special=seq.params.skip_special_tokens
+            )
+            st = _Stream(detok, stops=stops, max_stop=max((len(s) for s in stops), default=0))
+            self._streams[seq.seq_id] = st
+        return st
+
+    def on_token(self, seq: Sequence, token: int) -> TokenEvent:
+        """``token`` was just appended to ``seq.token_ids``; what to send, and is it over?"""
+        st = self._stream(seq)
+        p = seq.params
+        if not p.ignore_eos and token in self.eos_ids:
+            return TokenEvent(self._drain(st), "stop", token)
+        if token in p.stop_token_ids:
+            return TokenEvent(self._drain(st), "stop", token)
+        st.held += st.detok.push(token)
+        if st.stops:
+            # Only the new text (plus what a stop string could reach back into) can hold a match.
+            window_start = max(0, len(st.held) - st.max_stop - 8)
+            hits = [(st.held.find(s, window_start), s) for s in st.stops]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            if hits:
+                idx, s = min(hits)
+                text = st.held[:idx]
+                st.held = ""
+                return TokenEvent(text, "stop", s)
+        n_out = len(seq.token_ids) - seq.prompt_len
+        if n_out >= seq.max_tokens or len(seq.token_ids) >= self.context_length:
+            reason = "length"
+            return TokenEvent(self._drain(st, final=True), reason)
+        keep = _holdback(st.held, st.stops) if st.stops else 0
+        text = st.held[: len(st.held) - keep]
+        st.held = st.held[len(st.held) - keep :]
+        return TokenEvent(text)
+
+    def _drain(self, st: _Stream, final: bool = True) -> str:
+        text = st.held + (st.detok.flush() if final else "")
+        st.held = ""
+        return text
+
+    def release(self, seq: Sequence) -> None:
+        self._streams.pop(seq.seq_id, None)

@@ -1,0 +1,202 @@
+"""Scheduling policy: admission, continuous batching with chunked prefill, preemption.
+
+Pure bookkeeping: it decides which tokens of which sequences run in the next step and keeps
+the block manager in step with that decision. Packing into shared memory is batch.py's job,
+turning sampled tokens into text and stops is output.py's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from tandem.scheduler.block_manager import BlockManager, NoFreeBlocksError
+from tandem.scheduler.sequence import SeqStatus, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_queue: int
+    context_length: int
+
+
+class AdmissionError(Exception):
+    """A request refused at the door; ``code`` is the RequestError code to send."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    start: int  # position of the first token fed
+    input_ids: list[int]  # negative: -(1 + row) of the previous step's sampled tokens
+    sample: bool
+    epoch: int
+
+
+@dataclass
+class ScheduledBatch:
+    step: int
+    items: list[ScheduledSeq]
+    num_tokens: int
+
+
+class Scheduler:
+    def __init__(self, limits: SchedulerLimits, blocks: BlockManager) -> None:
+        self.limits = limits
+        self.blocks = blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.by_request: dict[str, Sequence] = {}
+        self._free_worker_slots = list(range(limits.max_num_seqs - 1, -1, -1))
+        self.num_preemptions = 0
+
+    # -- admission -------------------------------------------------------------------
+    def check_feasible(self, prompt_len: int, max_tokens: int | None) -> None:
+        """Refuse now what could never run, instead of queueing it forever."""
+        ctx = self.limits.context_length
+        if prompt_len < 1:
+            raise AdmissionError("invalid_request", "the prompt is empty (0 tokens)")
+        if prompt_len >= ctx:
+            raise AdmissionError(
+                "context_length",
+                f"prompt is {prompt_len} tokens but the context holds {ctx} "
+                f"(prompt + at least 1 generated token must fit)",
+            )
+        if max_tokens is not None and prompt_len + max_tokens > ctx:
+            raise AdmissionError(
+                "context_length",
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {prompt_len + max_tokens} "
+                f"exceeds the context of {ctx} tokens",
+            )
+        total = prompt_len + (max_tokens if max_tokens is not None else 1)
+        pool = self.blocks.num_blocks * self.blocks.block_size
+        if total > pool:
+            raise AdmissionError(
+                "context_length",
+                f"request needs {total} tokens of KV cache (prompt {prompt_len}) but the whole pool "
+                f"holds {pool} tokens",
+            )
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.limits.max_queue:
+            raise AdmissionError(
+                "busy", f"server busy: {len(self.waiting)} requests queued (max {self.limits.max_queue})"
+            )
+        if seq.request_id in self.by_request:
+            raise AdmissionError("invalid_request", f"request id {seq.request_id!r} is already in use")
+        self.check_feasible(seq.prompt_len, seq.params.max_tokens)
+        self.waiting.append(seq)
+        self.by_request[seq.request_id] = seq
+
+    # -- leaving -----------------------------------------------------------------------
+    def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        """Free everything the sequence holds. Safe while steps that include it are in flight:
+        the worker runs steps in order, so a later step reusing its blocks writes after them."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+            self._release(seq)
+        else:
+            self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        seq.pending.clear()
+        self.by_request.pop(seq.request_id, None)
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.free(seq.seq_id)
+        if seq.worker_slot >= 0:
+            self._free_worker_slots.append(seq.worker_slot)
+            seq.worker_slot = -1
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute-style preemption: drop its KV, requeue it at the front with its tokens."""
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_computed = 0
+        seq.pending.clear()  # a token still in flight is re-sampled identically (same seed, step)
+        seq.epoch += 1
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        log.info("preempted %s (%d tokens) for lack of KV blocks", seq.request_id, len(seq.token_ids))
+
+    # -- the step ------------------------------------------------------------------------
+    def _reserve(self, seq: Sequence, n: int) -> bool:
+        extra = seq.num_computed + n - self.blocks.num_tokens(seq.seq_id)
+        return extra <= 0 or self.blocks.append_slots(seq.seq_id, extra)
+
+    def _item(self, seq: Sequence, n: int, step: int) -> ScheduledSeq:
+        start = seq.num_computed
+        known = len(seq.token_ids)
+        ids = seq.token_ids[start : min(start + n, known)]
+        if start + n > known:  # feeding the token the previous step is still sampling
+            pstep, prow = seq.pending[-1]
+            assert pstep == step - 1 and start + n == known + 1, "reference to a step other than the last"
+            ids.append(-(1 + prow))
+        seq.num_computed += n
+        sample = seq.num_computed == seq.num_tokens
+        return ScheduledSeq(seq, start, ids, sample, seq.epoch)
+
+    def schedule(self, step: int) -> ScheduledBatch | None:
+        budget = self.limits.max_num_batched_tokens
+        items: list[ScheduledSeq] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.tokens_to_feed, budget)
+            if n <= 0 or seq.done_generating:
+                i += 1
+                continue
+            while not self._reserve(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING:
+                break  # it preempted itself: everything after it is gone too
+            items.append(self._item(seq, n, step))
+            budget -= n
+            i += 1
+
+        while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
+            seq = self.waiting[0]
+            try:
+                cached = self.blocks.allocate(seq.seq_id, seq.token_ids)
+            except NoFreeBlocksError:
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            seq.num_computed = cached
+            if seq.epoch == 0:
+                seq.num_cached = cached
+            seq.worker_slot = self._free_worker_slots.pop()
+            self.running.append(seq)
+            n = min(seq.tokens_to_feed, budget)
+            items.append(self._item(seq, n, step))
+            budget -= n
+
+        if not items:
+            return None
+        for row, it in enumerate(items):
+            if it.sample:
+                it.seq.pending.append((step, row))
+            self.blocks.commit_full_blocks(
+                it.seq.seq_id, it.seq.token_ids, min(it.seq.num_computed, len(it.seq.token_ids))
+            )
+        return ScheduledBatch(step, items, self.limits.max_num_batched_tokens - budget)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(not s.done_generating for s in self.running)

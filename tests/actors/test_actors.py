@@ -1,0 +1,272 @@
+"""Actor processes, end to end with real spawned processes: handshake, failures, heartbeats, stop.
+
+Run: python -m pytest tests/actors -q
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from tandem.actors import ActorHandle, ActorSpec, ActorStartError, make_runtime_dir, remove_runtime_dir
+from tandem.actors import handle as handle_mod
+from tandem.messages import ActorFailed
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))  # spawn passes sys.path on, so children can import actor_entries
+
+
+# --------------------------------------------------------------------------------------
+# process bookkeeping
+# --------------------------------------------------------------------------------------
+def _stat(pid: int) -> tuple[int, str] | None:
+    """(ppid, state) from /proc, None if the pid is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = text.rsplit(")", 1)[1].split()  # the command name may hold spaces and parentheses
+    return int(fields[1]), fields[0]
+
+
+def _running(pid: int) -> bool:
+    st = _stat(pid)
+    return st is not None and st[1] not in ("Z", "X")  # a zombie has exited, only not been reaped
+
+
+def _children(parent: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        st = _stat(int(entry.name))
+        if st is None or st[0] != parent:
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"resource_tracker" not in cmdline:  # multiprocessing's own long-lived helper
+            found.add(int(entry.name))
+    return found
+
+
+def _wait_until(cond: Any, timeout: float, step: float = 0.01) -> float:
+    """Seconds until cond() held; raise AssertionError after timeout."""
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(step)
+    return time.monotonic() - t0
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    before = _children(os.getpid())
+    yield
+    handle_mod.stop_all(timeout=1.0)  # a failed test must not leave actors to the next one
+    left: set[int] = set()
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        left = _children(os.getpid()) - before
+        if not left:
+            break
+        time.sleep(0.05)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"child processes left behind: {sorted(left)}"
+    assert multiprocessing.active_children() == []
+
+
+@pytest.fixture
+def rdir() -> Iterator[Path]:
+    path = make_runtime_dir(prefix="tandem-test")
+    assert path.stat().st_mode & 0o777 == 0o700
+    yield path
+    remove_runtime_dir(path)
+    assert not path.exists()
+
+
+def _spec(rdir: Path, entry: str, name: str = "", config: Any = None, **kw: Any) -> ActorSpec:
+    kw.setdefault("heartbeat_interval", 0.1)
+    kw.setdefault("heartbeat_timeout", 2.0)
+    kw.setdefault("ready_timeout", 30.0)
+    return ActorSpec(name=name or entry, entry=f"actor_entries:{entry}", config=config or {},
+                     runtime_dir=rdir, **kw)
+
+
+# --------------------------------------------------------------------------------------
+# tests
+# --------------------------------------------------------------------------------------
+def test_start_ready_stop_round_trip(rdir: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    info = {"a": [1, 2], "s": "x", "nested": {"k": 1.5}}
+    h = ActorHandle.start(_spec(rdir, "echo", config={"info": info, "marker": str(marker)}))
+    pid = h.pid
+    assert h.ready is not None
+    assert h.ready.info == {"echo": info, "pid": pid, "name": "echo"}
+    assert h.ready.pid == pid and h.ready.name == "echo"
+    assert h.is_alive() and h.exitcode is None and h.check() is None
+    sockets = sorted(p.name for p in rdir.iterdir())
+    assert len(sockets) == 2 and all(re.fullmatch(r"echo-(ctl|inbox)-[0-9a-f]{8}\.sock", s) for s in sockets)
+
+    assert h.stop(reason="test over") == 0
+    assert h.exitcode == 0 and not h.is_alive() and not _running(pid)
+    assert marker.read_text() == "cleaned:Stop message: test over"
+    assert list(rdir.iterdir()) == []  # socket files removed
+    assert h.stop() == 0  # idempotent
+    assert h.check() == "echo was stopped (exit code 0)"
+
+
+@pytest.mark.parametrize(("entry", "expected"), [
+    ("fail_before_ready", "actor 'fail_before_ready' failed to start: ValueError: boom before ready: "
+                          "bad config"),
+    ("no_such_function", "actor 'no_such_function' failed to start: AttributeError: "),
+    ("exit_before_ready", "actor 'exit_before_ready' failed to start: exit_before_ready process exited "
+                          "with code 3"),
+])
+def test_failure_before_ready_raises(rdir: Path, entry: str, expected: str) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(ActorStartError) as info:
+        ActorHandle.start(_spec(rdir, entry))
+    assert str(info.value).startswith(expected)
+    assert time.monotonic() - t0 < 15  # decided by the child's report or exit, never the 30 s timeout
+    if entry == "fail_before_ready":
+        assert "in fail_before_ready" in info.value.traceback
+    assert list(rdir.iterdir()) == []
+
+
+def test_ready_timeout(rdir: Path) -> None:
+    with pytest.raises(ActorStartError, match=r"failed to start: not ready within 0\.5 s"):
+        ActorHandle.start(_spec(rdir, "never_ready", ready_timeout=0.5))
+    assert list(rdir.iterdir()) == []
+
+
+def test_failure_after_ready_is_reported(rdir: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    h = ActorHandle.start(_spec(rdir, "fail_after_ready", name="worker", config={"marker": str(marker)}))
+    # The owner's view: control socket and exit sentinel in its own poller.
+    poller = zmq.Poller()
+    poller.register(h.control_socket, zmq.POLLIN)
+    poller.register(h.sentinel, zmq.POLLIN)
+    got: list[Any] = []
+    deadline = time.monotonic() + 10
+    while h.exitcode is None and time.monotonic() < deadline:
+        poller.poll(100)
+        got += h.handle_control()
+    assert h.check() == "worker process exited with code 1: RuntimeError: boom after ready second line"
+    got += h.handle_control()
+    failed = [m for m in got if isinstance(m, ActorFailed)]
+    assert len(failed) == 1 and failed[0].pid == h.pid
+    assert "boom after ready" in failed[0].traceback and "fail_after_ready" in failed[0].traceback
+    assert marker.read_text() == "cleaned"
+    assert h.stop() == 1
+
+
+def test_sigkill_detected_promptly(rdir: Path) -> None:
+    h = ActorHandle.start(_spec(rdir, "echo", name="worker"))
+    h.kill()
+    elapsed = _wait_until(lambda: h.check() is not None, timeout=5.0)
+    assert h.check() == "worker was killed by SIGKILL"
+    assert elapsed < 1.0
+    assert h.stop() == -signal.SIGKILL
+    assert list(rdir.iterdir()) == []
+
+
+def test_heartbeat_survives_busy_main_thread_and_silence_is_detected(rdir: Path) -> None:
+    h = ActorHandle.start(_spec(rdir, "busy_then_hang", name="hang", config={"busy_s": 2.0},
+                                heartbeat_interval=0.1, heartbeat_timeout=1.0))
+    t_ready = time.monotonic()
+    while time.monotonic() - t_ready < 1.5:  # main thread busy, heartbeat thread still beating
+        assert h.check() is None
+        time.sleep(0.05)
+    _wait_until(lambda: h.check() is not None, timeout=5.0, step=0.05)
+    problem = h.check()
+    assert problem is not None
+    m = re.fullmatch(r"hang sent no heartbeat for (\d+\.\d) s", problem)
+    assert m, problem
+    assert 1.0 <= float(m.group(1)) < 2.0
+    assert h.is_alive()
+    assert h.stop() == 0  # only the heartbeat stopped: the entry still honours Stop
+
+
+@pytest.mark.parametrize("ignore_sigterm", [False, True])
+def test_stop_escalates_on_stubborn_child(rdir: Path, tmp_path: Path, ignore_sigterm: bool) -> None:
+    marker = tmp_path / "marker"
+    h = ActorHandle.start(_spec(rdir, "stubborn", config={"marker": str(marker),
+                                                          "ignore_sigterm": ignore_sigterm}))
+    t0 = time.monotonic()
+    code = h.stop(timeout=2.0)
+    elapsed = time.monotonic() - t0
+    assert 1.2 <= elapsed < 4.0  # waited for the Stop message, then escalated within the timeout
+    assert not _running(h.pid)
+    if ignore_sigterm:
+        assert code == -signal.SIGKILL
+        assert not marker.exists()  # SIGKILL: no cleanups, nothing else could run them
+    else:
+        assert code == 1  # the second SIGTERM forced an exit, after the cleanups
+        assert marker.read_text() == "cleaned"
+    assert list(rdir.iterdir()) == []
+
+
+_MIDDLE = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from tandem.actors import ActorHandle, ActorSpec
+    rdir, coop_marker, stubborn_marker = sys.argv[1:4]
+    handles = [
+        ActorHandle.start(ActorSpec(name=name, entry="actor_entries:orphan", runtime_dir=Path(rdir),
+                                    config={"marker": marker, "stubborn": stubborn}, exit_grace=0.5,
+                                    heartbeat_interval=0.2))
+        for name, marker, stubborn in (("coop", coop_marker, False), ("stubborn", stubborn_marker, True))
+    ]
+    print(*(h.pid for h in handles), flush=True)
+    time.sleep(60)
+""")
+
+
+def test_parent_death_makes_actors_exit_and_clean_up(rdir: Path, tmp_path: Path) -> None:
+    markers = [tmp_path / "coop", tmp_path / "stubborn"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    middle = subprocess.Popen([sys.executable, "-c", _MIDDLE, str(rdir), *map(str, markers)],
+                              stdout=subprocess.PIPE, env=env, text=True)
+    pids: list[int] = []
+    try:
+        ready, _, _ = select.select([middle.stdout], [], [], 30)
+        assert ready and middle.stdout is not None, "middle process did not start its actors"
+        pids = [int(x) for x in middle.stdout.readline().split()]
+        assert len(pids) == 2 and all(_running(p) for p in pids)
+        assert all(m.exists() for m in markers)
+
+        middle.kill()
+        middle.wait()
+        # coop returns at once; stubborn ignores stop_event and is forced out after exit_grace (0.5 s)
+        elapsed = _wait_until(lambda: not any(_running(p) for p in pids), timeout=10.0)
+        assert elapsed < 2.5
+        assert not any(m.exists() for m in markers)  # cleanups ran on both exit paths
+        assert Path(f"{markers[0]}.returned").read_text() == "parent died"  # coop returned by itself
+        assert not Path(f"{markers[1]}.returned").exists()  # stubborn was forced out
+    finally:
+        if middle.poll() is None:
+            middle.kill()
+            middle.wait()
+        for pid in pids:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if middle.stdout is not None:
+            middle.stdout.close()
