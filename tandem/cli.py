@@ -179,10 +179,14 @@ def human_age(when: datetime) -> str:
 def _register_commands() -> None:
     # Engine commands live in their own modules; importing them here keeps `tandem list` fast
     # enough (they import lazily what they need inside).
+    from tandem.commands.bench import bench
     from tandem.commands.generate import generate
+    from tandem.commands.serve import serve
     from tandem.commands.tokenize import tokenize
 
+    main.add_command(bench)
     main.add_command(generate)
+    main.add_command(serve)
     main.add_command(tokenize)
 
 

@@ -327,3 +327,126 @@ class StepResult:
     forward_ms: float = 0.0
     idle_ms: float = 0.0  # time the device waited for this step's doorbell
     error: str = ""
+
+
+# --------------------------------------------------------------------------------------
+# ZeroMQ client protocol (client DEALER <-> gateway ROUTER); see PROTOCOL.md. Tags 50-69.
+# --------------------------------------------------------------------------------------
+MAX_REQUEST_ID_LEN = 256
+
+
+@message(50)
+class ClientHello:
+    version: int  # the client's PROTOCOL_VERSION (major: a mismatch is refused)
+    client_name: str = ""
+
+
+@message(51)
+class ServerHello:
+    version: int
+    model: str
+    context_length: int
+    capabilities: list[str] = field(default_factory=list)
+    vocab_size: int = 0
+    max_inflight: int = 0  # per connection
+    max_msg_size: int = 0  # bytes; a larger frame drops the connection
+    server_version: str = ""
+
+
+@message(52)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@message(53)
+class GenerateRequest:
+    request_id: str  # chosen by the client, unique among its requests in flight
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    raw: bool = False  # prompt only: skip the chat template
+    system: str | None = None  # prompt only: system message for the chat template
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stream: bool = True  # False: one TokenDelta with everything, then the terminal frame
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise InvalidParameterError naming the first bad field (request_id is checked first)."""
+        rid = self.request_id
+        if not isinstance(rid, str) or not 0 < len(rid) <= MAX_REQUEST_ID_LEN:
+            raise InvalidParameterError("request_id", f"must be a string of 1..{MAX_REQUEST_ID_LEN} chars")
+        given = [n for n in ("prompt", "prompt_token_ids", "messages") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise InvalidParameterError(
+                "prompt", f"give exactly one of prompt, prompt_token_ids, messages (got {given or 'none'})"
+            )
+        if self.prompt is not None and not isinstance(self.prompt, str):
+            raise InvalidParameterError("prompt", "must be a string")
+        if self.prompt_token_ids is not None:
+            ids = self.prompt_token_ids
+            if not isinstance(ids, list) or not ids:
+                raise InvalidParameterError("prompt_token_ids", "must be a non-empty list of token ids")
+            for t in ids:
+                if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                    raise InvalidParameterError("prompt_token_ids", f"not a token id: {t!r}")
+                if vocab_size is not None and t >= vocab_size:
+                    raise InvalidParameterError(
+                        "prompt_token_ids", f"token id {t} is outside the vocabulary (0..{vocab_size - 1})"
+                    )
+        if self.messages is not None:
+            if not isinstance(self.messages, list) or not self.messages:
+                raise InvalidParameterError("messages", "must be a non-empty list of chat messages")
+            for m in self.messages:
+                if not isinstance(m, ChatMessage) or not isinstance(m.role, str) or not m.role:
+                    raise InvalidParameterError("messages", "each message needs a non-empty string role")
+                if not isinstance(m.content, str):
+                    raise InvalidParameterError("messages", "each message content must be a string")
+        if not isinstance(self.raw, bool):
+            raise InvalidParameterError("raw", "must be a boolean")
+        if self.raw and self.prompt is None:
+            raise InvalidParameterError("raw", "applies only to prompt")
+        if self.system is not None and (not isinstance(self.system, str) or self.prompt is None):
+            raise InvalidParameterError("system", "must be a string, and applies only to prompt")
+        if not isinstance(self.stream, bool):
+            raise InvalidParameterError("stream", "must be a boolean")
+        if not isinstance(self.params, SamplingParams):
+            raise InvalidParameterError("params", "must be a SamplingParams")
+        self.params.validate()
+
+
+@message(54)
+class Cancel:
+    request_id: str
+
+
+@message(55)
+class Accepted:
+    """The prompt is tokenized and submitted; the terminal frame is still to come."""
+
+    request_id: str
+    prompt_tokens: int
+    prompt_token_ids: list[int] = field(default_factory=list)
+
+
+@message(56)
+class HealthRequest:
+    query_id: int = 0
+
+
+@message(57)
+class Health:
+    query_id: int
+    status: str  # "ok" | "dead"
+    model: str
+    error: str = ""  # why the engine is dead, when it is
+    uptime_s: float = 0.0
+    clients: int = 0  # connections with requests in flight
+    inflight: int = 0  # requests in flight over this ZeroMQ front end
+    stats: Stats | None = None  # the scheduler's counters (None when it could not answer)
+
+
+@message(58)
+class KeepAlive:
+    """Server -> client probe that finds vanished clients while their requests are silent; ignore it."""
+
+    time: float = 0.0

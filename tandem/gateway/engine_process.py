@@ -32,24 +32,39 @@ class EngineProcess:
         self.from_sched: zmq.Socket | None = None
         self.ready_info: dict = {}
         self.tokenizer: Tokenizer | None = None
+        self._req_addr = self._out_addr = ""
 
     def start(self) -> EngineProcess:
         """Blocking: returns once the worker has loaded the model and the scheduler is ready."""
+        self.bind()
+        return self.spawn()
+
+    def bind(self) -> None:
+        """Create and bind our sockets (in the thread that will use them: asyncio sockets care)."""
         cfg = self.cfg
         self.runtime_dir = cfg.runtime_dir or make_runtime_dir()
         cfg.runtime_dir = self.runtime_dir
         try:
-            self.tokenizer = load_tokenizer(cfg.model_path)
-            req_addr = ipc_address(self.runtime_dir, "requests")
-            out_addr = ipc_address(self.runtime_dir, "outputs")
+            self._req_addr = ipc_address(self.runtime_dir, "requests")
+            self._out_addr = ipc_address(self.runtime_dir, "outputs")
             self.to_sched = make_socket(self.zmq_ctx, zmq.PUSH, linger_ms=0)
-            self.to_sched.bind(req_addr)
+            self.to_sched.bind(self._req_addr)
             self.from_sched = make_socket(self.zmq_ctx, zmq.PULL, linger_ms=0)
-            self.from_sched.bind(out_addr)
+            self.from_sched.bind(self._out_addr)
+        except BaseException:
+            self.close()
+            raise
+
+    def spawn(self) -> EngineProcess:
+        """Blocking: load the tokenizer, start the scheduler (and through it the worker)."""
+        cfg = self.cfg
+        assert self.runtime_dir is not None, "bind() first"
+        try:
+            self.tokenizer = load_tokenizer(cfg.model_path)
             spec = ActorSpec(
                 "scheduler",
                 "tandem.scheduler.loop:scheduler_main",
-                SchedulerBoot(cfg, req_addr, out_addr),
+                SchedulerBoot(cfg, self._req_addr, self._out_addr),
                 self.runtime_dir,
                 log_level=cfg.log_level,
             )

@@ -153,6 +153,7 @@ class EngineCore:
         )
         self.worker = ActorHandle.start(spec, self.ctx.zmq_ctx)
         self.memory_plan = dict(self.worker.ready.info.get("memory_plan", {}))
+        self.memory_plan["worker_pid"] = self.worker.pid
 
     def _new_scheduler(self) -> Scheduler:
         limits = SchedulerLimits(
@@ -172,6 +173,7 @@ class EngineCore:
             "context_length": self.context_length,
             "max_num_seqs": self.cfg.max_num_seqs,
             "overlap": self.cfg.overlap,
+            "worker_pid": self.worker.pid if self.worker is not None else None,
         }
 
     # -- inputs --------------------------------------------------------------------------

@@ -94,6 +94,11 @@ class Scheduler:
         if seq.request_id in self.by_request:
             raise AdmissionError("invalid_request", f"request id {seq.request_id!r} is already in use")
         self.check_feasible(seq.prompt_len, seq.params.max_tokens)
+        # No sequence can outgrow the whole KV pool: one without max_tokens (resolved to the rest
+        # of the context, which may be larger) would fill it, preempt itself, and then wait forever
+        # for blocks. It ends with "length" at the pool's size instead, as check_feasible assumes.
+        pool = self.blocks.num_blocks * self.blocks.block_size
+        seq.max_tokens = min(seq.max_tokens, pool - seq.prompt_len)
         self.waiting.append(seq)
         self.by_request[seq.request_id] = seq
 

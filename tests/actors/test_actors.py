@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -224,6 +225,22 @@ def test_stop_escalates_on_stubborn_child(rdir: Path, tmp_path: Path, ignore_sig
     assert list(rdir.iterdir()) == []
 
 
+
+def test_spawning_thread_exit_is_not_parent_death(rdir: Path, tmp_path: Path) -> None:
+    # Linux sends the parent-death signal when the spawning *thread* exits; the actor must not stop.
+    marker = tmp_path / "marker"
+    box: list[ActorHandle] = []
+    t = threading.Thread(target=lambda: box.append(
+        ActorHandle.start(_spec(rdir, "echo", config={"marker": str(marker)}))))
+    t.start()
+    t.join()
+    h = box[0]
+    time.sleep(1.0)  # > the watchdog period and any signal delivery
+    assert h.is_alive() and h.check() is None
+    assert not marker.exists()
+    assert h.stop(reason="done") == 0
+    assert marker.read_text() == "cleaned:Stop message: done"
+
 _MIDDLE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
@@ -270,3 +287,25 @@ def test_parent_death_makes_actors_exit_and_clean_up(rdir: Path, tmp_path: Path)
                 os.kill(pid, signal.SIGKILL)
         if middle.stdout is not None:
             middle.stdout.close()
+
+
+_FORGETFUL_OWNER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from tandem.actors import ActorHandle, ActorSpec
+    h = ActorHandle.start(ActorSpec(name="w", entry="actor_entries:echo", runtime_dir=Path(sys.argv[1]),
+                                    config={"marker": sys.argv[2]}))
+    print(h.pid, flush=True)
+""")
+
+
+def test_owner_exit_without_stop_stops_actor(rdir: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    # Without the atexit hook, multiprocessing's own exit handler would join the actor forever.
+    out = subprocess.run([sys.executable, "-c", _FORGETFUL_OWNER, str(rdir), str(marker)],
+                         capture_output=True, text=True, env=env, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert not _running(int(out.stdout))
+    assert marker.read_text() == "cleaned:Stop message: owner exiting"
+    assert list(rdir.iterdir()) == []

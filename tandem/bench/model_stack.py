@@ -1,0 +1,132 @@
+"""Model-stack figures: load time, and prefill / decode step times of the bare forward.
+
+No scheduler, no ring, no second process: just `load_gguf` + `LlamaModel` and the paged forward
+the worker runs, so these numbers are the floor the pipeline adds its costs to.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tandem.bench.timing import median
+from tandem.gpu_worker.kv_cache import KVCache
+from tandem.gpu_worker.model.attention import AttentionMetadata
+from tandem.gpu_worker.model.llama import LlamaModel
+from tandem.models.loader import load_gguf
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 16
+
+
+@dataclass(frozen=True)
+class StepSizes:
+    prefill_len: int = 128
+    decode_steps: int = 16  # decode steps timed after the prefill (median reported)
+    repeats: int = 3  # prefills timed (each on fresh positions of the KV pool)
+
+
+def load_model(path: str | Path) -> tuple[LlamaModel, float, float]:
+    """(model, seconds in load_gguf, seconds building LlamaModel)."""
+    t0 = time.perf_counter()
+    loaded = load_gguf(path, dtype=torch.float32)
+    t1 = time.perf_counter()
+    model = LlamaModel(loaded.config, loaded.tensors)
+    return model, t1 - t0, time.perf_counter() - t1
+
+
+def measure_load(path: str | Path, warm_repeats: int = 2) -> dict[str, Any]:
+    """Cold = the first load in this process (page cache as found: a truly cold disk needs root).
+
+    Warm = the median of the loads after it, with dequant code, allocator and page cache warm.
+    """
+    loads = []
+    for _ in range(1 + warm_repeats):
+        model, gguf_s, build_s = load_model(path)
+        loads.append((gguf_s, build_s))
+        del model
+        gc.collect()
+    cold, warm = loads[0], loads[1:]
+    return {
+        "cold": {"load_gguf_s": cold[0], "build_model_s": cold[1], "total_s": sum(cold)},
+        "warm": {
+            "load_gguf_s": median([w[0] for w in warm]),
+            "build_model_s": median([w[1] for w in warm]),
+            "total_s": median([sum(w) for w in warm]),
+        },
+    }
+
+
+class _Batch:
+    """`batch` sequences, each owning a contiguous run of KV blocks, stepped through the forward."""
+
+    def __init__(self, model: LlamaModel, batch: int, max_len: int) -> None:
+        self.model = model
+        self.batch = batch
+        blocks_per_seq = -(-max_len // BLOCK_SIZE)
+        self.kv = KVCache.allocate(model.config, batch * blocks_per_seq, BLOCK_SIZE, model.dtype)
+        self.tables = torch.arange(batch * blocks_per_seq, dtype=torch.int32).reshape(batch, blocks_per_seq)
+        self.gen = torch.Generator().manual_seed(0)
+
+    def step(self, start: int, n: int) -> float:
+        """Feed tokens [start, start + n) of every sequence; wall ms of metadata + forward."""
+        b, vocab = self.batch, self.model.config.vocab_size
+        ids = torch.randint(0, vocab, (b * n,), generator=self.gen)
+        positions = torch.arange(start, start + n).repeat(b)
+        rows = torch.arange(1, b + 1) * n - 1  # the last token of each sequence gets logits
+        t0 = time.perf_counter()
+        meta = AttentionMetadata.build(positions, [n] * b, [start + n] * b, self.tables, BLOCK_SIZE)
+        logits = self.model(ids, positions, self.kv, meta, rows)
+        logits.argmax(dim=-1)  # greedy sampling, as the worker's all-greedy fast path does
+        return (time.perf_counter() - t0) * 1000
+
+
+def measure_steps(model: LlamaModel, batch: int, sizes: StepSizes) -> dict[str, float]:
+    """Median prefill (all `batch` prompts in one step) and decode step times in ms."""
+    span = sizes.prefill_len + sizes.decode_steps
+    runner = _Batch(model, batch, span)
+    runner.step(0, min(8, sizes.prefill_len))  # first call allocates and picks kernels
+    prefill, decode = [], []
+    for _ in range(sizes.repeats):
+        prefill.append(runner.step(0, sizes.prefill_len))
+        decode += [runner.step(sizes.prefill_len + k, 1) for k in range(sizes.decode_steps)]
+    dec = median(decode)
+    return {
+        "prefill_ms": median(prefill),
+        "prefill_tok_s": batch * sizes.prefill_len / (median(prefill) / 1000),
+        "decode_ms": dec,
+        "decode_tok_s": batch / (dec / 1000),
+    }
+
+
+def run_model_stack(
+    path: str | Path,
+    batches: tuple[int, ...] = (1, 8),
+    threads: tuple[int, ...] = (1, 2),
+    sizes: StepSizes | None = None,
+    measure_loading: bool = True,
+) -> dict[str, Any]:
+    sizes = sizes or StepSizes()
+    before = torch.get_num_threads()
+    out: dict[str, Any] = {"model_path": str(path), "sizes": sizes.__dict__, "steps": []}
+    try:
+        torch.set_num_threads(threads[0])
+        if measure_loading:
+            out["load"] = measure_load(path)
+            out["load"]["threads"] = threads[0]
+        model, _, _ = load_model(path)
+        for nt in threads:
+            torch.set_num_threads(nt)
+            for b in batches:
+                log.info("model stack: %d thread(s), batch %d", nt, b)
+                out["steps"].append({"threads": nt, "batch": b, **measure_steps(model, b, sizes)})
+    finally:
+        torch.set_num_threads(before)
+    return out

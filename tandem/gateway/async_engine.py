@@ -1,0 +1,199 @@
+"""The engine as the gateway's asyncio code sees it: submit, stream, cancel, stats.
+
+One reader task takes every frame the scheduler sends and routes it to the queue of the
+request it belongs to, so any number of front ends (ZeroMQ clients, HTTP) share one pair of
+sockets. A request whose consumer goes away (client disconnect, task cancelled) is cancelled
+in the scheduler, which frees its batch slot and KV blocks within a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from tandem.config import EngineConfig
+from tandem.gateway.engine_process import EngineProcess
+from tandem.gateway.local import EngineError
+from tandem.messages import (
+    CancelRequest,
+    Finished,
+    OutputBatch,
+    RequestError,
+    SamplingParams,
+    Stats,
+    StatsRequest,
+    SubmitRequest,
+    TokenDelta,
+    decode,
+    encode,
+)
+from tandem.models.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+Event = TokenDelta | Finished
+
+
+class AsyncEngine:
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        self._zctx = zmq.asyncio.Context()
+        self.process = EngineProcess(cfg, self._zctx)  # type: ignore[arg-type]
+        self._queues: dict[str, asyncio.Queue[Event | RequestError]] = {}
+        self._stats_waiters: dict[int, asyncio.Future[Stats]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self.dead: str | None = None  # why the engine stopped working, once it has
+        self.started_at = 0.0
+        self.load_seconds = 0.0
+        self._qid = 0
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> AsyncEngine:
+        t0 = time.perf_counter()
+        self.process.bind()
+        await asyncio.to_thread(self.process.spawn)
+        self.load_seconds = time.perf_counter() - t0
+        self.started_at = time.time()
+        self._reader = asyncio.create_task(self._read_loop(), name="engine-reader")
+        self._watchdog = asyncio.create_task(self._watch(), name="engine-watchdog")
+        return self
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        assert self.process.tokenizer is not None
+        return self.process.tokenizer
+
+    @property
+    def context_length(self) -> int:
+        return self.process.context_length
+
+    @property
+    def ready_info(self) -> dict[str, Any]:
+        return self.process.ready_info
+
+    @property
+    def num_active(self) -> int:
+        return len(self._queues)
+
+    async def close(self, drain: bool = False, timeout: float = 30.0) -> int | None:
+        """Stop the engine. With ``drain``, running requests finish first (up to ``timeout``)."""
+        if self._closed:
+            return None
+        if drain and self.process.scheduler is not None and self._queues:
+            self.process.scheduler.request_stop("drain", drain=True)
+            deadline = time.monotonic() + timeout
+            while self._queues and time.monotonic() < deadline and self.dead is None:
+                await asyncio.sleep(0.05)
+        for task in (self._reader, self._watchdog):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._fail_all("shutting_down", "server is shutting down")
+        self._closed = True
+        code = await asyncio.to_thread(self.process.close)
+        self._zctx.term()
+        return code
+
+    # -- requests ------------------------------------------------------------------------
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[Event]:
+        """Stream a request's deltas and its Finished; raise EngineError on its error frame.
+
+        Closing the iterator early (the consumer went away) cancels the request.
+        """
+        if self.dead is not None:
+            raise EngineError("worker_died", self.dead)
+        rid = request_id or uuid.uuid4().hex
+        if rid in self._queues:
+            raise EngineError("invalid_request", f"request id {rid!r} is already in use")
+        queue: asyncio.Queue[Event | RequestError] = asyncio.Queue()
+        self._queues[rid] = queue
+        finished = False
+        try:
+            assert self.process.to_sched is not None
+            await self.process.to_sched.send(
+                encode(SubmitRequest(rid, list(prompt_ids), params, time.monotonic()))
+            )
+            while True:
+                ev = await queue.get()
+                if isinstance(ev, RequestError):
+                    finished = True
+                    raise EngineError(ev.code, ev.message)
+                if isinstance(ev, Finished):
+                    finished = True
+                yield ev
+                if finished:
+                    return
+        finally:
+            self._queues.pop(rid, None)
+            if not finished and self.dead is None and self.process.to_sched is not None:
+                with contextlib.suppress(Exception):
+                    await self.process.to_sched.send(encode(CancelRequest(rid, "client went away")))
+
+    async def stats(self, timeout: float = 5.0) -> Stats:
+        if self.dead is not None or self.process.to_sched is None:
+            raise EngineError("worker_died", self.dead or "engine not running")
+        self._qid += 1
+        qid = self._qid
+        fut: asyncio.Future[Stats] = asyncio.get_running_loop().create_future()
+        self._stats_waiters[qid] = fut
+        try:
+            await self.process.to_sched.send(encode(StatsRequest(qid)))
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._stats_waiters.pop(qid, None)
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _route(self, msg: object) -> None:
+        if isinstance(msg, OutputBatch):
+            for d in msg.deltas:
+                q = self._queues.get(d.request_id)
+                if q is not None:
+                    q.put_nowait(d)
+            for f in msg.finished:
+                q = self._queues.get(f.request_id)
+                if q is not None:
+                    q.put_nowait(f)
+            for e in msg.errors:
+                q = self._queues.get(e.request_id)
+                if q is not None:
+                    q.put_nowait(e)
+        elif isinstance(msg, Stats):
+            fut = self._stats_waiters.get(msg.query_id)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+
+    async def _read_loop(self) -> None:
+        sock = self.process.from_sched
+        assert sock is not None
+        while True:
+            frame = await sock.recv()
+            try:
+                self._route(decode(frame))
+            except Exception:
+                log.exception("dropping a frame from the scheduler that did not decode")
+
+    async def _watch(self) -> None:
+        while self.dead is None:
+            await asyncio.sleep(0.2)
+            problem = self.process.check()
+            if problem:
+                self.dead = problem
+                log.error("engine failed: %s", problem)
+                self._fail_all("worker_died", problem)
+
+    def _fail_all(self, code: str, message: str) -> None:
+        for rid, q in list(self._queues.items()):
+            q.put_nowait(RequestError(rid, code, message))

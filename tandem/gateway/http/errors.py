@@ -1,0 +1,95 @@
+"""HTTP errors in the two shapes clients parse: ollama's ``{"error": "..."}`` and OpenAI's
+``{"error": {"message", "type", "param", "code"}}``; which one depends on the route (``/v1/`` is
+OpenAI's). Engine errors map to statuses here, in one table, so every route agrees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+from starlette.responses import JSONResponse, Response
+
+from tandem.gateway.local import EngineError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ApiError(Exception):
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+
+class BodyTooLarge(Exception):
+    """Raised from the request body reader once the limit is passed."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body is larger than the limit of {limit} bytes")
+        self.limit = limit
+
+
+# EngineError code -> (HTTP status, OpenAI error code)
+_ENGINE_STATUS: dict[str, tuple[int, str]] = {
+    "invalid_request": (400, "invalid_request"),
+    "context_length": (400, "context_length_exceeded"),
+    "busy": (503, "server_busy"),
+    "worker_died": (503, "worker_died"),
+    "engine_died": (503, "worker_died"),
+    "shutting_down": (503, "shutting_down"),
+}
+
+
+def from_engine_error(e: EngineError, retry_after: int | None = None) -> ApiError:
+    status, code = _ENGINE_STATUS.get(e.code, (500, "internal_error"))
+    message = str(e)
+    if e.code == "busy" and "server busy" not in message:
+        message = f"server busy: {message}"
+    if status == 500:
+        log.error("engine error %s: %s", e.code, message)
+    headers = {"Retry-After": str(retry_after)} if e.code == "busy" and retry_after else {}
+    return ApiError(status, message, code=code, headers=headers)
+
+
+def openai_type(status: int) -> str:
+    if status == 403:
+        return "permission_error"
+    if status == 404 or 400 <= status < 500:
+        return "invalid_request_error"
+    return "server_error"
+
+
+def openai_error_body(err: ApiError) -> dict:
+    return {
+        "error": {
+            "message": err.message,
+            "type": openai_type(err.status),
+            "param": err.param,
+            "code": err.code or (str(err.status) if err.status >= 500 else None),
+        }
+    }
+
+
+def ollama_error_body(err: ApiError) -> dict:
+    return {"error": err.message}
+
+
+def is_openai_path(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def error_response(err: ApiError, path: str) -> Response:
+    body = openai_error_body(err) if is_openai_path(path) else ollama_error_body(err)
+    return JSONResponse(body, status_code=err.status, headers=err.headers or None)
+
+
+def error_bytes(err: ApiError, path: str) -> bytes:
+    body = openai_error_body(err) if is_openai_path(path) else ollama_error_body(err)
+    return json.dumps(body).encode()

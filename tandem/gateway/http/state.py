@@ -1,0 +1,148 @@
+"""What every route shares: the engine, the settings, the metrics, and the model-name rules."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tandem import __version__
+from tandem.gateway.async_engine import AsyncEngine
+from tandem.gateway.http.errors import ApiError, from_engine_error
+from tandem.gateway.http.metrics import Metrics
+from tandem.gateway.local import EngineError
+from tandem.messages import Stats
+from tandem.models.chat_template import ChatTemplateError
+from tandem.models.prompt import chat_ids, prompt_ids
+from tandem.models.tokenizer import TokenizerError
+
+log = logging.getLogger(__name__)
+
+_INLINE_TOKENIZE_CHARS = 4096  # longer inputs are tokenized in a thread so the loop keeps streaming
+
+
+@dataclass
+class HttpSettings:
+    allowed_hosts: tuple[str, ...] = ()  # Host header names accepted besides loopback ones
+    max_body_bytes: int = 8 * 2**20
+    aliases: tuple[str, ...] = ()  # more names the loaded model answers to
+    zmq_endpoints: tuple[str, ...] = ()
+    bind_host: str = "127.0.0.1"  # the address HTTP is bound to: also an accepted Host name
+    version: str = __version__
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _canonical(name: str) -> str | None:
+    from tandem.models.registry import ModelStoreError, canonical_name
+
+    try:
+        return canonical_name(name)
+    except ModelStoreError:
+        return None
+
+
+class Gateway:
+    def __init__(self, engine: AsyncEngine, settings: HttpSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.metrics = Metrics()
+        cfg = engine.cfg
+        self.model_name = cfg.model_name or Path(cfg.model_path).stem
+        names = {self.model_name, *settings.aliases}
+        self.accepted = names | {c for n in names if (c := _canonical(n))}
+
+    # -- models --------------------------------------------------------------------------------
+    def serves(self, name: str) -> bool:
+        return name in self.accepted or _canonical(name) in self.accepted
+
+    def check_model(self, body: dict[str, Any]) -> str:
+        """The requested model name if this server runs it; 400 when missing, 404 otherwise."""
+        name = body.get("model")
+        if name is None or name == "":
+            raise ApiError(400, "model is required", param="model", code="model_required")
+        if not isinstance(name, str):
+            raise ApiError(400, "invalid parameter 'model': must be a string", param="model")
+        if self.serves(name):
+            return name
+        raise self.not_found(name)
+
+    def not_found(self, name: str) -> ApiError:
+        from tandem.models.store import ModelStoreError, resolve_model
+
+        try:
+            resolve_model(name)
+            pulled = True
+        except ModelStoreError:
+            pulled = False
+        if pulled:
+            msg = (
+                f"model '{name}' is pulled but not loaded: this server runs '{self.model_name}' "
+                f"(start `tandem serve --model {name}` to use it)"
+            )
+        else:
+            msg = f"model '{name}' not found (this server runs '{self.model_name}')"
+        return ApiError(404, msg, param="model", code="model_not_found")
+
+    # -- prompts -------------------------------------------------------------------------------
+    async def encode_prompt(self, prompt: str, raw: bool, system: str | None) -> list[int]:
+        tok = self.engine.tokenizer
+        return await self._off_loop(len(prompt), prompt_ids, tok, prompt, raw, system)
+
+    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        size = sum(len(str(m.get("content") or "")) for m in messages)
+        return await self._off_loop(size, chat_ids, self.engine.tokenizer, messages)
+
+    async def _off_loop(self, size: int, fn: Any, *args: Any) -> list[int]:
+        try:
+            if size > _INLINE_TOKENIZE_CHARS:
+                return await asyncio.to_thread(fn, *args)
+            return fn(*args)
+        except ChatTemplateError as e:
+            raise ApiError(400, f"chat template: {e}", param="messages") from None
+        except TokenizerError as e:
+            raise ApiError(400, f"cannot tokenize the input: {e}") from None
+
+    def fit_context(self, n_prompt: int, max_tokens: int | None, num_ctx: int | None, clamp: bool) -> int | None:
+        """max_tokens that fits the context; 400 with both counts when the prompt does not.
+
+        ``clamp``: shorten max_tokens to what fits (ollama) rather than refuse (OpenAI, vLLM).
+        """
+        ctx = self.engine.context_length
+        if num_ctx is not None and num_ctx < ctx:
+            ctx = num_ctx
+        if n_prompt == 0:
+            raise ApiError(400, "the prompt is empty (0 tokens)", param="prompt")
+        if n_prompt >= ctx:
+            raise ApiError(
+                400,
+                f"the prompt is {n_prompt} tokens, longer than the context of {ctx} tokens "
+                "(prompt + at least 1 generated token must fit)",
+                code="context_length_exceeded",
+            )
+        room = ctx - n_prompt
+        if max_tokens is None or max_tokens <= room:
+            return max_tokens if max_tokens is not None else (room if ctx < self.engine.context_length else None)
+        if clamp:
+            return room
+        raise ApiError(
+            400,
+            f"the context holds {ctx} tokens but the request needs {n_prompt + max_tokens} "
+            f"({n_prompt} in the prompt, {max_tokens} to generate)",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+
+    # -- engine --------------------------------------------------------------------------------
+    async def stats(self, timeout: float = 2.0) -> Stats | None:
+        with contextlib.suppress(EngineError, TimeoutError, asyncio.TimeoutError):
+            return await self.engine.stats(timeout=timeout)
+        return None
+
+    async def api_error(self, e: EngineError) -> ApiError:
+        retry = None
+        if e.code == "busy":
+            retry = self.metrics.retry_after(await self.stats(timeout=1.0))
+        return from_engine_error(e, retry)

@@ -1,0 +1,198 @@
+"""One generation as the routes see it, and responses that notice a client going away.
+
+A request's status is decided by its first engine event: admission errors (busy, context, bad
+parameters) come back before any byte is sent, so they get a real HTTP status. After that the
+stream's last line carries any error. Whenever the client disconnects, the engine iterator is
+closed, which cancels the request in the scheduler (its slot and KV blocks are freed in a step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from tandem.gateway.http.state import Gateway
+from tandem.gateway.local import EngineError
+from tandem.messages import Finished, SamplingParams, TokenDelta
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Event = TokenDelta | Finished
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def run_cancellable(request: Request, aw: Awaitable[T]) -> T:
+    """Await ``aw`` unless the client disconnects first; then cancel it and raise ClientGone."""
+    task = asyncio.ensure_future(aw)
+    watch = asyncio.ensure_future(_wait_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # we were cancelled ourselves (shutdown): take the work down with us
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise ClientGone()
+    return task.result()
+
+
+class CancellableStream(Response):
+    """A streaming response whose body iterator is cancelled as soon as the client disconnects,
+    even while it waits for the next token (Starlette only notices at the next write)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], media_type: str, headers: dict[str, str] | None = None):
+        self.chunks = chunks
+        self.status_code = 200
+        self.media_type = media_type
+        self.background = None
+        self.init_headers(headers)
+        self.disconnected = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        watch = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            while True:
+                nxt = asyncio.ensure_future(anext(self.chunks))  # type: ignore[arg-type]
+                await asyncio.wait({nxt, watch}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    self.disconnected = True
+                    nxt.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
+                        await nxt
+                    log.info("client disconnected: request cancelled")
+                    return
+                try:
+                    chunk = nxt.result()
+                except StopAsyncIteration:
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # ASGI 2.4 servers raise on writes to a closed connection
+            self.disconnected = True
+        finally:
+            watch.cancel()
+            with contextlib.suppress(Exception):
+                await self.chunks.aclose()  # type: ignore[attr-defined]
+
+
+class Generation:
+    """One request through the engine, timed and counted for /metrics and the final frame."""
+
+    def __init__(self, gw: Gateway, prompt_ids: list[int], params: SamplingParams, arrival: float) -> None:
+        self.gw = gw
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.arrival = arrival
+        self.submitted = 0.0
+        self.first_token_at: float | None = None
+        self.last_token_at = 0.0
+        self.finished: Finished | None = None
+        self.error: EngineError | None = None
+        self.token_ids: list[int] = []
+        self._it = gw.engine.generate(prompt_ids, params)
+        self._first: Event | None = None
+        self._outcome_recorded = False
+
+    async def start(self) -> None:
+        """Submit and wait for the first event; admission errors raise ApiError."""
+        self.submitted = time.monotonic()
+        try:
+            self._first = await anext(self._it)  # type: ignore[arg-type]
+        except EngineError as e:
+            self._record("error")
+            raise await self.gw.api_error(e) from None
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The first event, then the rest; an EngineError mid-way propagates (after being counted)."""
+        try:
+            if self._first is not None:
+                first, self._first = self._first, None
+                yield self._observe(first)
+            async for ev in self._it:
+                yield self._observe(ev)
+        except EngineError as e:
+            self.error = e
+            self._record("error")
+            raise
+        finally:
+            if self.finished is None and self.error is None:
+                self._record("cancelled")
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._it.aclose()  # type: ignore[attr-defined]
+
+    def _observe(self, ev: Event) -> Event:
+        now = time.monotonic()
+        m = self.gw.metrics
+        if isinstance(ev, TokenDelta):
+            n = len(ev.token_ids)
+            self.token_ids += ev.token_ids
+            if n:
+                if self.first_token_at is None:
+                    self.first_token_at = now
+                    m.ttft.observe(now - self.arrival)
+                    n_gaps = n - 1
+                else:
+                    n_gaps = n
+                for _ in range(n_gaps):
+                    m.itl.observe((now - self.last_token_at) / max(n_gaps, 1))
+                self.last_token_at = now
+                m.rate.add(n, now)
+        else:
+            self.finished = ev
+            m.rate.finished(ev.completion_tokens)
+            self._record(ev.finish_reason)
+        return ev
+
+    def _record(self, outcome: str) -> None:
+        if self._outcome_recorded:
+            return
+        self._outcome_recorded = True
+        self.gw.metrics.outcomes.labels(outcome).inc()
+        self.gw.metrics.e2e.observe(time.monotonic() - self.arrival)
+
+    def durations_ns(self) -> dict[str, Any]:
+        """ollama's timing fields (integers, nanoseconds)."""
+        f = self.finished
+        now = time.monotonic()
+        ns = 1_000_000_000
+        return {
+            "total_duration": int((now - self.arrival) * ns),
+            # Nothing is loaded per request; this is the gateway's own time before submitting.
+            "load_duration": int(max(0.0, self.submitted - self.arrival) * ns),
+            "prompt_eval_count": f.prompt_tokens if f else len(self.prompt_ids),
+            "prompt_eval_duration": int(((f.queued_s + f.prefill_s) if f else 0.0) * ns),
+            "eval_count": f.completion_tokens if f else len(self.token_ids),
+            "eval_duration": int((f.decode_s if f else 0.0) * ns),
+        }
+
+
+def finish_reason(f: Finished | None) -> str:
+    if f is None:
+        return "stop"
+    return "length" if f.finish_reason in ("length", "context") else f.finish_reason

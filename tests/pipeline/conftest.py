@@ -1,0 +1,76 @@
+"""Fixtures for multiprocess tests: real engines on tiny models, and a leak check around each test."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tandem.config import EngineConfig
+from tandem.gateway.engine_process import EngineProcess
+from tandem.models.tiny import TinySpec, write_tiny_gguf
+from tandem.shm import list_segments
+
+
+def child_pids() -> set[int]:
+    me = str(os.getpid())
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # fields after the parenthesized command: state, ppid, ...
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[1] == me and fields[0] != "Z":
+            found.add(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", TinySpec(context=1024))
+
+
+def make_engine(path: Path, **overrides: object) -> EngineProcess:
+    settings: dict = {"kv_cache_memory": 16 * 2**20, **overrides}
+    cfg = EngineConfig(model_path=str(path), model_name="tiny", **settings)
+    return EngineProcess(cfg).start()
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """Whatever the test started must be gone when it ends: processes, shm segments, ipc files."""
+    before_children = child_pids()
+    before_segments = set(list_segments())
+    yield
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (child_pids() - before_children or multiprocessing.active_children()):
+        time.sleep(0.05)
+    assert child_pids() - before_children == set(), "child processes left behind"
+    # Segment names carry their creator's pid; other test runs on this machine may own live ones.
+    leaked = {s for s in set(list_segments()) - before_segments if not _alive(int(s.split("-")[1]))}
+    assert leaked == set(), "shared-memory segments left behind"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_gguf: Path) -> Iterator[EngineProcess]:
+    eng = make_engine(tiny_gguf)
+    yield eng
+    rt = eng.runtime_dir
+    eng.close()
+    assert rt is not None and not rt.exists(), "runtime dir with ipc files left behind"

@@ -1,0 +1,229 @@
+"""The real pipeline: scheduler and worker processes, shared-memory ring, ZeroMQ, a tiny model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline_driver import Outcome, cancel, pump, run_all, stats, submit  # noqa: I001
+from tandem.messages import SamplingParams
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+PROMPTS = [
+    [5, 6, 7, 8, 9],
+    [40, 41, 42],
+    list(range(60, 100)),
+    [200],
+    list(range(3, 45)) * 2,
+    [100, 7, 100, 7],
+]
+
+
+def mixed_requests() -> dict[str, tuple[list[int], SamplingParams]]:
+    reqs: dict[str, tuple[list[int], SamplingParams]] = {}
+    for i, prompt in enumerate(PROMPTS):
+        reqs[f"greedy{i}"] = (prompt, SamplingParams(max_tokens=8 + 5 * i, temperature=0.0))
+        reqs[f"sampled{i}"] = (
+            prompt,
+            SamplingParams(max_tokens=20, temperature=0.9, top_k=20 + i, top_p=0.95, seed=1000 + i),
+        )
+    reqs["penalized"] = (PROMPTS[0], SamplingParams(max_tokens=24, temperature=0.0, repetition_penalty=1.3,
+                                                    frequency_penalty=0.5, presence_penalty=0.4))
+    reqs["minp"] = (PROMPTS[1], SamplingParams(max_tokens=16, temperature=1.2, min_p=0.1, seed=5))
+    return reqs
+
+
+def test_concurrent_requests_equal_single_runs(engine) -> None:  # noqa: ANN001
+    reqs = mixed_requests()
+    together = run_all(engine, reqs)
+    for rid, (prompt, params) in reqs.items():
+        alone = run_all(engine, {rid: (prompt, params)})[rid]
+        t = together[rid]
+        assert t.terminals == 1 and t.error is None, rid
+        assert t.finished is not None and t.finished.finish_reason == "length"
+        assert len(t.token_ids) == params.max_tokens
+        assert t.token_ids == alone.token_ids, rid
+    st = stats(engine)
+    assert st.running == 0 and st.waiting == 0 and st.kv_blocks_used == 0
+
+
+def test_overlap_and_sync_give_identical_greedy_tokens(tiny_gguf: Path) -> None:
+    from conftest import make_engine
+
+    reqs = {f"r{i}": (p, SamplingParams(max_tokens=30, temperature=0.0)) for i, p in enumerate(PROMPTS)}
+    reqs["seeded"] = (PROMPTS[2], SamplingParams(max_tokens=30, temperature=0.8, seed=42))
+    results = {}
+    for overlap in (True, False):
+        eng = make_engine(tiny_gguf, overlap=overlap, max_num_batched_tokens=32)  # forces chunked prefill
+        try:
+            results[overlap] = run_all(eng, reqs)
+        finally:
+            eng.close()
+    for rid in reqs:
+        assert results[True][rid].token_ids == results[False][rid].token_ids, rid
+        assert len(results[True][rid].token_ids) == 30
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(engine) -> None:  # noqa: ANN001
+    p = PROMPTS[0]
+    a = run_all(engine, {"a": (p, SamplingParams(max_tokens=24, temperature=1.0, seed=7))})["a"]
+    b = run_all(engine, {"b": (p, SamplingParams(max_tokens=24, temperature=1.0, seed=7))})["b"]
+    c = run_all(engine, {"c": (p, SamplingParams(max_tokens=24, temperature=1.0, seed=8))})["c"]
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_stop_strings_and_stop_tokens(engine) -> None:  # noqa: ANN001
+    free = run_all(engine, {"f": (PROMPTS[1], SamplingParams(max_tokens=30, temperature=0.0))})["f"]
+    text = free.text
+    assert len(text) > 6
+    stop = text[3:5]
+    got = run_all(engine, {"s": (PROMPTS[1], SamplingParams(max_tokens=30, temperature=0.0, stop=[stop]))})["s"]
+    assert got.finished is not None and got.finished.finish_reason == "stop"
+    assert got.finished.stop_reason == stop
+    assert got.text == text[: text.index(stop)]
+    tok = free.token_ids[4]
+    got = run_all(engine, {"t": (PROMPTS[1], SamplingParams(max_tokens=30, temperature=0.0,
+                                                            stop_token_ids=[tok]))})["t"]
+    assert got.finished is not None and got.finished.stop_reason == tok
+    assert got.token_ids == free.token_ids[: free.token_ids.index(tok) + 1]
+
+
+def test_cancel_mid_stream_frees_slot_and_blocks(engine) -> None:  # noqa: ANN001
+    outcomes = {"long": Outcome()}
+    submit(engine, "long", PROMPTS[4], SamplingParams(max_tokens=900, temperature=0.0))
+    pump(engine, outcomes, until=lambda o: len(o["long"].token_ids) >= 5)
+    assert stats(engine).kv_blocks_used > 0
+    cancel(engine, "long")
+    pump(engine, outcomes)
+    o = outcomes["long"]
+    assert o.terminals == 1 and o.finished is not None and o.finished.finish_reason == "cancelled"
+    st = stats(engine)
+    assert st.running == 0 and st.kv_blocks_used == 0
+
+
+def test_cancel_during_chunked_prefill(tiny_gguf: Path) -> None:
+    from conftest import make_engine
+
+    eng = make_engine(tiny_gguf, max_num_batched_tokens=16)
+    try:
+        outcomes = {"p": Outcome()}
+        submit(eng, "p", list(range(3, 250)) * 3, SamplingParams(max_tokens=5, temperature=0.0))
+        cancel(eng, "p")
+        pump(eng, outcomes)
+        assert outcomes["p"].terminals == 1
+        assert outcomes["p"].token_ids == []
+        st = stats(eng)
+        assert st.running == 0 and st.kv_blocks_used == 0
+    finally:
+        eng.close()
+
+
+def test_admission_errors_are_immediate_and_clear(engine) -> None:  # noqa: ANN001
+    ctx = engine.context_length
+    reqs = {
+        "too_long": ([5] * (ctx + 3), SamplingParams(max_tokens=4)),
+        "too_much": ([5] * 10, SamplingParams(max_tokens=ctx)),
+        "bad_temp": ([5], SamplingParams(temperature=-1.0)),
+        "bad_top_p": ([5], SamplingParams(top_p=0.0)),
+        "bad_token": ([5, 10**6], SamplingParams(max_tokens=2)),
+        "empty": ([], SamplingParams(max_tokens=2)),
+    }
+    out = run_all(engine, reqs, timeout=10)
+    for rid, o in out.items():
+        assert o.terminals == 1 and o.error is not None, rid
+    assert out["too_long"].error.code == "context_length"
+    assert str(ctx + 3) in out["too_long"].error.message and str(ctx) in out["too_long"].error.message
+    assert "max_tokens" in out["too_much"].error.message
+    assert "temperature" in out["bad_temp"].error.message
+    assert "top_p" in out["bad_top_p"].error.message
+    assert "1000000" in out["bad_token"].error.message
+
+
+def test_request_larger_than_kv_pool_is_refused_not_queued(tiny_gguf: Path) -> None:
+    from conftest import make_engine
+
+    eng = make_engine(tiny_gguf, kv_cache_memory=64 * 2**10)  # a handful of blocks
+    try:
+        pool = eng.ready_info["memory_plan"]["kv_tokens"]
+        out = run_all(eng, {"big": ([5] * (pool + 1), SamplingParams(max_tokens=2))}, timeout=10)
+        assert out["big"].error is not None and out["big"].error.code == "context_length"
+        assert str(pool) in out["big"].error.message
+    finally:
+        eng.close()
+
+
+def test_preemption_under_kv_pressure_keeps_outputs(tiny_gguf: Path) -> None:
+    from conftest import make_engine
+
+    reqs = {f"r{i}": (p, SamplingParams(max_tokens=40, temperature=0.0)) for i, p in enumerate(PROMPTS)}
+    roomy = make_engine(tiny_gguf)
+    try:
+        expected = run_all(roomy, reqs)
+    finally:
+        roomy.close()
+    # 8 KiB per block for this model: 14 blocks hold any one request, not all of them at once.
+    tight = make_engine(tiny_gguf, kv_cache_memory=14 * 8 * 2**10)
+    try:
+        got = run_all(tight, reqs)
+        st = stats(tight)
+    finally:
+        tight.close()
+    assert st.preemptions > 0
+    for rid in reqs:
+        assert got[rid].token_ids == expected[rid].token_ids, rid
+
+
+def test_queue_full_gives_busy(tiny_gguf: Path) -> None:
+    from conftest import make_engine
+
+    eng = make_engine(tiny_gguf, max_queue=1, max_num_seqs=1)
+    try:
+        reqs = {f"q{i}": (PROMPTS[0], SamplingParams(max_tokens=50, temperature=0.0)) for i in range(4)}
+        out = run_all(eng, reqs)
+        busy = [rid for rid, o in out.items() if o.error is not None]
+        assert busy and all(out[r].error.code == "busy" for r in busy)
+        assert "busy" in out[busy[0]].error.message
+        assert all(o.terminals == 1 for o in out.values())
+        assert any(o.finished is not None for o in out.values())
+    finally:
+        eng.close()
+
+
+def test_worker_killed_mid_stream_fails_requests_then_recovers(tiny_gguf: Path) -> None:
+    from conftest import make_engine
+
+    eng = make_engine(tiny_gguf)
+    try:
+        outcomes = {f"k{i}": Outcome() for i in range(3)}
+        for rid in outcomes:
+            submit(eng, rid, PROMPTS[0], SamplingParams(max_tokens=900, temperature=0.0))
+        pump(eng, outcomes, until=lambda o: all(len(x.token_ids) >= 3 for x in o.values()))
+        os.kill(eng.ready_info["worker_pid"], signal.SIGKILL)
+        t0 = time.monotonic()
+        pump(eng, outcomes, timeout=10)
+        assert time.monotonic() - t0 < 5
+        for o in outcomes.values():
+            assert o.terminals == 1 and o.error is not None and o.error.code == "worker_died"
+            assert "SIGKILL" in o.error.message or "killed" in o.error.message
+        # The scheduler restarts the worker; new requests are served again.
+        after = run_all(eng, {"after": (PROMPTS[1], SamplingParams(max_tokens=5, temperature=0.0))}, timeout=60)
+        assert after["after"].finished is not None and len(after["after"].token_ids) == 5
+        assert stats(eng).worker_restarts == 1
+    finally:
+        eng.close()
+
+
+def test_scheduler_never_imports_torch() -> None:
+    code = (
+        "import sys, tandem.scheduler.loop, tandem.gateway.engine_process, tandem.gateway.local;"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

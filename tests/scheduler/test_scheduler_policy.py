@@ -1,0 +1,843 @@
+"""Scheduling policy driven the way EngineCore drives it, against a fake paged-KV worker.
+
+No processes: a `Sim` plays the scheduler loop (schedule, "send", apply results one or two steps
+later) and a `FakeWorker` plays the GPU. The worker keeps a real paged KV store indexed by the
+block tables it is given, resolves `-(1 + row)` references from its previous step's samples, and
+samples a token that is a hash of (seed, sample index, every context token read back from its KV).
+So any wrong block table, prefix-cache hit on the wrong block, skipped or doubled position, or
+misrouted reference changes the output, and outputs can be checked against `reference()`, which
+unrolls the same function with no scheduler at all.
+
+Run: python -m pytest tests/scheduler/test_scheduler_policy.py -q
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import struct
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from tandem.messages import SamplingParams
+from tandem.models.tiny import write_tiny_gguf
+from tandem.models.tokenizer import Tokenizer
+from tandem.scheduler.block_manager import BlockManager
+from tandem.scheduler.output import OutputProcessor
+from tandem.scheduler.scheduler import AdmissionError, ScheduledBatch, Scheduler, SchedulerLimits
+from tandem.scheduler.sequence import SeqStatus, Sequence
+
+EOS = 2  # <|im_end|> in the tiny vocabulary (its eos ids are 0 and 2)
+FIRST_BYTE_TOKEN = 3  # byte b is token 3 + b in the tiny vocabulary
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    path: Path = write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+    return Tokenizer.from_gguf(path)
+
+
+# -- the fake model --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenFn:
+    """The fake model: a deterministic token for (seed, sample index, context).
+
+    Depending on the whole context (not just its length) is what makes KV mix-ups visible.
+    ``eos_every`` > 0 makes about one token in that many an EOS, so stops happen mid-run.
+    """
+
+    eos_every: int = 0
+
+    def __call__(self, seed: int, sample_index: int, context: np.ndarray) -> int:
+        head = struct.pack("<QQ", seed & 0xFFFF_FFFF_FFFF_FFFF, sample_index)
+        v = int.from_bytes(hashlib.blake2b(head + context.astype("<i8").tobytes(), digest_size=8).digest())
+        if self.eos_every and v % self.eos_every == 0:
+            return EOS
+        return FIRST_BYTE_TOKEN + (v >> 16) % 256
+
+
+class FakeWorker:
+    """Executes steps in order against a paged KV store, like the GPU worker does."""
+
+    def __init__(self, num_blocks: int, block_size: int, fn: TokenFn) -> None:
+        self.bs = block_size
+        self.kv = np.full((num_blocks, block_size), -1, dtype=np.int64)
+        self.fn = fn
+        self.prev: dict[int, tuple[int, int]] = {}  # row -> (seq_id, token) sampled by the last step
+        self.last_step = -1
+
+    def execute(self, batch: ScheduledBatch, tables: dict[int, list[int]]) -> list[int]:
+        assert batch.step == self.last_step + 1, "steps must reach the worker in order"
+        sampled: dict[int, tuple[int, int]] = {}
+        tokens: list[int] = []
+        for row, it in enumerate(batch.items):
+            seq = it.seq
+            ids = []
+            for t in it.input_ids:
+                if t < 0:
+                    # The real worker would silently read whatever its buffer holds; be strict.
+                    ref_seq, ref_tok = self.prev[-1 - t]
+                    assert ref_seq == seq.seq_id, "reference to another sequence's sample"
+                    ids.append(ref_tok)
+                else:
+                    ids.append(t)
+            table = np.asarray(tables[seq.seq_id], dtype=np.int64)
+            pos = np.arange(it.start, it.start + len(ids))
+            self.kv[table[pos // self.bs], pos % self.bs] = ids
+            if it.sample:
+                ctx_pos = np.arange(it.start + len(ids))
+                context = self.kv[table[ctx_pos // self.bs], ctx_pos % self.bs]
+                assert (context >= 0).all(), "attention would read KV that no step wrote"
+                t = self.fn(seq.seed, len(context) - seq.prompt_len, context)
+                sampled[row] = (seq.seq_id, t)
+                tokens.append(t)
+        self.prev = sampled
+        self.last_step = batch.step
+        return tokens
+
+
+# -- requests and the reference --------------------------------------------------------------------
+
+
+@dataclass
+class Req:
+    rid: str
+    prompt: list[int]
+    max_tokens: int | None = 8
+    arrival: int = 0  # tick at which it is submitted
+    cancel_at: int | None = None  # tick at which the client cancels it
+    seed: int = 0
+    ignore_eos: bool = True
+    stop_token_ids: tuple[int, ...] = ()
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=0.0,
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
+            stop_token_ids=list(self.stop_token_ids),
+        )
+
+
+def reference(fn: TokenFn, req: Req, context_length: int) -> tuple[list[int], str]:
+    """Outputs and finish reason with no scheduler: one token at a time over the full context."""
+    toks = list(req.prompt)
+    max_tokens = req.max_tokens or context_length - len(toks)
+    out: list[int] = []
+    while True:
+        t = fn(req.seed, len(out), np.asarray(toks, dtype=np.int64))
+        toks.append(t)
+        out.append(t)
+        if (not req.ignore_eos and t in (0, EOS)) or t in req.stop_token_ids:
+            return out, "stop"
+        if len(out) >= max_tokens or len(toks) >= context_length:
+            return out, "length"
+
+
+def prompt(n: int, base: int = 0) -> list[int]:
+    return [FIRST_BYTE_TOKEN + (base + 7 * i) % 256 for i in range(n)]
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    reason: str | None = None
+    stop_reason: str | int | None = None
+    num_cached: int = 0
+    ends: int = 0  # terminal events sent: must end up exactly 1
+
+
+@dataclass
+class Item:
+    """What a step did for one request (the batch log tests look at)."""
+
+    rid: str
+    start: int
+    n: int
+    sample: bool
+    ref: bool  # the last input is a reference to the previous step's sample
+
+
+class Sim:
+    """EngineCore's bookkeeping without processes; ``depth`` is 1 (sync) or 2 (overlap)."""
+
+    def __init__(
+        self,
+        tok: Tokenizer,
+        fn: TokenFn | None = None,
+        *,
+        depth: int,
+        num_blocks: int = 256,
+        block_size: int = 4,
+        max_num_seqs: int = 4,
+        max_num_batched_tokens: int = 16,
+        context_length: int = 64,
+        max_queue: int = 64,
+        prefix_caching: bool = True,
+    ) -> None:
+        self.fn = fn or TokenFn()
+        self.limits = SchedulerLimits(max_num_seqs, max_num_batched_tokens, max_queue, context_length)
+        self.sched = Scheduler(self.limits, BlockManager(num_blocks, block_size, prefix_caching))
+        self.out = OutputProcessor(tok, context_length)
+        self.worker = FakeWorker(num_blocks, block_size, self.fn)
+        self.depth = depth
+        self.inflight: deque[tuple[ScheduledBatch, list[int]]] = deque()
+        self.step = 0
+        self.seq_ids = itertools.count()
+        self.seqs: dict[str, Sequence] = {}
+        self.outcomes: dict[str, Outcome] = {}
+        self.rejected: dict[str, AdmissionError] = {}
+        self.log: list[list[Item]] = []
+        self.discarded = 0  # results that came back for sequences no longer there to take them
+        self._last_end: dict[str, tuple[int, int]] = {}  # rid -> (epoch, end of its last chunk)
+
+    # -- requests ------------------------------------------------------------------------
+    def submit(self, req: Req) -> Sequence:
+        """Admission as EngineCore._admit does it (raises AdmissionError)."""
+        n = len(req.prompt)
+        params = req.params()
+        self.sched.check_feasible(n, params.max_tokens)
+        seq = Sequence(
+            seq_id=next(self.seq_ids),
+            request_id=req.rid,
+            prompt_len=n,
+            token_ids=list(req.prompt),
+            params=params,
+            seed=req.seed,
+            max_tokens=params.max_tokens or (self.limits.context_length - n),
+        )
+        self.sched.add(seq)
+        self.seqs[req.rid] = seq
+        self.outcomes[req.rid] = Outcome()
+        return seq
+
+    def try_submit(self, req: Req) -> None:
+        try:
+            self.submit(req)
+        except AdmissionError as e:
+            self.rejected[req.rid] = e
+
+    def cancel(self, rid: str) -> None:
+        seq = self.sched.by_request.get(rid)
+        if seq is not None:  # a cancel for a request that already ended is a no-op
+            self._end(seq, "cancelled", None)
+
+    def _end(self, seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
+        self.sched.finish(seq, reason, stop_reason)
+        self.out.release(seq)
+        o = self.outcomes[seq.request_id]
+        o.reason, o.stop_reason, o.num_cached = reason, stop_reason, seq.num_cached
+        o.ends += 1
+
+    # -- the pipeline --------------------------------------------------------------------
+    def launch(self) -> bool:
+        if len(self.inflight) >= self.depth:
+            return False
+        batch = self.sched.schedule(self.step)
+        if batch is None:
+            return False
+        self.check_batch(batch)
+        # Copies: the block manager's lists change later, the worker saw them as they were.
+        tables = {it.seq.seq_id: list(self.sched.blocks.block_table(it.seq.seq_id)) for it in batch.items}
+        self.inflight.append((batch, self.worker.execute(batch, tables)))
+        self.step += 1
+        return True
+
+    def apply_oldest(self) -> None:
+        """EngineCore._process_result for the oldest step in flight."""
+        batch, tokens = self.inflight.popleft()
+        sampled = [it for it in batch.items if it.sample]
+        assert len(sampled) == len(tokens)
+        for it, t in zip(sampled, tokens, strict=True):
+            seq = it.seq
+            if seq.status is not SeqStatus.RUNNING or seq.epoch != it.epoch:
+                self.discarded += 1
+                continue
+            pstep, _ = seq.pending.popleft()
+            assert pstep == batch.step
+            seq.token_ids.append(t)
+            ev = self.out.on_token(seq, t)
+            o = self.outcomes[seq.request_id]
+            o.tokens.append(t)
+            o.text += ev.text
+            if ev.finish_reason:
+                self._end(seq, ev.finish_reason, ev.stop_reason)
+
+    def tick(self, t: int, reqs: list[Req] = ()) -> None:  # type: ignore[assignment]
+        for r in reqs:
+            if r.arrival == t:
+                self.try_submit(r)
+        for r in reqs:
+            if r.cancel_at == t:
+                self.cancel(r.rid)
+        while self.launch():
+            pass
+        if self.inflight:
+            self.apply_oldest()
+        self.check_state()
+
+    @property
+    def idle(self) -> bool:
+        return not (self.inflight or self.sched.waiting or self.sched.running)
+
+    def run(self, reqs: list[Req], max_ticks: int = 3000) -> Sim:
+        last_event = max(max(r.arrival, r.cancel_at or 0) for r in reqs)
+        for t in range(max_ticks):
+            self.tick(t, reqs)
+            if t >= last_event and self.idle:
+                break
+        else:
+            stuck = [s.request_id for s in [*self.sched.running, *self.sched.waiting]]
+            raise AssertionError(f"no progress after {max_ticks} ticks; still unfinished: {stuck}")
+        self.check_drained()
+        return self
+
+    # -- invariants ----------------------------------------------------------------------
+    def check_batch(self, batch: ScheduledBatch) -> None:
+        lim, bm = self.limits, self.sched.blocks
+        assert 0 < batch.num_tokens <= lim.max_num_batched_tokens
+        assert batch.num_tokens == sum(len(it.input_ids) for it in batch.items)
+        assert len(batch.items) <= lim.max_num_seqs
+        assert len({it.seq.seq_id for it in batch.items}) == len(batch.items), "a sequence twice in a step"
+        entry = []
+        for it in batch.items:
+            seq, n = it.seq, len(it.input_ids)
+            end = it.start + n
+            assert seq.status is SeqStatus.RUNNING and it.epoch == seq.epoch and n >= 1
+            assert bm.num_tokens(seq.seq_id) >= end, "fed positions without reserved KV"
+            refs = [i for i, t in enumerate(it.input_ids) if t < 0]
+            assert refs in ([], [n - 1]), "only the last fed token may be a previous step's sample"
+            known = it.input_ids[: n - len(refs)]
+            assert known == seq.token_ids[it.start : it.start + len(known)]
+            if it.sample:  # the whole prompt and every known token is computed by this step
+                assert end >= seq.prompt_len and end == len(seq.token_ids) + len(refs)
+            else:
+                assert not refs and end < len(seq.token_ids)
+            prev = self._last_end.get(seq.request_id)
+            if prev is not None and prev[0] == it.epoch:
+                assert it.start == prev[1], "chunks of one sequence must be contiguous"
+            else:  # (re)admission starts after the prefix-cache hits, at a block boundary
+                assert it.start % bm.block_size == 0 and it.start < len(seq.token_ids)
+                if it.epoch == 0:
+                    assert it.start == seq.num_cached
+            self._last_end[seq.request_id] = (it.epoch, end)
+            entry.append(Item(seq.request_id, it.start, n, it.sample, bool(refs)))
+        self.log.append(entry)
+
+    def check_state(self) -> None:
+        sched, bm = self.sched, self.sched.blocks
+        owners: Counter[int] = Counter()
+        assert len(sched.running) <= self.limits.max_num_seqs
+        for seq in sched.running:
+            assert seq.status is SeqStatus.RUNNING and seq.seq_id in bm
+            table = bm.block_table(seq.seq_id)
+            assert len(table) == bm.num_blocks_needed(bm.num_tokens(seq.seq_id))
+            assert seq.num_computed <= bm.num_tokens(seq.seq_id)
+            owners.update(table)
+        for b in range(bm.num_blocks):
+            assert bm.ref_count(b) == owners[b], f"block {b}: ref count vs. owners"
+        assert set(bm.free_block_ids()) == {b for b in range(bm.num_blocks) if owners[b] == 0}
+        slots = [s.worker_slot for s in sched.running]
+        assert len(set(slots)) == len(slots) and all(0 <= s < self.limits.max_num_seqs for s in slots)
+        for seq in self.seqs.values():
+            if seq.status is not SeqStatus.RUNNING:
+                assert seq.seq_id not in bm, f"{seq.request_id} ({seq.status}) still holds blocks"
+
+    def check_drained(self) -> None:
+        sched, bm = self.sched, self.sched.blocks
+        assert not sched.running and not sched.waiting and not sched.by_request
+        assert bm.num_free_blocks == bm.num_blocks, "KV blocks leaked"
+        assert sorted(sched._free_worker_slots) == list(range(self.limits.max_num_seqs))
+        for rid, o in self.outcomes.items():
+            assert o.ends == 1, f"{rid} ended {o.ends} times"
+            assert self.seqs[rid].output_ids == o.tokens
+
+
+def run_both(tok: Tokenizer, reqs: list[Req], **kw: object) -> tuple[Sim, Sim]:
+    return Sim(tok, depth=1, **kw).run(reqs), Sim(tok, depth=2, **kw).run(reqs)  # type: ignore[arg-type]
+
+
+def assert_reference(sim: Sim, reqs: list[Req]) -> None:
+    for r in reqs:
+        if r.rid in sim.rejected or sim.outcomes[r.rid].reason == "cancelled":
+            continue
+        o = sim.outcomes[r.rid]
+        assert (o.tokens, o.reason) == reference(sim.fn, r, sim.limits.context_length), r.rid
+
+
+# -- continuous batching ---------------------------------------------------------------------------
+
+
+def test_continuous_batching_chunks_prefill_and_keeps_decoding(tok: Tokenizer) -> None:
+    reqs = [
+        Req("a", prompt(6), max_tokens=12, arrival=0),
+        Req("b", prompt(30, 1), max_tokens=4, arrival=3),  # long: chunked under the 8-token budget
+        Req("c", prompt(5, 2), max_tokens=3, arrival=3),
+        Req("d", prompt(7, 3), max_tokens=3, arrival=4),  # the 4th: waits for a free seat
+    ]
+    sim = Sim(tok, depth=2, max_num_seqs=3, max_num_batched_tokens=8).run(reqs)
+    assert_reference(sim, reqs)
+    assert all(sim.outcomes[r.rid].reason == "length" for r in reqs)
+
+    steps_of = {r.rid: [i for i, e in enumerate(sim.log) if any(x.rid == r.rid for x in e)] for r in reqs}
+    b_items = [x for e in sim.log for x in e if x.rid == "b"]
+    b_prefill = [x for x in b_items if x.start < 30]
+    assert len(b_prefill) >= 4 and sum(x.n for x in b_prefill) == 30, "b's prompt is fed in chunks"
+    assert [x.sample for x in b_prefill] == [False] * (len(b_prefill) - 1) + [True]
+    # a keeps decoding (one token a step) in the steps that carry b's prompt chunks
+    for e in sim.log:
+        rids = {x.rid: x for x in e}
+        if "b" in rids and not rids["b"].sample and "a" in rids:
+            assert rids["a"].n == 1 and rids["a"].sample
+    assert any("a" in {x.rid for x in e} and "b" in {x.rid for x in e} for e in sim.log)
+    # d only starts once one of a, b, c has left: never 4 running
+    first_d = steps_of["d"][0]
+    assert any(sim.outcomes[r].reason for r in "abc")
+    assert all(len(e) <= 3 for e in sim.log)
+    assert min(steps_of[r][-1] for r in "abc") < first_d
+
+
+def test_decode_first_then_admission_fills_the_budget(tok: Tokenizer) -> None:
+    sim = Sim(tok, depth=1, max_num_seqs=4, max_num_batched_tokens=10)
+    sim.submit(Req("a", prompt(4), max_tokens=20))
+    sim.tick(0)  # a's prefill (4 tokens) runs and samples
+    sim.submit(Req("b", prompt(25, 5), max_tokens=2))
+    sim.tick(1)
+    last = sim.log[-1]
+    assert [(x.rid, x.n) for x in last] == [("a", 1), ("b", 9)]  # a's decode first, b gets the rest
+    assert sum(x.n for x in last) == 10
+
+
+# -- overlap ---------------------------------------------------------------------------------------
+
+
+def test_overlap_and_sync_give_identical_outputs(tok: Tokenizer) -> None:
+    fn = TokenFn(eos_every=9)
+    reqs = [
+        Req(
+            f"r{i}",
+            prompt(3 + 5 * i, i),
+            max_tokens=6 + 3 * i,
+            arrival=i,
+            seed=100 + i,
+            ignore_eos=i % 2 == 0,
+        )
+        for i in range(6)
+    ]
+    sync = Sim(tok, fn, depth=1, max_num_seqs=3, max_num_batched_tokens=12).run(reqs)
+    over = Sim(tok, fn, depth=2, max_num_seqs=3, max_num_batched_tokens=12).run(reqs)
+    for r in reqs:
+        assert sync.outcomes[r.rid].tokens == over.outcomes[r.rid].tokens, r.rid
+        assert sync.outcomes[r.rid].text == over.outcomes[r.rid].text, r.rid
+    assert_reference(sync, reqs)
+    assert_reference(over, reqs)
+    assert sync.discarded == 0
+    # overlap feeds a reference to the token still in flight instead of waiting for it
+    assert any(x.ref for e in over.log for x in e) and not any(x.ref for e in sync.log for x in e)
+
+
+def test_overlap_feeds_references_and_sync_never_does(tok: Tokenizer) -> None:
+    reqs = [Req("a", prompt(5), max_tokens=10)]
+    sims = {}
+    for depth in (1, 2):
+        sim = Sim(tok, depth=depth)
+        sim.submit(reqs[0])
+        refs = 0
+        t = 0
+        while not sim.idle:
+            # look at each batch before the worker runs it
+            batch = sim.sched.schedule(sim.step) if len(sim.inflight) < depth else None
+            if batch is not None:
+                refs += sum(1 for it in batch.items for x in it.input_ids if x < 0)
+                sim.check_batch(batch)
+                tables = {
+                    it.seq.seq_id: list(sim.sched.blocks.block_table(it.seq.seq_id)) for it in batch.items
+                }
+                sim.inflight.append((batch, sim.worker.execute(batch, tables)))
+                sim.step += 1
+                continue
+            sim.apply_oldest()
+            sim.check_state()
+            t += 1
+        sim.check_drained()
+        sims[depth] = (sim, refs)
+    assert sims[1][1] == 0
+    assert sims[2][1] == 9  # every decode input after the first sample was still in flight
+    assert (
+        sims[1][0].outcomes["a"].tokens
+        == sims[2][0].outcomes["a"].tokens
+        == reference(TokenFn(), reqs[0], 64)[0]
+    )
+
+
+@pytest.mark.parametrize("how", ["stop_token", "eos"])
+def test_overlap_stop_is_found_one_step_late_and_the_extra_token_dropped(tok: Tokenizer, how: str) -> None:
+    base = Req("a", prompt(6), max_tokens=20, seed=7)
+    ref, _ = reference(TokenFn(), base, 64)
+    k = next(i for i in range(3, len(ref)) if ref[i] not in ref[:i])  # first fresh token after 3
+    if how == "stop_token":
+        req = Req("a", prompt(6), max_tokens=20, seed=7, stop_token_ids=(ref[k],))
+        fn = TokenFn()
+    else:  # a fake model whose EOS falls on the same sample: pick eos_every so token k is EOS
+        req = Req("a", prompt(6), max_tokens=20, seed=7, ignore_eos=False)
+        fn = next(
+            f
+            for f in (TokenFn(e) for e in range(2, 400))
+            if reference(f, req, 64)[0][-1] == EOS and len(reference(f, req, 64)[0]) >= 3
+        )
+    want, reason = reference(fn, req, 64)
+    assert reason == "stop"
+    sync = Sim(tok, fn, depth=1).run([req])
+    over = Sim(tok, fn, depth=2).run([req])
+    for sim in (sync, over):
+        o = sim.outcomes["a"]
+        assert (o.tokens, o.reason, o.stop_reason) == (want, "stop", want[-1])
+        assert sim.seqs["a"].output_ids == want  # the token after the stop never reached the sequence
+    assert sync.discarded == 0
+    assert over.discarded == 1, "overlap samples one token past the stop, and drops it"
+    assert sync.step == len(want) and over.step == len(want) + 1
+
+
+def test_max_tokens_stop_is_known_ahead_even_with_overlap(tok: Tokenizer) -> None:
+    req = Req("a", prompt(5), max_tokens=6)
+    sync, over = run_both(tok, [req])
+    assert over.discarded == 0 and over.step == sync.step == 6  # nothing scheduled past max_tokens
+    assert over.outcomes["a"].tokens == sync.outcomes["a"].tokens == reference(TokenFn(), req, 64)[0]
+
+
+# -- preemption ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_preemption_recomputes_and_matches_unpressured_outputs(tok: Tokenizer, depth: int) -> None:
+    fn = TokenFn(eos_every=40)
+    reqs = [
+        Req(f"r{i}", prompt(6 + 3 * i, i), max_tokens=14, arrival=i // 2, seed=i, ignore_eos=i % 2 == 1)
+        for i in range(5)
+    ]
+    roomy = Sim(tok, fn, depth=depth, num_blocks=64, max_num_seqs=4).run(reqs)
+    tight = Sim(tok, fn, depth=depth, num_blocks=10, max_num_seqs=4).run(reqs)  # 40 tokens of KV
+    assert roomy.sched.num_preemptions == 0
+    assert tight.sched.num_preemptions > 0
+    for r in reqs:
+        assert tight.outcomes[r.rid].tokens == roomy.outcomes[r.rid].tokens, r.rid
+        assert tight.outcomes[r.rid].reason == roomy.outcomes[r.rid].reason
+    assert_reference(tight, reqs)
+    assert max(s.epoch for s in tight.seqs.values()) >= 1
+
+
+def test_preempted_sequence_goes_back_to_the_front_of_the_queue(tok: Tokenizer) -> None:
+    sim = Sim(tok, depth=1, num_blocks=6, max_num_seqs=3, max_num_batched_tokens=32)
+    for i in range(3):
+        sim.submit(Req(f"r{i}", prompt(7, i), max_tokens=9))  # 2 blocks each: the pool is full at once
+    sim.tick(0)
+    assert [s.request_id for s in sim.sched.running] == ["r0", "r1", "r2"]
+    assert sim.sched.blocks.num_free_blocks == 0
+    sim.tick(1)  # the 1st decode input goes to position 7: still in the 2nd block
+    assert sim.sched.num_preemptions == 0
+    sim.tick(2)  # r0's next input needs a 3rd block: the newest, r2, makes room
+    assert sim.sched.num_preemptions == 1
+    victim = sim.seqs["r2"]
+    assert victim.status is SeqStatus.WAITING and victim.epoch == 1 and victim.num_computed == 0
+    assert sim.sched.waiting[0] is victim and victim.seq_id not in sim.sched.blocks
+    for t in range(2, 200):
+        sim.tick(t)
+        if sim.idle:
+            break
+    sim.check_drained()
+    for i in range(3):
+        want = reference(sim.fn, Req(f"r{i}", prompt(7, i), max_tokens=9), 64)[0]
+        assert sim.outcomes[f"r{i}"].tokens == want
+
+
+# -- admission -------------------------------------------------------------------------------------
+
+
+def make_sched(**kw: int) -> Scheduler:
+    limits = SchedulerLimits(
+        max_num_seqs=kw.get("max_num_seqs", 4),
+        max_num_batched_tokens=kw.get("max_num_batched_tokens", 16),
+        max_queue=kw.get("max_queue", 8),
+        context_length=kw.get("context_length", 64),
+    )
+    return Scheduler(limits, BlockManager(kw.get("num_blocks", 32), kw.get("block_size", 4)))
+
+
+def make_seq(rid: str, n: int, max_tokens: int | None = 4, seq_id: int = 0, ctx: int = 64) -> Sequence:
+    p = SamplingParams(max_tokens=max_tokens)
+    return Sequence(seq_id, rid, n, prompt(n), p, seed=0, max_tokens=max_tokens or ctx - n)
+
+
+def test_prompt_as_long_as_the_context_is_refused_with_both_counts() -> None:
+    s = make_sched(context_length=64)
+    for n in (64, 100):
+        with pytest.raises(AdmissionError) as e:
+            s.check_feasible(n, None)
+        assert e.value.code == "context_length"
+        assert str(n) in str(e.value) and "64" in str(e.value)
+    s.check_feasible(63, None)  # room for one generated token
+    with pytest.raises(AdmissionError) as e:
+        s.add(make_seq("x", 64, max_tokens=None))
+    assert e.value.code == "context_length" and not s.waiting and "x" not in s.by_request
+
+
+def test_prompt_plus_max_tokens_past_the_context_is_refused() -> None:
+    s = make_sched(context_length=64)
+    s.check_feasible(60, 4)
+    with pytest.raises(AdmissionError) as e:
+        s.check_feasible(60, 5)
+    assert e.value.code == "context_length"
+    assert all(x in str(e.value) for x in ("60", "5", "65", "64"))
+
+
+def test_request_bigger_than_the_kv_pool_is_refused_up_front(tok: Tokenizer) -> None:
+    s = make_sched(num_blocks=4, block_size=4, context_length=64)  # 16 tokens of KV
+    s.check_feasible(10, 6)
+    with pytest.raises(AdmissionError) as e:
+        s.check_feasible(10, 7)
+    assert e.value.code == "context_length" and "16" in str(e.value)
+    with pytest.raises(AdmissionError):
+        s.check_feasible(16, None)  # prompt alone fills the pool: no room for a token
+    with pytest.raises(AdmissionError):
+        s.add(make_seq("big", 12, max_tokens=10))
+    assert not s.waiting
+    # Without max_tokens it is admitted and ends with "length" when the pool is full, instead of
+    # waiting forever for blocks that can never be free.
+    sim = Sim(tok, depth=2, num_blocks=4, block_size=4, context_length=64)
+    req = Req("nomax", prompt(5), max_tokens=None)
+    sim.run([req])
+    o = sim.outcomes["nomax"]
+    assert o.reason == "length" and len(o.tokens) == 16 - 5
+    assert o.tokens == reference(sim.fn, req, 64)[0][: 16 - 5]
+
+
+def test_queue_full_is_busy() -> None:
+    s = make_sched(max_queue=2)
+    s.add(make_seq("a", 4, seq_id=0))
+    s.add(make_seq("b", 4, seq_id=1))
+    with pytest.raises(AdmissionError) as e:
+        s.add(make_seq("c", 4, seq_id=2))
+    assert e.value.code == "busy" and "2" in str(e.value)
+    assert [q.request_id for q in s.waiting] == ["a", "b"] and "c" not in s.by_request
+    s.schedule(0)  # both admitted: the queue has room again
+    s.add(make_seq("c", 4, seq_id=2))
+
+
+def test_duplicate_request_id_is_refused() -> None:
+    s = make_sched()
+    s.add(make_seq("a", 4, seq_id=0))
+    with pytest.raises(AdmissionError) as e:
+        s.add(make_seq("a", 5, seq_id=1))
+    assert e.value.code == "invalid_request" and "'a'" in str(e.value)
+    assert len(s.waiting) == 1 and s.by_request["a"].seq_id == 0
+    s.schedule(0)  # still refused while it runs
+    with pytest.raises(AdmissionError):
+        s.add(make_seq("a", 5, seq_id=1))
+    s.finish(s.by_request["a"], "stop")
+    s.add(make_seq("a", 5, seq_id=1))  # free again once the first one ended
+
+
+def test_empty_prompt_is_refused() -> None:
+    with pytest.raises(AdmissionError) as e:
+        make_sched().check_feasible(0, 4)
+    assert e.value.code == "invalid_request"
+
+
+# -- cancellation ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_cancel_mid_prefill_frees_blocks_at_once_and_ignores_late_results(tok: Tokenizer, depth: int) -> None:
+    sim = Sim(tok, depth=depth, num_blocks=32, max_num_batched_tokens=8)
+    seq = sim.submit(Req("a", prompt(40), max_tokens=4))
+    other = sim.submit(Req("b", prompt(3, 9), max_tokens=30))
+    while sim.launch():
+        pass
+    assert 0 < seq.num_computed < 40 and seq.status is SeqStatus.RUNNING
+    held = len(sim.sched.blocks.block_table(seq.seq_id))
+    free_before = sim.sched.blocks.num_free_blocks
+    sim.cancel("a")
+    assert seq.status is SeqStatus.FINISHED and seq.seq_id not in sim.sched.blocks
+    assert sim.sched.blocks.num_free_blocks == free_before + held
+    assert sim.outcomes["a"].reason == "cancelled"
+    while sim.inflight:  # the steps that carried a's chunks come back: nothing happens to it
+        sim.apply_oldest()
+    assert sim.outcomes["a"].tokens == [] and seq.output_ids == []
+    for t in range(200):
+        sim.tick(t)
+        if sim.idle:
+            break
+    sim.check_drained()
+    assert all(x.rid != "a" for e in sim.log[sim.log.index(sim.log[-1]) :] for x in e)
+    assert sim.outcomes["b"].tokens == reference(sim.fn, Req("b", prompt(3, 9), max_tokens=30), 64)[0]
+    assert other.finish_reason == "length"
+
+
+def test_cancel_mid_decode_with_two_steps_in_flight(tok: Tokenizer) -> None:
+    sim = Sim(tok, depth=2)
+    req = Req("a", prompt(5), max_tokens=30)
+    seq = sim.submit(req)
+    for t in range(4):
+        sim.tick(t)
+    while sim.launch():
+        pass
+    assert len(sim.inflight) == 2 and len(seq.pending) == 2  # both in-flight steps sample for it
+    got = list(sim.outcomes["a"].tokens)
+    assert got == reference(sim.fn, req, 64)[0][: len(got)] and len(got) >= 3
+    sim.cancel("a")
+    assert seq.seq_id not in sim.sched.blocks and sim.sched.blocks.num_free_blocks == 256
+    assert not seq.pending
+    sim.cancel("a")  # a second cancel (client retry) changes nothing
+    while sim.inflight:
+        sim.apply_oldest()
+    assert sim.discarded == 2 and sim.outcomes["a"].tokens == got
+    assert sim.sched.schedule(sim.step) is None
+    sim.check_drained()
+    assert (sim.outcomes["a"].reason, sim.outcomes["a"].ends) == ("cancelled", 1)
+
+
+def test_cancel_while_waiting(tok: Tokenizer) -> None:
+    sim = Sim(tok, depth=2, max_num_seqs=1)
+    sim.submit(Req("a", prompt(5), max_tokens=5))
+    sim.submit(Req("b", prompt(5, 1), max_tokens=5))
+    sim.tick(0)
+    assert sim.seqs["b"].status is SeqStatus.WAITING
+    sim.cancel("b")
+    assert not sim.sched.waiting and "b" not in sim.sched.by_request
+    sim.run([Req("a", prompt(5), max_tokens=5, arrival=-1)])
+    assert sim.outcomes["b"].tokens == [] and sim.outcomes["a"].reason == "length"
+
+
+# -- prefix caching --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_same_long_prompt_hits_the_prefix_cache(tok: Tokenizer, depth: int) -> None:
+    p = prompt(26)
+    reqs = [Req("first", p, max_tokens=6, seed=3), Req("second", p, max_tokens=6, seed=3, arrival=12)]
+    sim = Sim(tok, depth=depth, max_num_batched_tokens=8).run(reqs)
+    first, second = sim.outcomes["first"], sim.outcomes["second"]
+    assert first.num_cached == 0
+    assert second.num_cached == (26 - 1) // 4 * 4  # every full block but the one with the last token
+    assert second.tokens == first.tokens == reference(sim.fn, reqs[0], 64)[0]
+    fed = sum(x.n for e in sim.log for x in e if x.rid == "second")
+    assert fed == 26 - second.num_cached + 5  # only the uncached tail and the decode inputs ran
+    off = Sim(tok, depth=depth, max_num_batched_tokens=8, prefix_caching=False).run(reqs)
+    assert off.outcomes["second"].num_cached == 0 and off.outcomes["second"].tokens == second.tokens
+
+
+def test_prefix_hits_only_blocks_already_committed(tok: Tokenizer) -> None:
+    """A request arriving mid-way through another's chunked prefill reuses what is written so far."""
+    p = prompt(42)
+    reqs = [Req("first", p, max_tokens=3, seed=1), Req("second", p, max_tokens=3, seed=2, arrival=1)]
+    sim = Sim(tok, depth=2, max_num_batched_tokens=16).run(reqs)
+    # steps 0 and 1 carry first's tokens 0..31; step 2 its last 10 and, with the budget left,
+    # second's start. Only the 8 blocks of steps 0-1 are committed when step 2 is built.
+    assert [[(x.rid, x.start, x.n) for x in e] for e in sim.log[:3]] == [
+        [("first", 0, 16)],
+        [("first", 16, 16)],
+        [("first", 32, 10), ("second", 32, 6)],
+    ]
+    assert sim.outcomes["second"].num_cached == 32
+    for r in reqs:
+        assert sim.outcomes[r.rid].tokens == reference(sim.fn, r, 64)[0]
+    # the same prompt in the same step cannot hit: nothing of it is computed yet
+    same = Sim(tok, depth=2, max_num_batched_tokens=64).run([reqs[0], Req("second", p, max_tokens=3, seed=2)])
+    assert same.outcomes["second"].num_cached == 0
+
+
+# -- random workloads ------------------------------------------------------------------------------
+
+
+@st.composite
+def workloads(draw: st.DrawFn) -> tuple[dict, list[Req], TokenFn]:
+    bs = draw(st.sampled_from([2, 4]))
+    ctx = draw(st.sampled_from([24, 40]))
+    kw = dict(
+        block_size=bs,
+        context_length=ctx,
+        max_num_seqs=draw(st.integers(1, 4)),
+        max_num_batched_tokens=draw(st.integers(3, 20)),
+        # from half the context to twice it: preemption is common, refusal for size happens
+        num_blocks=draw(st.integers(ctx // bs // 2, 2 * ctx // bs)),
+        prefix_caching=draw(st.booleans()),
+        max_queue=draw(st.integers(2, 8)),
+    )
+    bases = [prompt(ctx, 0), prompt(ctx, 50)]  # shared prefixes exercise the prefix cache
+    reqs = []
+    for i in range(draw(st.integers(1, 7))):
+        n = draw(st.integers(1, ctx - 1))
+        cancel = draw(st.none() | st.integers(0, 25))
+        reqs.append(
+            Req(
+                f"r{i}",
+                draw(st.sampled_from(bases))[:n],
+                max_tokens=draw(st.none() | st.integers(1, 12)),
+                arrival=draw(st.integers(0, 8)),
+                cancel_at=cancel,
+                seed=draw(st.integers(0, 3)),
+                ignore_eos=draw(st.booleans()),
+            )
+        )
+    return kw, reqs, TokenFn(draw(st.sampled_from([0, 6])))
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads())
+def test_random_workloads_keep_every_invariant(tok: Tokenizer, w: tuple[dict, list[Req], TokenFn]) -> None:
+    kw, reqs, fn = w
+    sims = [Sim(tok, fn, depth=d, **kw).run(reqs) for d in (1, 2)]  # invariants checked every tick
+    pool = kw["num_blocks"] * kw["block_size"]
+    ctx = kw["context_length"]
+    for sim in sims:
+        for r in reqs:
+            n = len(r.prompt)
+            if r.max_tokens is None:
+                feasible = n < ctx and n + 1 <= pool
+                # without max_tokens the KV pool, when smaller than the context, is the limit
+                limited = dataclasses.replace(r, max_tokens=max(1, min(ctx, pool) - n))
+            else:
+                feasible = n + r.max_tokens <= min(ctx, pool)
+                limited = r
+            if r.rid in sim.rejected:
+                code = sim.rejected[r.rid].code
+                assert code == ("busy" if feasible else "context_length"), (r, sim.rejected[r.rid])
+                continue
+            assert feasible, r
+            o = sim.outcomes[r.rid]
+            want, reason = reference(fn, limited, ctx)
+            if o.reason == "cancelled":
+                assert r.cancel_at is not None
+                assert o.tokens == want[: len(o.tokens)]
+            else:
+                assert (o.tokens, o.reason) == (want, reason), r
+    for sim in sims:  # what the run exercised (see --hypothesis-show-statistics)
+        event(
+            f"depth {sim.depth}: preempted"
+            if sim.sched.num_preemptions
+            else f"depth {sim.depth}: no preemption"
+        )
+        event("late results dropped" if sim.discarded else "no late results")
+        event("cancelled" if any(o.reason == "cancelled" for o in sim.outcomes.values()) else "no cancel")
+        event("refused" if sim.rejected else "all admitted")
+        event("prefix hit" if any(o.num_cached for o in sim.outcomes.values()) else "no prefix hit")
+    # everything both modes accepted and let finish on its own came out the same
+    sync, over = sims
+    for r in reqs:
+        a, b = sync.outcomes.get(r.rid), over.outcomes.get(r.rid)
+        if a and b and "cancelled" not in (a.reason, b.reason):
+            assert a.tokens == b.tokens and a.reason == b.reason
