@@ -20,3 +20,14 @@ def default_model_path() -> Path:
             return _DEV_FALLBACK
         raise
     return ensure_model(DEFAULT_MODEL).path
+
+
+@pytest.fixture(scope="session")
+def hf_model(default_model_path: Path):
+    """transformers' own implementation of the default model, from the same GGUF file."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(default_model_path.parent), gguf_file=default_model_path.name, dtype=torch.float32
+    ).eval()

@@ -23,14 +23,6 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def hf_model(default_model_path: Path):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(default_model_path.parent), gguf_file=default_model_path.name, dtype=torch.float32
-    ).eval()
-
-
-@pytest.fixture(scope="module")
 def ours(default_model_path: Path) -> LlamaModel:
     m = load_gguf(default_model_path)
     return LlamaModel(m.config, m.tensors)

@@ -51,7 +51,9 @@ def no_leaks() -> Iterator[None]:
     before_segments = set(list_segments())
     yield
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and (child_pids() - before_children or multiprocessing.active_children()):
+    while time.monotonic() < deadline and (
+        child_pids() - before_children or multiprocessing.active_children()
+    ):
         time.sleep(0.05)
     assert child_pids() - before_children == set(), "child processes left behind"
     # Segment names carry their creator's pid; other test runs on this machine may own live ones.

@@ -39,7 +39,7 @@ def cancel(engine: EngineProcess, rid: str) -> None:
     engine.to_sched.send(encode(CancelRequest(rid)))
 
 
-def pump(engine: EngineProcess, outcomes: dict[str, Outcome], timeout: float = 60.0, until=None) -> None:  # noqa: ANN001
+def pump(engine: EngineProcess, outcomes: dict[str, Outcome], timeout: float = 60.0, until=None) -> None:
     """Read frames until every outcome has its terminal (or ``until(outcomes)`` is true)."""
     assert engine.from_sched is not None
     deadline = time.monotonic() + timeout
@@ -64,8 +64,9 @@ def pump(engine: EngineProcess, outcomes: dict[str, Outcome], timeout: float = 6
             outcomes[e.request_id].terminals += 1
 
 
-def run_all(engine: EngineProcess, requests: dict[str, tuple[list[int], SamplingParams]],
-            timeout: float = 120.0) -> dict[str, Outcome]:
+def run_all(
+    engine: EngineProcess, requests: dict[str, tuple[list[int], SamplingParams]], timeout: float = 120.0
+) -> dict[str, Outcome]:
     outcomes = {rid: Outcome() for rid in requests}
     for rid, (prompt, params) in requests.items():
         submit(engine, rid, prompt, params)

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from pipeline_driver import Outcome, cancel, pump, run_all, stats, submit
 
-from pipeline_driver import Outcome, cancel, pump, run_all, stats, submit  # noqa: I001
 from tandem.messages import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -34,13 +34,21 @@ def mixed_requests() -> dict[str, tuple[list[int], SamplingParams]]:
             prompt,
             SamplingParams(max_tokens=20, temperature=0.9, top_k=20 + i, top_p=0.95, seed=1000 + i),
         )
-    reqs["penalized"] = (PROMPTS[0], SamplingParams(max_tokens=24, temperature=0.0, repetition_penalty=1.3,
-                                                    frequency_penalty=0.5, presence_penalty=0.4))
+    reqs["penalized"] = (
+        PROMPTS[0],
+        SamplingParams(
+            max_tokens=24,
+            temperature=0.0,
+            repetition_penalty=1.3,
+            frequency_penalty=0.5,
+            presence_penalty=0.4,
+        ),
+    )
     reqs["minp"] = (PROMPTS[1], SamplingParams(max_tokens=16, temperature=1.2, min_p=0.1, seed=5))
     return reqs
 
 
-def test_concurrent_requests_equal_single_runs(engine) -> None:  # noqa: ANN001
+def test_concurrent_requests_equal_single_runs(engine) -> None:
     reqs = mixed_requests()
     together = run_all(engine, reqs)
     for rid, (prompt, params) in reqs.items():
@@ -71,7 +79,7 @@ def test_overlap_and_sync_give_identical_greedy_tokens(tiny_gguf: Path) -> None:
         assert len(results[True][rid].token_ids) == 30
 
 
-def test_seeded_sampling_is_reproducible_and_seed_dependent(engine) -> None:  # noqa: ANN001
+def test_seeded_sampling_is_reproducible_and_seed_dependent(engine) -> None:
     p = PROMPTS[0]
     a = run_all(engine, {"a": (p, SamplingParams(max_tokens=24, temperature=1.0, seed=7))})["a"]
     b = run_all(engine, {"b": (p, SamplingParams(max_tokens=24, temperature=1.0, seed=7))})["b"]
@@ -80,23 +88,26 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(engine) -> None:  # 
     assert a.token_ids != c.token_ids
 
 
-def test_stop_strings_and_stop_tokens(engine) -> None:  # noqa: ANN001
+def test_stop_strings_and_stop_tokens(engine) -> None:
     free = run_all(engine, {"f": (PROMPTS[1], SamplingParams(max_tokens=30, temperature=0.0))})["f"]
     text = free.text
     assert len(text) > 6
     stop = text[3:5]
-    got = run_all(engine, {"s": (PROMPTS[1], SamplingParams(max_tokens=30, temperature=0.0, stop=[stop]))})["s"]
+    got = run_all(engine, {"s": (PROMPTS[1], SamplingParams(max_tokens=30, temperature=0.0, stop=[stop]))})[
+        "s"
+    ]
     assert got.finished is not None and got.finished.finish_reason == "stop"
     assert got.finished.stop_reason == stop
     assert got.text == text[: text.index(stop)]
     tok = free.token_ids[4]
-    got = run_all(engine, {"t": (PROMPTS[1], SamplingParams(max_tokens=30, temperature=0.0,
-                                                            stop_token_ids=[tok]))})["t"]
+    got = run_all(
+        engine, {"t": (PROMPTS[1], SamplingParams(max_tokens=30, temperature=0.0, stop_token_ids=[tok]))}
+    )["t"]
     assert got.finished is not None and got.finished.stop_reason == tok
     assert got.token_ids == free.token_ids[: free.token_ids.index(tok) + 1]
 
 
-def test_cancel_mid_stream_frees_slot_and_blocks(engine) -> None:  # noqa: ANN001
+def test_cancel_mid_stream_frees_slot_and_blocks(engine) -> None:
     outcomes = {"long": Outcome()}
     submit(engine, "long", PROMPTS[4], SamplingParams(max_tokens=900, temperature=0.0))
     pump(engine, outcomes, until=lambda o: len(o["long"].token_ids) >= 5)
@@ -126,7 +137,7 @@ def test_cancel_during_chunked_prefill(tiny_gguf: Path) -> None:
         eng.close()
 
 
-def test_admission_errors_are_immediate_and_clear(engine) -> None:  # noqa: ANN001
+def test_admission_errors_are_immediate_and_clear(engine) -> None:
     ctx = engine.context_length
     reqs = {
         "too_long": ([5] * (ctx + 3), SamplingParams(max_tokens=4)),
@@ -214,7 +225,9 @@ def test_worker_killed_mid_stream_fails_requests_then_recovers(tiny_gguf: Path) 
             assert o.terminals == 1 and o.error is not None and o.error.code == "worker_died"
             assert "SIGKILL" in o.error.message or "killed" in o.error.message
         # The scheduler restarts the worker; new requests are served again.
-        after = run_all(eng, {"after": (PROMPTS[1], SamplingParams(max_tokens=5, temperature=0.0))}, timeout=60)
+        after = run_all(
+            eng, {"after": (PROMPTS[1], SamplingParams(max_tokens=5, temperature=0.0))}, timeout=60
+        )
         assert after["after"].finished is not None and len(after["after"].token_ids) == 5
         assert stats(eng).worker_restarts == 1
     finally:
