@@ -76,7 +76,9 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     hidden = int(cfg["hidden_size"])
     n_heads = int(cfg["num_attention_heads"])
     scaling = None
-    rs = cfg.get("rope_scaling")
+    # transformers >= 5 writes "rope_parameters" (theta included); older configs "rope_scaling".
+    rope_params = cfg.get("rope_parameters") or {}
+    rs = cfg.get("rope_scaling") or rope_params
     if rs:
         kind = rs.get("rope_type", rs.get("type"))
         if kind == "llama3":
@@ -101,7 +103,7 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         vocab_size=int(cfg["vocab_size"]),
         context_length=int(cfg.get("max_position_embeddings", 2048)),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rope_theta=float(cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
         rope_scaling=scaling,
