@@ -26,7 +26,7 @@ def pack_batch(
     bt = slot.block_tables
     cursor = 0
     cu[0] = 0
-    max_top = 0
+    max_top = -1  # -1: no sampled row wants logprobs (0 means the sampled token's own logprob)
     any_pen = False
     all_greedy = True
     want_logits = False

@@ -68,10 +68,12 @@ class OutputProcessor:
             return TokenEvent(self._drain(st), "stop", token)
         if token in p.stop_token_ids:
             return TokenEvent(self._drain(st), "stop", token)
+        before = len(st.held)
         st.held += st.detok.push(token)
         if st.stops:
             # Only the new text (plus what a stop string could reach back into) can hold a match.
-            window_start = max(0, len(st.held) - st.max_stop - 8)
+            # Measured from where the new text starts: one token's text may be longer than any stop.
+            window_start = max(0, before - st.max_stop + 1)
             hits = [(st.held.find(s, window_start), s) for s in st.stops]
             hits = [(i, s) for i, s in hits if i >= 0]
             if hits:

@@ -178,7 +178,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
             seq = self.waiting[0]
             try:
-                cached = self.blocks.allocate(seq.seq_id, seq.token_ids)
+                cached = self.blocks.allocate(seq.seq_id, seq.token_ids, _cache_key(seq))
             except NoFreeBlocksError:
                 break
             self.waiting.popleft()
@@ -205,3 +205,12 @@ class Scheduler:
     @property
     def has_work(self) -> bool:
         return bool(self.waiting) or any(not s.done_generating for s in self.running)
+
+
+def _cache_key(seq: Sequence) -> bytes:
+    """Penalized requests get a private prefix cache: the worker keeps their penalty state by
+    seeing every token fed from position 0, which a prefix hit would skip."""
+    p = seq.params
+    if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+        return f"private:{seq.seq_id}".encode()
+    return b""

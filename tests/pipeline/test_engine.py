@@ -240,3 +240,14 @@ def test_scheduler_never_imports_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_penalties_see_the_whole_prompt_even_when_it_is_cached(engine) -> None:
+    prompt = list(range(3, 40))  # two full blocks: a second run would hit the prefix cache
+    plain = SamplingParams(max_tokens=4, temperature=0.0)
+    pen = SamplingParams(max_tokens=16, temperature=0.0, repetition_penalty=1.5, presence_penalty=1.0)
+    run_all(engine, {"warm": (prompt, plain)})  # caches the prompt's blocks
+    first = run_all(engine, {"p1": (prompt, pen)})["p1"]
+    second = run_all(engine, {"p2": (prompt, pen)})["p2"]
+    assert first.token_ids == second.token_ids
+    assert first.finished is not None and first.finished.cached_tokens == 0
