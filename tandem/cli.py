@@ -181,12 +181,18 @@ def _register_commands() -> None:
     # enough (they import lazily what they need inside).
     from tandem.commands.bench import bench
     from tandem.commands.generate import generate
+    from tandem.commands.ps import ps
+    from tandem.commands.run import run
     from tandem.commands.serve import serve
+    from tandem.commands.stop import stop
     from tandem.commands.tokenize import tokenize
 
     main.add_command(bench)
     main.add_command(generate)
+    main.add_command(ps)
+    main.add_command(run)
     main.add_command(serve)
+    main.add_command(stop)
     main.add_command(tokenize)
 
 

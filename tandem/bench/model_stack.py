@@ -88,22 +88,40 @@ class _Batch:
         return (time.perf_counter() - t0) * 1000
 
 
+class _StepTimes:
+    """Prefill and decode samples of one (threads, batch) point, gathered a repeat at a time."""
+
+    def __init__(self, model: LlamaModel, batch: int, sizes: StepSizes) -> None:
+        self.batch, self.sizes = batch, sizes
+        self.runner = _Batch(model, batch, sizes.prefill_len + sizes.decode_steps)
+        self.prefill: list[float] = []
+        self.decode: list[float] = []
+
+    def warm_up(self) -> None:
+        self.runner.step(0, min(8, self.sizes.prefill_len))  # first call allocates and picks kernels
+
+    def repeat(self) -> None:
+        p = self.sizes.prefill_len
+        self.prefill.append(self.runner.step(0, p))
+        self.decode += [self.runner.step(p + k, 1) for k in range(self.sizes.decode_steps)]
+
+    def summary(self) -> dict[str, float]:
+        pre, dec = median(self.prefill), median(self.decode)
+        return {
+            "prefill_ms": pre,
+            "prefill_tok_s": self.batch * self.sizes.prefill_len / (pre / 1000),
+            "decode_ms": dec,
+            "decode_tok_s": self.batch / (dec / 1000),
+        }
+
+
 def measure_steps(model: LlamaModel, batch: int, sizes: StepSizes) -> dict[str, float]:
     """Median prefill (all `batch` prompts in one step) and decode step times in ms."""
-    span = sizes.prefill_len + sizes.decode_steps
-    runner = _Batch(model, batch, span)
-    runner.step(0, min(8, sizes.prefill_len))  # first call allocates and picks kernels
-    prefill, decode = [], []
+    t = _StepTimes(model, batch, sizes)
+    t.warm_up()
     for _ in range(sizes.repeats):
-        prefill.append(runner.step(0, sizes.prefill_len))
-        decode += [runner.step(sizes.prefill_len + k, 1) for k in range(sizes.decode_steps)]
-    dec = median(decode)
-    return {
-        "prefill_ms": median(prefill),
-        "prefill_tok_s": batch * sizes.prefill_len / (median(prefill) / 1000),
-        "decode_ms": dec,
-        "decode_tok_s": batch / (dec / 1000),
-    }
+        t.repeat()
+    return t.summary()
 
 
 def run_model_stack(
@@ -113,6 +131,8 @@ def run_model_stack(
     sizes: StepSizes | None = None,
     measure_loading: bool = True,
 ) -> dict[str, Any]:
+    """Load times, then step times per (threads, batch), the points interleaved repeat by repeat
+    so that load from other jobs on a shared machine spreads over all of them."""
     sizes = sizes or StepSizes()
     before = torch.get_num_threads()
     out: dict[str, Any] = {"model_path": str(path), "sizes": sizes.__dict__, "steps": []}
@@ -122,11 +142,16 @@ def run_model_stack(
             out["load"] = measure_load(path)
             out["load"]["threads"] = threads[0]
         model, _, _ = load_model(path)
-        for nt in threads:
-            torch.set_num_threads(nt)
-            for b in batches:
-                log.info("model stack: %d thread(s), batch %d", nt, b)
-                out["steps"].append({"threads": nt, "batch": b, **measure_steps(model, b, sizes)})
+        points = {(nt, b): _StepTimes(model, b, sizes) for nt in threads for b in batches}
+        for rep in range(-1, sizes.repeats):  # -1: warm-up
+            for (nt, b), t in points.items():
+                torch.set_num_threads(nt)
+                log.info("model stack: %d thread(s), batch %d, repeat %d", nt, b, rep)
+                if rep < 0:
+                    t.warm_up()
+                else:
+                    t.repeat()
+        out["steps"] = [{"threads": nt, "batch": b, **t.summary()} for (nt, b), t in points.items()]
     finally:
         torch.set_num_threads(before)
     return out

@@ -17,7 +17,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from tandem.bench.timing import ratio, summarize
+from tandem.bench.timing import median, ratio, summarize
 from tandem.config import EngineConfig
 from tandem.gateway.engine_process import EngineProcess
 from tandem.gateway.local import EngineError, query_stats
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("overlap", "sync")
 _IDLE_MIN_STEPS = 100
+_RATIO_KEYS = ("decode_tok_s", "e2e_tok_s", "ms_per_step", "ttft_ms")
 _PROMPT = "The quick brown fox jumps over the lazy dog while the sea rolls on."
 
 
@@ -180,7 +181,18 @@ def compare(base: EngineConfig, sizes: PipelineSizes) -> list[dict[str, Any]]:
                     **summary,
                     "ratio_overlap_over_sync": {
                         k: ratio(summary["overlap"][k]["median"], summary["sync"][k]["median"])
-                        for k in ("decode_tok_s", "e2e_tok_s", "ms_per_step")
+                        for k in _RATIO_KEYS
+                    },
+                    # Each overlap run against the sync run right after it, then the median: drift
+                    # slower than one A/B pair cancels out.
+                    "paired_ratio_median": {
+                        k: median(
+                            [
+                                ratio(a.as_dict()[k], b.as_dict()[k])
+                                for a, b in zip(runs["overlap"], runs["sync"], strict=True)
+                            ]
+                        )
+                        for k in _RATIO_KEYS
                     },
                     "runs": order,
                 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,19 +48,13 @@ def pipeline_lines(title: str, r: dict[str, Any]) -> list[str]:
                     for k in ("decode_tok_s", "e2e_tok_s", "ms_per_step", "ttft_ms", "worker_idle_ms")
                 ]
             )
-        ratio = b["ratio_overlap_over_sync"]
-        rows.append(
-            [
-                b["batch"],
-                "overlap/sync",
-                _x(ratio["decode_tok_s"]),
-                _x(ratio["e2e_tok_s"]),
-                _x(ratio["ms_per_step"]),
-                "",
-                "",
-            ]
-        )
+        for label, key in (("overlap/sync", "ratio_overlap_over_sync"), ("paired", "paired_ratio_median")):
+            ratios = b.get(key)
+            if ratios:
+                cols = ("decode_tok_s", "e2e_tok_s", "ms_per_step", "ttft_ms")
+                rows.append([b["batch"], label, *(_x(ratios.get(k, math.nan)) for k in cols), ""])
     out += table(["batch", "mode", "decode tok/s", "e2e tok/s", "ms/step", "TTFT ms", "worker idle ms"], rows)
+    out.append("  overlap/sync: ratio of the medians; paired: median of each A/B pair's ratio")
     return out
 
 

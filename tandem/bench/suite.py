@@ -54,12 +54,31 @@ def engine_worker_threads(threads: int | None) -> int:
     return threads or max(1, (os.cpu_count() or 2) - 1)
 
 
+def source_commit() -> str | None:
+    """The checkout's HEAD commit, read from .git without running git (None outside a checkout)."""
+    git = Path(__file__).resolve().parents[2] / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head[5:]
+        if (git / ref).exists():
+            return (git / ref).read_text().strip()
+        for line in (git / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except OSError:
+        pass
+    return None
+
+
 def machine_info() -> dict[str, Any]:
     import torch
 
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "tandem": __version__,
+        "commit": source_commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),

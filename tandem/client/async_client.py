@@ -88,27 +88,36 @@ class AsyncTandemClient:
                 self._sock, self._monitor = client_socket(self._ctx, self.url)  # type: ignore[arg-type]
                 self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch())]
             self._hello = asyncio.get_running_loop().create_future()
-            await self._sock.send(encode(ClientHello(PROTOCOL_VERSION, self.client_name)))
             try:
-                hello = await asyncio.wait_for(self._hello, self.connect_timeout)
-            except TimeoutError:
-                raise TandemTimeout(
-                    "timeout", f"no tandem server answered at {self.url} within {self.connect_timeout} s"
-                ) from None
-            self.server = check_hello(hello, self.url)
+                await self._sock.send(encode(ClientHello(PROTOCOL_VERSION, self.client_name)))
+                try:
+                    hello = await asyncio.wait_for(self._hello, self.connect_timeout)
+                except TimeoutError:
+                    raise TandemTimeout(
+                        "timeout", f"no tandem server answered at {self.url} within {self.connect_timeout} s"
+                    ) from None
+                self.server = check_hello(hello, self.url)
+            except BaseException:
+                await self._teardown()  # a later connect() starts afresh
+                raise
             return self.server
 
     async def close(self) -> None:
+        await self._teardown()
+        if self._own_ctx and not self._ctx.closed:
+            self._ctx.term()
+
+    async def _teardown(self) -> None:
         for t in self._tasks:
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        self._tasks = []
         for rid, q in self._queues.items():
             q.put_nowait(RequestError(rid, "disconnected", "the client was closed"))
         if self._sock is not None:
             close_sockets(self._sock, self._monitor)
-        if self._own_ctx and not self._ctx.closed:
-            self._ctx.term()
+            self._sock = self._monitor = None
 
     async def __aenter__(self) -> AsyncTandemClient:
         await self.connect()
@@ -204,6 +213,7 @@ class AsyncTandemClient:
         # The server forgets a connection that drops (a reconnect is a new peer): fail what it had.
         while True:
             if is_disconnect(await self._monitor.recv_multipart()):
+                await asyncio.sleep(0.05)  # let the reader route what arrived before the drop
                 for rid, q in self._queues.items():
                     q.put_nowait(disconnected(rid, self.url))
 

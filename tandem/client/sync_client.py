@@ -182,17 +182,22 @@ class TandemClient:
         events = dict(self._poller.poll(timeout_ms))
         if not events:
             return False
+        if self._sock in events:
+            self._recv()
         if self._monitor in events and is_disconnect(self._monitor.recv_multipart()):
+            while self._sock.poll(0):  # what arrived before the connection dropped comes first
+                self._recv()
             for rid, buf in self._buffers.items():
                 buf.append(disconnected(rid, self.url))
             self._abandoned.clear()
-        if self._sock in events:
-            frames = self._sock.recv_multipart()
-            try:
-                self._route(decode(frames[-1]))
-            except MessageError as e:
-                log.warning("dropping a frame from %s that did not decode: %s", self.url, e)
         return True
+
+    def _recv(self) -> None:
+        frames = self._sock.recv_multipart()
+        try:
+            self._route(decode(frames[-1]))
+        except MessageError as e:
+            log.warning("dropping a frame from %s that did not decode: %s", self.url, e)
 
     def _route(self, msg: Any) -> None:
         if isinstance(msg, Accepted | TokenDelta | Finished | RequestError):

@@ -107,6 +107,7 @@ class Server:
                 max_body_bytes=self.cfg.max_body_bytes,
                 aliases=self.cfg.aliases,
                 zmq_endpoints=tuple(self.zmq_endpoints),
+                bind_host=self.cfg.host,
             )
             app = build_app(self.engine, settings)
             config = uvicorn.Config(
@@ -119,6 +120,9 @@ class Server:
             )
             self.http_server = uvicorn.Server(config)
             self.http_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+            # uvicorn >= 0.29 captures SIGTERM/SIGINT itself and re-raises them when it stops, so
+            # one SIGTERM would reach our handler twice and read as "again: force". Ours alone.
+            self.http_server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
             self._http_task = asyncio.create_task(self.http_server.serve(), name="http")
             while not self.http_server.started:
                 if self._http_task.done():

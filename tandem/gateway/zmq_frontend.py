@@ -72,6 +72,7 @@ class _Request:
     rid: str
     task: asyncio.Task[None] | None = None
     cancel_reason: str | None = None  # "cancelled" (client), "gone" (client vanished), "shutdown"
+    accepted: bool = False  # Accepted sent: from here on a client's Cancel interrupts the task
     prompt_tokens: int = 0
     completion_tokens: int = 0
     terminal: Finished | RequestError | None = None
@@ -156,6 +157,8 @@ class ZmqFrontend:
 
     async def close(self) -> None:
         """Stop serving: requests in flight end with a 'shutting_down' error frame."""
+        if self._closing:
+            return
         self._closing = True
         for t in self._loops:
             t.cancel()
@@ -228,7 +231,7 @@ class ZmqFrontend:
         elif isinstance(msg, Cancel):
             req = client.requests.get(msg.request_id)
             if req is not None:
-                self._cancel(req, "cancelled")
+                pass
         elif isinstance(msg, ClientHello):
             self._hello(client, msg)
         elif isinstance(msg, HealthRequest):
@@ -278,20 +281,26 @@ class ZmqFrontend:
         req.prompt_tokens = len(ids)
         if not await self._send(client, Accepted(req.rid, len(ids), ids)):
             return
+        req.accepted = True
+        if req.cancel_reason:  # cancelled while being tokenized
+            return
         parts: list[TokenDelta] = []
+        events = self.engine.generate(ids, msg.params, request_id=f"z{uuid.uuid4().hex}")
         try:
-            async for ev in self.engine.generate(ids, msg.params, request_id=f"z{uuid.uuid4().hex}"):
-                if isinstance(ev, TokenDelta):
-                    req.completion_tokens += len(ev.token_ids)
-                    ev = dataclasses.replace(ev, request_id=req.rid)
-                    if not msg.stream:
-                        parts.append(ev)
-                    elif not await self._send(client, ev):
-                        return  # leaving the loop closes the generator: the scheduler cancels
-                else:
-                    if not msg.stream and not await self._send(client, _merge(req.rid, parts)):
-                        return
-                    req.terminal = dataclasses.replace(ev, request_id=req.rid)
+            # aclosing: leaving early closes the generator now, which cancels in the scheduler
+            async with contextlib.aclosing(events):  # type: ignore[type-var]
+                async for ev in events:
+                    if isinstance(ev, TokenDelta):
+                        req.completion_tokens += len(ev.token_ids)
+                        ev = dataclasses.replace(ev, request_id=req.rid)
+                        if not msg.stream:
+                            parts.append(ev)
+                        elif not await self._send(client, ev):
+                            return
+                    else:
+                        if not msg.stream and not await self._send(client, _merge(req.rid, parts)):
+                            return
+                        req.terminal = dataclasses.replace(ev, request_id=req.rid)
         except EngineError as e:
             req.terminal = RequestError(req.rid, e.code, str(e))
 
@@ -328,7 +337,9 @@ class ZmqFrontend:
     def _cancel(self, req: _Request, reason: str) -> None:
         if req.task is not None and not req.task.done():
             req.cancel_reason = req.cancel_reason or reason
-            req.task.cancel()
+            # So that a Finished always follows an Accepted, a client's Cancel waits for the Accepted.
+            if req.accepted or reason != "cancelled":
+                req.task.cancel()
 
     # -- health --------------------------------------------------------------------------
     async def _health(self, client: _Client, query_id: int) -> None:

@@ -47,7 +47,11 @@ def delta_logprobs(tok: Tokenizer, d: TokenDelta) -> list[dict[str, Any]]:
         for t_id, t_lp in tops:
             t_raw = token_bytes(tok, int(t_id))
             top_list.append(
-                {"token": t_raw.decode("utf-8", errors="replace"), "logprob": float(t_lp), "bytes": list(t_raw)}
+                {
+                    "token": t_raw.decode("utf-8", errors="replace"),
+                    "logprob": float(t_lp),
+                    "bytes": list(t_raw),
+                }
             )
         out.append(
             {

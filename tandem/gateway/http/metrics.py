@@ -5,7 +5,6 @@ plus the scheduler's counters (queue, sequences, KV blocks, tokens, step timings
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -38,25 +37,35 @@ class _StatsCollector(Collector):
             "tandem_queue_capacity": ("most requests that may wait before 'server busy'", s.max_queue),
             "tandem_running_sequences": ("sequences in the running batch", s.running),
             "tandem_kv_blocks_used": ("KV cache blocks held by sequences", s.kv_blocks_used),
-            "tandem_kv_blocks_free": ("KV cache blocks free (cached ones included)",
-                                      s.kv_blocks_total - s.kv_blocks_used),
+            "tandem_kv_blocks_free": (
+                "KV cache blocks free (cached ones included)",
+                s.kv_blocks_total - s.kv_blocks_used,
+            ),
             "tandem_kv_blocks_cached": ("KV cache blocks kept for prefix reuse", s.kv_blocks_cached),
             "tandem_kv_blocks_total": ("KV cache blocks in the pool", s.kv_blocks_total),
             "tandem_step_time_seconds": ("moving average of the time of one step", s.step_time_ms_avg / 1e3),
-            "tandem_gpu_idle_seconds": ("moving average of the device's wait for each step's doorbell",
-                                        s.gpu_idle_ms_avg / 1e3),
-            "tandem_overlap_enabled": ("1 when steps overlap (scheduler prepares N+1 while N runs)",
-                                       int(s.overlap)),
+            "tandem_gpu_idle_seconds": (
+                "moving average of the device's wait for each step's doorbell",
+                s.gpu_idle_ms_avg / 1e3,
+            ),
+            "tandem_overlap_enabled": (
+                "1 when steps overlap (scheduler prepares N+1 while N runs)",
+                int(s.overlap),
+            ),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
         counters = {
             "tandem_prompt_tokens": ("prompt tokens processed", s.prompt_tokens_total),
             "tandem_generation_tokens": ("tokens generated", s.generated_tokens_total),
-            "tandem_prefix_cache_hit_tokens": ("prompt tokens served from the prefix cache",
-                                               s.prefix_cache_hit_tokens),
-            "tandem_prefix_cache_query_tokens": ("prompt tokens looked up in the prefix cache",
-                                                 s.prefix_cache_query_tokens),
+            "tandem_prefix_cache_hit_tokens": (
+                "prompt tokens served from the prefix cache",
+                s.prefix_cache_hit_tokens,
+            ),
+            "tandem_prefix_cache_query_tokens": (
+                "prompt tokens looked up in the prefix cache",
+                s.prefix_cache_query_tokens,
+            ),
             "tandem_steps": ("engine steps run", s.steps),
             "tandem_preemptions": ("sequences preempted for KV space", s.preemptions),
             "tandem_worker_restarts": ("times the GPU worker was restarted", s.worker_restarts),
@@ -106,16 +115,22 @@ class Metrics:
             "tandem_request_outcomes", "generation requests by how they ended", ["reason"], registry=r
         )
         self.ttft = Histogram(
-            "tandem_time_to_first_token_seconds", "arrival to first generated token",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "tandem_time_to_first_token_seconds",
+            "arrival to first generated token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.itl = Histogram(
-            "tandem_inter_token_latency_seconds", "time between generated tokens of one request",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "tandem_inter_token_latency_seconds",
+            "time between generated tokens of one request",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.e2e = Histogram(
-            "tandem_request_duration_seconds", "arrival to the last frame of a generation request",
-            buckets=_DURATION_BUCKETS, registry=r,
+            "tandem_request_duration_seconds",
+            "arrival to the last frame of a generation request",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
         )
         self._stats = _StatsCollector()
         r.register(self._stats)
@@ -137,4 +152,4 @@ class Metrics:
             return 1
         waiting = stats.waiting if stats is not None else 1
         per_request = self.rate.mean_completion or 128.0
-        return int(min(300, max(1, math.ceil(max(1, waiting) * per_request / rate))))
+        return int(min(300, max(1, round(max(1, waiting) * per_request / rate))))

@@ -33,6 +33,8 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"invalid JSON in request body: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "invalid JSON in request body: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}")
     return body
@@ -77,6 +79,8 @@ def get_int(body: dict[str, Any], name: str) -> int | None:
         v = int(v)  # JSON writers that only know doubles
     if isinstance(v, bool) or not isinstance(v, int):
         raise bad(name, f"must be an integer, got {json.dumps(v)[:40]}")
+    if not -(2**63) <= v < 2**64:  # what the wire format (msgpack) carries
+        raise bad(name, "is out of range (64 bits)")
     return v
 
 

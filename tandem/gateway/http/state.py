@@ -105,7 +105,21 @@ class Gateway:
         except TokenizerError as e:
             raise ApiError(400, f"cannot tokenize the input: {e}") from None
 
-    def fit_context(self, n_prompt: int, max_tokens: int | None, num_ctx: int | None, clamp: bool) -> int | None:
+    def check_token_ids(self, ids: list[Any], param: str) -> list[int]:
+        vocab = self.engine.tokenizer.vocab_size
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ApiError(
+                    400,
+                    f"invalid parameter '{param}': token id {t!r} is not in 0..{vocab - 1}",
+                    param=param,
+                    code="invalid_parameter",
+                )
+        return list(ids)
+
+    def fit_context(
+        self, n_prompt: int, max_tokens: int | None, num_ctx: int | None, clamp: bool
+    ) -> int | None:
         """max_tokens that fits the context; 400 with both counts when the prompt does not.
 
         ``clamp``: shorten max_tokens to what fits (ollama) rather than refuse (OpenAI, vLLM).
@@ -124,7 +138,9 @@ class Gateway:
             )
         room = ctx - n_prompt
         if max_tokens is None or max_tokens <= room:
-            return max_tokens if max_tokens is not None else (room if ctx < self.engine.context_length else None)
+            return (
+                max_tokens if max_tokens is not None else (room if ctx < self.engine.context_length else None)
+            )
         if clamp:
             return room
         raise ApiError(

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -60,8 +60,15 @@ class CancellableStream(Response):
     """A streaming response whose body iterator is cancelled as soon as the client disconnects,
     even while it waits for the next token (Starlette only notices at the next write)."""
 
-    def __init__(self, chunks: AsyncIterator[bytes], media_type: str, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        media_type: str,
+        headers: dict[str, str] | None = None,
+        error_frame: Callable[[str], bytes] | None = None,
+    ) -> None:
         self.chunks = chunks
+        self.error_frame = error_frame  # the terminal frame to write if the body fails (a bug)
         self.status_code = 200
         self.media_type = media_type
         self.background = None
@@ -86,6 +93,13 @@ class CancellableStream(Response):
                     chunk = nxt.result()
                 except StopAsyncIteration:
                     break
+                except Exception as e:
+                    log.exception("stream failed")
+                    if self.error_frame is None:
+                        raise
+                    chunk = self.error_frame(f"internal error: {type(e).__name__}: {e}")
+                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                    return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # ASGI 2.4 servers raise on writes to a closed connection
@@ -156,11 +170,9 @@ class Generation:
                 if self.first_token_at is None:
                     self.first_token_at = now
                     m.ttft.observe(now - self.arrival)
-                    n_gaps = n - 1
-                else:
-                    n_gaps = n
-                for _ in range(n_gaps):
-                    m.itl.observe((now - self.last_token_at) / max(n_gaps, 1))
+                else:  # tokens that arrive together share the gap since the last ones
+                    for _ in range(n):
+                        m.itl.observe((now - self.last_token_at) / n)
                 self.last_token_at = now
                 m.rate.add(n, now)
         else:
@@ -186,7 +198,7 @@ class Generation:
             # Nothing is loaded per request; this is the gateway's own time before submitting.
             "load_duration": int(max(0.0, self.submitted - self.arrival) * ns),
             "prompt_eval_count": f.prompt_tokens if f else len(self.prompt_ids),
-            "prompt_eval_duration": int(((f.queued_s + f.prefill_s) if f else 0.0) * ns),
+            "prompt_eval_duration": int((f.prefill_s if f else 0.0) * ns),
             "eval_count": f.completion_tokens if f else len(self.token_ids),
             "eval_duration": int((f.decode_s if f else 0.0) * ns),
         }

@@ -1,0 +1,109 @@
+"""The HTTP app of `tandem serve`: ollama's and OpenAI's APIs, /metrics and /health over one engine.
+
+The app never blocks on the model: routes tokenize, validate and forward to the scheduler, and
+every wait (queue, tokens) is an await. Errors keep each API's own shape on its own routes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from tandem.gateway.async_engine import AsyncEngine
+from tandem.gateway.http import ollama_models, ollama_routes, openai_routes
+from tandem.gateway.http.errors import ApiError, BodyTooLarge, error_response
+from tandem.gateway.http.middleware import GuardMiddleware, allowed_names
+from tandem.gateway.http.state import Gateway, HttpSettings
+from tandem.gateway.http.streaming import ClientGone
+
+__all__ = ["HttpSettings", "build_app"]
+
+log = logging.getLogger(__name__)
+
+# ollama's clients and tools probe GET / for exactly this text.
+ROOT_TEXT = "Ollama is running"
+
+
+def build_app(engine: AsyncEngine, settings: HttpSettings) -> FastAPI:
+    app = FastAPI(title="tandem", version=settings.version, docs_url=None, redoc_url=None, openapi_url=None)
+    gw = Gateway(engine, settings)
+    settings.extra.setdefault("pid", os.getpid())
+    app.state.gateway = gw
+    routers = (ollama_routes.router, ollama_models.router, openai_routes.router)
+    for router in routers:
+        app.include_router(router)
+    _add_base_routes(app, gw)
+    _add_error_handlers(app)
+    # The routers' own lists: FastAPI's app.routes hides included routes behind one entry.
+    known = frozenset(
+        getattr(r, "path", "") for r in [*app.router.routes, *(x for rt in routers for x in rt.routes)]
+    )
+    app.add_middleware(
+        GuardMiddleware,
+        allowed=allowed_names(settings.bind_host, settings.allowed_hosts),
+        max_body=settings.max_body_bytes,
+        metrics=gw.metrics,
+        known=known,
+    )
+    return app
+
+
+def _add_base_routes(app: FastAPI, gw: Gateway) -> None:
+    @app.api_route("/", methods=["GET", "HEAD"])
+    async def root() -> Response:
+        return PlainTextResponse(ROOT_TEXT, headers={"X-Tandem-Version": gw.settings.version})
+
+    @app.api_route("/health", methods=["GET", "HEAD"])
+    async def health() -> Response:
+        stats = None if gw.engine.dead else await gw.stats(timeout=2.0)
+        if gw.engine.dead is not None or stats is None or not stats.worker_alive:
+            reason = gw.engine.dead or ("the scheduler did not answer" if stats is None else "worker is down")
+            return JSONResponse({"status": "unavailable", "error": reason}, status_code=503)
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": gw.model_name,
+                "running": stats.running,
+                "waiting": stats.waiting,
+                "worker_restarts": stats.worker_restarts,
+            }
+        )
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        stats = None if gw.engine.dead else await gw.stats(timeout=2.0)
+        gw.metrics.set_stats(stats, gw.engine.dead is None)
+        return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return error_response(exc, request.url.path)
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(request: Request, exc: BodyTooLarge) -> Response:
+        return error_response(ApiError(413, str(exc), code="request_too_large"), request.url.path)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it; it is what the request counter records
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        msg = {404: f"{request.url.path} not found", 405: f"method {request.method} not allowed"}
+        err = ApiError(exc.status_code, msg.get(exc.status_code, str(exc.detail)))
+        resp = error_response(err, request.url.path)
+        if exc.headers:
+            resp.headers.update(exc.headers)
+        return resp
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(ApiError(400, f"invalid request: {exc.errors()}"), request.url.path)

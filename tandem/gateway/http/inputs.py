@@ -1,0 +1,86 @@
+"""Chat messages and the request features tandem does not have yet, refused clearly (400)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tandem.gateway.http.errors import ApiError
+from tandem.gateway.http.params import bad
+
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+def unsupported(param: str, what: str) -> ApiError:
+    return ApiError(400, f"'{param}' is not supported: {what}", param=param, code="unsupported_parameter")
+
+
+def refuse_ollama_features(body: dict[str, Any], model: str) -> None:
+    fmt = body.get("format")
+    if fmt not in (None, ""):
+        raise unsupported("format", "structured output (JSON mode, JSON schema) does not exist in tandem yet")
+    if body.get("images"):
+        raise unsupported("images", f"model '{model}' does not take images")
+    if body.get("tools"):
+        raise unsupported("tools", f"model '{model}' does not support tools in tandem yet")
+    think = body.get("think")
+    if think not in (None, False):
+        raise unsupported("think", f"model '{model}' does not support thinking")
+    for name in ("template", "suffix"):
+        if body.get(name):
+            raise unsupported(name, "custom templates and fill-in-the-middle are not implemented")
+
+
+def refuse_openai_features(body: dict[str, Any], chat: bool) -> None:
+    rf = body.get("response_format")
+    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
+        raise unsupported("response_format", "structured output does not exist in tandem yet")
+    if body.get("tools") or body.get("functions"):
+        raise unsupported("tools", "tool calling is not implemented")
+    if not chat:
+        if body.get("echo"):
+            raise unsupported("echo", "echoing the prompt is not implemented")
+        if body.get("suffix"):
+            raise unsupported("suffix", "fill-in-the-middle is not implemented")
+
+
+def _text_content(content: Any, i: int) -> str:
+    """OpenAI content may be a list of parts; only text parts are understood."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") not in ("text", "input_text"):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise unsupported(f"messages[{i}].content", f"content parts of type {kind!r}")
+            if not isinstance(part.get("text"), str):
+                raise bad(f"messages[{i}].content", "a text part needs a string 'text'")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise bad(f"messages[{i}].content", "must be a string or a list of content parts")
+
+
+def chat_messages(raw: Any, openai: bool) -> list[dict[str, Any]]:
+    """Validated messages in the shape chat templates expect."""
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
+        raise bad("messages", "must be a list of messages")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise bad(f"messages[{i}]", "must be an object with 'role' and 'content'")
+        role = m.get("role")
+        if openai and role == "developer":
+            role = "system"  # OpenAI's newer name for the system message
+        if role not in _ROLES:
+            raise bad(f"messages[{i}].role", f"must be one of {', '.join(_ROLES)}, got {role!r}")
+        if m.get("images"):
+            raise unsupported(f"messages[{i}].images", "this model does not take images")
+        msg = {k: v for k, v in m.items() if k not in ("images", "thinking") and v is not None}
+        msg["role"] = role
+        msg["content"] = _text_content(m.get("content"), i)
+        out.append(msg)
+    return out

@@ -1,0 +1,178 @@
+"""ollama's generation API: POST /api/generate and POST /api/chat (NDJSON streams or one object)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+from tandem.gateway.http.errors import ApiError
+from tandem.gateway.http.formats import delta_logprobs, ndjson, ollama_logprobs, rfc3339
+from tandem.gateway.http.inputs import chat_messages, refuse_ollama_features
+from tandem.gateway.http.params import bad, get_bool, get_str, ollama_sampling, read_json
+from tandem.gateway.http.params import ollama_logprobs as logprobs_param
+from tandem.gateway.http.state import Gateway
+from tandem.gateway.http.streaming import CancellableStream, Generation, finish_reason, run_cancellable
+from tandem.gateway.local import EngineError
+from tandem.messages import TokenDelta
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+Chunk = Callable[[str, list[dict[str, Any]] | None], dict[str, Any]]
+
+
+def _gw(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+def _load_reply(model: str, keep_alive: Any, chat: bool) -> JSONResponse:
+    # ollama answers an empty prompt by loading the model; ours is always loaded.
+    reason = "unload" if keep_alive in (0, "0", "0s") else "load"
+    if reason == "unload":
+        log.info("keep_alive 0 asks to unload %s; tandem keeps its one model loaded", model)
+    out: dict[str, Any] = {"model": model, "created_at": rfc3339()}
+    if chat:
+        out["message"] = {"role": "assistant", "content": ""}
+    else:
+        out["response"] = ""
+    return JSONResponse(out | {"done": True, "done_reason": reason})
+
+
+@router.post("/api/generate")
+async def generate(request: Request) -> Response:
+    arrival = time.monotonic()
+    gw = _gw(request)
+    body = await read_json(request)
+    model = gw.check_model(body)
+    refuse_ollama_features(body, model)
+    stream = get_bool(body, "stream", True)
+    params, num_ctx = ollama_sampling(body.get("options"))
+    params.logprobs = logprobs_param(body)
+    prompt = get_str(body, "prompt", "") or ""
+    context = body.get("context") or []
+    if not isinstance(context, list):
+        raise bad("context", "must be a list of token ids")
+    context = gw.check_token_ids(context, "context")
+    if not prompt and not context:
+        return _load_reply(model, body.get("keep_alive"), chat=False)
+    raw = get_bool(body, "raw", False)
+    ids = list(context) + await gw.encode_prompt(prompt, raw, get_str(body, "system"))
+    params.max_tokens = gw.fit_context(len(ids), params.max_tokens, num_ctx, clamp=True)
+
+    def chunk(text: str, lps: list[dict[str, Any]] | None) -> dict[str, Any]:
+        out = {"model": model, "created_at": rfc3339(), "response": text, "done": False}
+        if lps is not None:
+            out["logprobs"] = lps
+        return out
+
+    def final(gen: Generation, text: str) -> dict[str, Any]:
+        out = {
+            "model": model,
+            "created_at": rfc3339(),
+            "response": text,
+            "done": True,
+            "done_reason": finish_reason(gen.finished),
+            "context": ids + gen.token_ids,
+        }
+        return out | gen.durations_ns()
+
+    return await _respond(request, gw, Generation(gw, ids, params, arrival), stream, chunk, final)
+
+
+@router.post("/api/chat")
+async def chat(request: Request) -> Response:
+    arrival = time.monotonic()
+    gw = _gw(request)
+    body = await read_json(request)
+    model = gw.check_model(body)
+    refuse_ollama_features(body, model)
+    stream = get_bool(body, "stream", True)
+    params, num_ctx = ollama_sampling(body.get("options"))
+    params.logprobs = logprobs_param(body)
+    messages = chat_messages(body.get("messages"), openai=False)
+    system = get_str(body, "system")
+    if system and messages and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    if not messages:
+        return _load_reply(model, body.get("keep_alive"), chat=True)
+    ids = await gw.encode_chat(messages)
+    params.max_tokens = gw.fit_context(len(ids), params.max_tokens, num_ctx, clamp=True)
+
+    def chunk(text: str, lps: list[dict[str, Any]] | None) -> dict[str, Any]:
+        out = {
+            "model": model,
+            "created_at": rfc3339(),
+            "message": {"role": "assistant", "content": text},
+            "done": False,
+        }
+        if lps is not None:
+            out["logprobs"] = lps
+        return out
+
+    def final(gen: Generation, text: str) -> dict[str, Any]:
+        out = {
+            "model": model,
+            "created_at": rfc3339(),
+            "message": {"role": "assistant", "content": text},
+            "done": True,
+            "done_reason": finish_reason(gen.finished),
+        }
+        return out | gen.durations_ns()
+
+    return await _respond(request, gw, Generation(gw, ids, params, arrival), stream, chunk, final)
+
+
+async def _respond(
+    request: Request,
+    gw: Gateway,
+    gen: Generation,
+    stream: bool,
+    chunk: Chunk,
+    final: Callable[[Generation, str], dict[str, Any]],
+) -> Response:
+    await run_cancellable(request, gen.start())
+    want_lps = gen.params.logprobs is not None
+    tok = gw.engine.tokenizer
+    if stream:
+        lines = _lines(gen, chunk, final, want_lps)
+        return CancellableStream(lines, "application/x-ndjson", error_frame=lambda m: ndjson({"error": m}))
+
+    async def collect() -> dict[str, Any]:
+        texts: list[str] = []
+        lps: list[dict[str, Any]] = []
+        try:
+            async for ev in gen.events():
+                if isinstance(ev, TokenDelta):
+                    texts.append(ev.text)
+                    if want_lps:
+                        lps += ollama_logprobs(delta_logprobs(tok, ev))
+        except EngineError as e:
+            raise await gw.api_error(e) from None
+        out = final(gen, "".join(texts))
+        if want_lps:
+            out["logprobs"] = lps
+        return out
+
+    return JSONResponse(await run_cancellable(request, collect()))
+
+
+async def _lines(
+    gen: Generation, chunk: Chunk, final: Callable[[Generation, str], dict[str, Any]], want_lps: bool
+) -> AsyncIterator[bytes]:
+    tok = gen.gw.engine.tokenizer
+    try:
+        async for ev in gen.events():
+            if isinstance(ev, TokenDelta):
+                if ev.text or want_lps:
+                    lps = ollama_logprobs(delta_logprobs(tok, ev)) if want_lps else None
+                    yield ndjson(chunk(ev.text, lps))
+            else:
+                yield ndjson(final(gen, ""))
+    except EngineError as e:
+        err: ApiError = await gen.gw.api_error(e)
+        yield ndjson({"error": err.message})

@@ -1,0 +1,160 @@
+"""OpenAI's API: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}].
+
+Streams are server-sent events ending in ``data: [DONE]``; a stream that fails after it started
+ends with one ``data: {"error": {...}}`` event instead (openai-python raises APIError on it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+from tandem.gateway.http.errors import ApiError, openai_error_body
+from tandem.gateway.http.formats import delta_logprobs, sse
+from tandem.gateway.http.inputs import chat_messages, refuse_openai_features
+from tandem.gateway.http.openai_shapes import Shape, chat_shape, completion_shape
+from tandem.gateway.http.params import bad, get_bool, openai_sampling, read_json
+from tandem.gateway.http.state import Gateway
+from tandem.gateway.http.streaming import CancellableStream, Generation, run_cancellable
+from tandem.gateway.local import EngineError
+from tandem.messages import TokenDelta
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _gw(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+def _stream_options(body: dict[str, Any]) -> bool:
+    so = body.get("stream_options")
+    if so is None:
+        return False
+    if not isinstance(so, dict):
+        raise bad("stream_options", "must be an object")
+    return get_bool(so, "include_usage", False)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    arrival = time.monotonic()
+    gw = _gw(request)
+    body = await read_json(request)
+    model = gw.check_model(body)
+    refuse_openai_features(body, chat=True)
+    params = openai_sampling(body, chat=True)
+    messages = chat_messages(body.get("messages"), openai=True)
+    if not messages:
+        raise bad("messages", "must hold at least one message")
+    ids = await gw.encode_chat(messages)
+    params.max_tokens = gw.fit_context(len(ids), params.max_tokens, None, clamp=False)
+    shape = chat_shape(model, f"chatcmpl-{uuid.uuid4().hex}", gw.engine.tokenizer)
+    return await _respond(request, gw, Generation(gw, ids, params, arrival), body, shape)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    arrival = time.monotonic()
+    gw = _gw(request)
+    body = await read_json(request)
+    model = gw.check_model(body)
+    refuse_openai_features(body, chat=False)
+    params = openai_sampling(body, chat=False)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        ids = await gw.encode_prompt(prompt, raw=True, system=None)
+    elif (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
+        ids = gw.check_token_ids(prompt, "prompt")
+    elif isinstance(prompt, list) and len(prompt) > 1:
+        raise bad("prompt", "only one prompt per request is supported")
+    else:
+        raise bad("prompt", "must be a string, or a list of token ids")
+    params.max_tokens = gw.fit_context(len(ids), params.max_tokens if params.max_tokens else 16, None, False)
+    shape = completion_shape(model, f"cmpl-{uuid.uuid4().hex}", gw.engine.tokenizer)
+    return await _respond(request, gw, Generation(gw, ids, params, arrival), body, shape)
+
+
+async def _respond(
+    request: Request, gw: Gateway, gen: Generation, body: dict[str, Any], shape: Shape
+) -> Response:
+    stream = get_bool(body, "stream", False)
+    include_usage = _stream_options(body) if stream else False
+    await run_cancellable(request, gen.start())
+    if stream:
+        events = _events(gen, shape, include_usage)
+        return CancellableStream(events, "text/event-stream", _SSE_HEADERS, error_frame=_sse_error)
+
+    async def collect() -> dict[str, Any]:
+        texts: list[str] = []
+        lps: list[dict[str, Any]] = []
+        try:
+            async for ev in gen.events():
+                if isinstance(ev, TokenDelta):
+                    texts.append(ev.text)
+                    if gen.params.logprobs is not None:
+                        lps += delta_logprobs(gw.engine.tokenizer, ev)
+        except EngineError as e:
+            raise await gw.api_error(e) from None
+        return shape.whole(gen, "".join(texts), lps if gen.params.logprobs is not None else None)
+
+    return JSONResponse(await run_cancellable(request, collect()))
+
+
+async def _events(gen: Generation, shape: Shape, include_usage: bool) -> AsyncIterator[bytes]:
+    tok = gen.gw.engine.tokenizer
+    want_lps = gen.params.logprobs is not None
+    first = shape.first_chunk(include_usage)
+    if first is not None:
+        yield sse(first)
+    try:
+        async for ev in gen.events():
+            if isinstance(ev, TokenDelta):
+                if ev.text or want_lps:
+                    lps = delta_logprobs(tok, ev) if want_lps else None
+                    yield sse(shape.chunk(ev.text, lps, include_usage))
+            else:
+                yield sse(shape.finish_chunk(gen, include_usage))
+                if include_usage:
+                    yield sse(shape.usage_chunk(gen))
+    except EngineError as e:
+        err: ApiError = await gen.gw.api_error(e)
+        yield sse(openai_error_body(err))
+        return
+    yield sse("[DONE]")
+
+
+def _sse_error(message: str) -> bytes:
+    return sse(openai_error_body(ApiError(500, message, code="internal_error")))
+
+
+def _model_obj(gw: Gateway, name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": int(gw.engine.started_at), "owned_by": "tandem"}
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> Response:
+    gw = _gw(request)
+    names = [gw.model_name, *(a for a in gw.settings.aliases if a != gw.model_name)]
+    return JSONResponse({"object": "list", "data": [_model_obj(gw, n) for n in names]})
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request) -> Response:
+    gw = _gw(request)
+    if not gw.serves(model_id):
+        raise gw.not_found(model_id)
+    return JSONResponse(_model_obj(gw, model_id))

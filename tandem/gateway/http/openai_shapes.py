@@ -1,0 +1,149 @@
+"""The JSON objects of OpenAI's chat.completion(.chunk) and text_completion, one class per kind."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tandem import __version__
+from tandem.gateway.http.streaming import Generation, finish_reason
+from tandem.models.tokenizer import Tokenizer
+
+FINGERPRINT = f"fp_tandem_{__version__}"
+
+
+def usage(gen: Generation) -> dict[str, Any]:
+    f = gen.finished
+    prompt = f.prompt_tokens if f else len(gen.prompt_ids)
+    completion = f.completion_tokens if f else len(gen.token_ids)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": f.cached_tokens if f else 0},
+    }
+
+
+class Shape:
+    object_chunk = ""
+    object_whole = ""
+
+    def __init__(self, model: str, rid: str, tokenizer: Tokenizer) -> None:
+        self.model = model
+        self.id = rid
+        self.created = int(time.time())
+        self.tokenizer = tokenizer
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": FINGERPRINT,
+        }
+
+    def _chunk(self, choice: dict[str, Any], include_usage: bool) -> dict[str, Any]:
+        out = self._head(self.object_chunk) | {"choices": [choice]}
+        if include_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, gen: Generation) -> dict[str, Any]:
+        return self._head(self.object_chunk) | {"choices": [], "usage": usage(gen)}
+
+    # per kind
+    def first_chunk(self, include_usage: bool) -> dict[str, Any] | None:
+        return None
+
+    def chunk(self, text: str, lps: list[dict[str, Any]] | None, include_usage: bool) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def finish_chunk(self, gen: Generation, include_usage: bool) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def whole(self, gen: Generation, text: str, lps: list[dict[str, Any]] | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class ChatShape(Shape):
+    object_chunk = "chat.completion.chunk"
+    object_whole = "chat.completion"
+
+    @staticmethod
+    def _lps(lps: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+        return None if lps is None else {"content": lps, "refusal": None}
+
+    def first_chunk(self, include_usage: bool) -> dict[str, Any]:
+        choice = {
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+        return self._chunk(choice, include_usage)
+
+    def chunk(self, text: str, lps: list[dict[str, Any]] | None, include_usage: bool) -> dict[str, Any]:
+        choice = {"index": 0, "delta": {"content": text}, "logprobs": self._lps(lps), "finish_reason": None}
+        return self._chunk(choice, include_usage)
+
+    def finish_chunk(self, gen: Generation, include_usage: bool) -> dict[str, Any]:
+        choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason(gen.finished)}
+        return self._chunk(choice, include_usage)
+
+    def whole(self, gen: Generation, text: str, lps: list[dict[str, Any]] | None) -> dict[str, Any]:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": self._lps(lps),
+            "finish_reason": finish_reason(gen.finished),
+        }
+        return self._head(self.object_whole) | {"choices": [choice], "usage": usage(gen)}
+
+
+class CompletionShape(Shape):
+    object_chunk = "text_completion"
+    object_whole = "text_completion"
+
+    def __init__(self, model: str, rid: str, tokenizer: Tokenizer) -> None:
+        super().__init__(model, rid, tokenizer)
+        self._offset = 0  # text_offset runs across the chunks of a stream
+
+    def _legacy(self, lps: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+        """The legacy completions logprobs: parallel lists, top_logprobs as {token: logprob}."""
+        if lps is None:
+            return None
+        out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in lps:
+            out["tokens"].append(e["token"])
+            out["token_logprobs"].append(e["logprob"])
+            tops = e["top_logprobs"] or [e]
+            out["top_logprobs"].append({t["token"]: t["logprob"] for t in tops})
+            out["text_offset"].append(self._offset)
+            self._offset += len(e["token"])
+        return out
+
+    def chunk(self, text: str, lps: list[dict[str, Any]] | None, include_usage: bool) -> dict[str, Any]:
+        choice = {"index": 0, "text": text, "logprobs": self._legacy(lps), "finish_reason": None}
+        return self._chunk(choice, include_usage)
+
+    def finish_chunk(self, gen: Generation, include_usage: bool) -> dict[str, Any]:
+        choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": finish_reason(gen.finished)}
+        return self._chunk(choice, include_usage)
+
+    def whole(self, gen: Generation, text: str, lps: list[dict[str, Any]] | None) -> dict[str, Any]:
+        choice = {
+            "index": 0,
+            "text": text,
+            "logprobs": self._legacy(lps),
+            "finish_reason": finish_reason(gen.finished),
+        }
+        return self._head(self.object_whole) | {"choices": [choice], "usage": usage(gen)}
+
+
+def chat_shape(model: str, rid: str, tokenizer: Tokenizer) -> Shape:
+    return ChatShape(model, rid, tokenizer)
+
+
+def completion_shape(model: str, rid: str, tokenizer: Tokenizer) -> Shape:
+    return CompletionShape(model, rid, tokenizer)

@@ -1,0 +1,161 @@
+"""A real `tandem serve` subprocess on a free loopback port, and /proc helpers to check on it.
+
+Each server gets its own TANDEM_HOME (its models, its run/server.json), so servers and the
+commands that find them (`tandem run`, `ps`, `stop`) never see each other. Teardown stops the
+server with SIGTERM and asserts that it and every process it started have exited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+TINY_CONTEXT = 4096
+LONG = {"num_predict": 3000, "ignore_eos": True}  # a generation that runs for seconds
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (from /proc: no psutil needed)."""
+    parent_of: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = (entry / "stat").read_text()
+                parent_of[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {p for p, pp in parent_of.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@contextlib.contextmanager
+def tandem_home_env(home: Path) -> Iterator[None]:
+    old = os.environ.get("TANDEM_HOME")
+    os.environ["TANDEM_HOME"] = str(home)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TANDEM_HOME", None)
+        else:
+            os.environ["TANDEM_HOME"] = old
+
+
+def register(home: Path, path: Path, name: str) -> None:
+    from tandem.models.store import pull_model
+
+    with tandem_home_env(home):
+        pull_model(str(path), progress=False, name=name)
+
+
+class Server:
+    def __init__(self, home: Path, model: str | None = "tiny", args: tuple[str, ...] = ()) -> None:
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "TANDEM_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+        self.log = home / "serve.log"
+        cmd = [
+            sys.executable,
+            "-m",
+            "tandem.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--kv-cache-memory",
+            "64M",
+        ]
+        cmd += ["--model", model] if model else []
+        self.cmd = cmd + list(args)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.children: set[int] = set()
+
+    def start(self, timeout: float = 120.0) -> Server:
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"tandem serve exited with {self.proc.returncode}:\n{self.log.read_text()}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/", timeout=1).status_code == 200:
+                    self.children = descendants(self.proc.pid)
+                    return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"tandem serve did not answer within {timeout} s:\n{self.log.read_text()}")
+
+    def client(self, **kw: object) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kw)  # type: ignore[arg-type]
+
+    def ps(self) -> dict:
+        return httpx.get(self.url + "/api/ps", timeout=10).json()["models"][0]["tandem"]
+
+    def worker_pid(self) -> int:
+        return int(self.ps()["memory_plan"]["worker_pid"])
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait, and check nothing is left running; returns the exit code."""
+        if self.proc is None:
+            return None
+        self.children |= descendants(self.proc.pid)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                pytest.fail(f"tandem serve ignored SIGTERM for 30 s:\n{self.log.read_text()[-3000:]}")
+        deadline = time.monotonic() + 10
+        while any(pid_alive(p) for p in self.children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [p for p in self.children if pid_alive(p)]
+        for p in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        assert not left, f"processes left behind by tandem serve: {left}"
+        return self.proc.returncode
+
+
+def tiny_home(factory: pytest.TempPathFactory, gguf: Path) -> Path:
+    home = factory.mktemp("home")
+    register(home, gguf, "tiny")
+    return home
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 5.0, step: float = 0.02) -> float:
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"condition not met within {timeout} s")
+        time.sleep(step)
+    return time.monotonic() - start
