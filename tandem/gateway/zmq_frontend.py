@@ -229,9 +229,9 @@ class ZmqFrontend:
         if isinstance(msg, GenerateRequest):
             self._submit(client, msg)
         elif isinstance(msg, Cancel):
-            req = client.requests.get(msg.request_id)
+            req = client.requests.get(msg.request_id) if isinstance(msg.request_id, str) else None
             if req is not None:
-                pass
+                self._cancel(req, "cancelled")
         elif isinstance(msg, ClientHello):
             self._hello(client, msg)
         elif isinstance(msg, HealthRequest):

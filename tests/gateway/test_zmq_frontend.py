@@ -1,0 +1,403 @@
+"""The ZeroMQ front end end to end: a real engine on a tiny GGUF, a real ROUTER, raw DEALER peers.
+
+The server (AsyncEngine + ZmqFrontend) runs in a background thread with its own event loop; the
+tests talk to it over ipc and tcp like any client would, and read the scheduler's Stats through
+the engine to see that cancelled requests really free their slot and KV blocks.
+
+Run: python -m pytest tests/gateway -q
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from tandem.actors.sockets import ipc_path
+from tandem.client import AsyncTandemClient, InvalidRequestError, ShuttingDownError, TandemClient
+from tandem.config import EngineConfig
+from tandem.gateway.async_engine import AsyncEngine
+from tandem.gateway.zmq_frontend import ZmqFrontend
+from tandem.messages import (
+    PROTOCOL_VERSION,
+    Accepted,
+    Cancel,
+    ChatMessage,
+    ClientHello,
+    Finished,
+    GenerateRequest,
+    Health,
+    HealthRequest,
+    KeepAlive,
+    RequestError,
+    SamplingParams,
+    ServerHello,
+    Stats,
+    TokenDelta,
+    decode,
+    encode,
+)
+from tandem.models.prompt import prompt_ids
+from tandem.models.tiny import TinySpec, write_tiny_gguf
+from tandem.shm import list_segments
+
+MAX_MSG = 1 << 20
+CONTEXT = 4096
+# ~10 s on the tiny model: a test that sees it end early knows it was cancelled
+LONG = SamplingParams(max_tokens=CONTEXT - 100, temperature=0.0, ignore_eos=True)
+
+
+def _descendants(root: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"resource_tracker" not in cmd:  # multiprocessing's own long-lived helper
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, step: float = 0.02) -> float:
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(step)
+    return time.monotonic() - t0
+
+
+class ServerThread:
+    """AsyncEngine + ZmqFrontend on their own event loop in a thread."""
+
+    def __init__(self, cfg: EngineConfig, endpoints: list[str]) -> None:
+        self.cfg, self.endpoints_asked = cfg, endpoints
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="test-server")
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        assert self.ready.wait(60), "server did not start"
+        if self.error:
+            raise self.error
+        return self
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self.engine = AsyncEngine(self.cfg)
+        try:
+            await self.engine.start()
+            self.frontend = await ZmqFrontend(self.engine, self.endpoints_asked, max_msg_size=MAX_MSG).start()
+        except BaseException as e:
+            self.error = e
+            await self.engine.close()
+            self.ready.set()
+            return
+        self.ready.set()
+        await self._stop.wait()
+        await self.frontend.close()
+        await self.engine.close()
+
+    def call(self, coro: Any, timeout: float = 10.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stats(self) -> Stats:
+        return self.call(self.engine.stats())
+
+    def idle(self) -> bool:
+        s = self.stats()
+        return s.running == 0 and s.waiting == 0 and s.kv_blocks_used == 0
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    model = write_tiny_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf", TinySpec(context=CONTEXT))
+    cfg = EngineConfig(model_path=str(model), kv_cache_memory=64 * 2**20, model_name="tiny")
+    srv = ServerThread(cfg, ["ipc://", "tcp://127.0.0.1:0"]).start()
+    kids = _descendants(os.getpid())
+    assert kids, "the engine's processes should be running"
+    # Other test runs may share /dev/shm: look only at segments named after our processes.
+    ours = lambda: {s for p in kids | {os.getpid()} for s in list_segments(pid=p)}  # noqa: E731
+    assert ours(), "the engine's ring segment should exist"
+    ipc_dir = ipc_path(srv.frontend.endpoints[0]).parent  # type: ignore[union-attr]
+    engine_dir = srv.engine.process.runtime_dir
+    assert ipc_dir.stat().st_mode & 0o777 == 0o700
+    yield srv
+    srv.stop()
+    wait_until(lambda: not (kids & _descendants(os.getpid())), 5.0)
+    assert not ours(), "shared-memory segments left behind"
+    assert not ipc_dir.exists() and engine_dir is not None and not engine_dir.exists()
+
+
+@pytest.fixture(autouse=True)
+def settled(server: ServerThread) -> Iterator[None]:
+    yield
+    wait_until(server.idle, 3.0)  # nothing a test started may keep running in the scheduler
+
+
+class Raw:
+    """A bare DEALER: frames exactly as the protocol describes them, no client library."""
+
+    def __init__(self, url: str, envelope: bool = False) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(url)
+        self.envelope = envelope
+
+    def send(self, msg: Any) -> None:
+        self.send_bytes(encode(msg))
+
+    def send_bytes(self, *frames: bytes) -> None:
+        self.sock.send_multipart([b"", *frames] if self.envelope else list(frames))
+
+    def recv(self, timeout: float = 5.0) -> Any:
+        while True:
+            assert self.sock.poll(int(timeout * 1000)), "no reply"
+            frames = self.sock.recv_multipart()
+            if self.envelope:
+                assert frames[0] == b"" and len(frames) == 2
+            msg = decode(frames[-1])
+            if not isinstance(msg, KeepAlive):
+                return msg
+
+    def until_terminals(self, rids: set[str], timeout: float = 20.0) -> dict[str, list[Any]]:
+        """Every frame per request id until each has a terminal, plus a quiet period for extras."""
+        frames: dict[str, list[Any]] = {r: [] for r in rids}
+        deadline, quiet_until = time.monotonic() + timeout, None
+        while quiet_until is None or time.monotonic() < quiet_until:
+            assert time.monotonic() < deadline, {r: f[-1:] for r, f in frames.items()}
+            if not self.sock.poll(50):
+                continue
+            msg = decode(self.sock.recv_multipart()[-1])
+            if isinstance(msg, KeepAlive):
+                continue
+            frames.setdefault(msg.request_id, []).append(msg)
+            if quiet_until is None and all(f and isinstance(f[-1], Finished | RequestError)
+                                           for f in frames.values()):
+                quiet_until = time.monotonic() + 0.3
+        return frames
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def raw(server: ServerThread) -> Iterator[Raw]:
+    r = Raw(server.frontend.endpoints[0])
+    yield r
+    r.close()
+
+
+# --------------------------------------------------------------------------------------
+def test_hello_and_health(server: ServerThread, raw: Raw) -> None:
+    raw.send(ClientHello(PROTOCOL_VERSION, "test"))
+    hello = raw.recv()
+    assert isinstance(hello, ServerHello) and hello.version == PROTOCOL_VERSION
+    assert hello.model == "tiny" and hello.context_length == CONTEXT and "stream" in hello.capabilities
+    assert hello.vocab_size == server.engine.tokenizer.vocab_size and hello.max_msg_size == MAX_MSG
+    raw.send(HealthRequest(7))
+    h = raw.recv()
+    assert isinstance(h, Health) and h.query_id == 7 and h.status == "ok" and h.error == ""
+    assert isinstance(h.stats, Stats) and h.stats.worker_alive
+
+
+def test_version_mismatch_is_refused_clearly(raw: Raw) -> None:
+    raw.send(ClientHello(PROTOCOL_VERSION + 1, "future"))
+    assert isinstance(raw.recv(), ServerHello)  # still sent, so the client can say what it found
+    err = raw.recv()
+    assert isinstance(err, RequestError) and err.code == "unsupported_version" and err.request_id == ""
+    assert f"v{PROTOCOL_VERSION + 1}" in err.message and f"v{PROTOCOL_VERSION}" in err.message
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["ipc", "tcp"])
+def test_stream_and_non_stream_agree(server: ServerThread, which: int) -> None:
+    url = server.frontend.endpoints[which]
+    assert url.startswith(("ipc://", "tcp://127.0.0.1:"))
+    with TandemClient(url, timeout=10) as c:
+        full = c.generate("The sky is", max_tokens=12, temperature=0, ignore_eos=True)
+        with c.stream("The sky is", max_tokens=12, temperature=0, ignore_eos=True) as s:
+            deltas = list(s)
+    assert full.finish_reason == "length" and len(full.token_ids) == 12
+    assert full.prompt_token_ids == prompt_ids(server.engine.tokenizer, "The sky is")
+    assert [t for d in deltas for t in d.token_ids] == full.token_ids
+    assert "".join(d.text for d in deltas) == full.text
+    assert s.finished is not None and s.finished.completion_tokens == 12
+    assert full.usage["prompt_tokens"] == len(full.prompt_token_ids)
+
+
+def test_every_request_gets_exactly_one_terminal(server: ServerThread, raw: Raw) -> None:
+    vocab = server.engine.tokenizer.vocab_size
+    reqs = {}
+    for i in range(16):
+        params = SamplingParams(max_tokens=3 + 4 * i, temperature=0.0 if i % 2 else 0.9, seed=i,
+                                ignore_eos=True, logprobs=1 if i % 3 == 0 else None)
+        reqs[f"r{i}"] = GenerateRequest(f"r{i}", prompt=f"prompt {i}", params=params, stream=i % 4 != 0)
+    reqs["ids"] = GenerateRequest("ids", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=4))
+    reqs["chat"] = GenerateRequest("chat", messages=[ChatMessage("user", "hi")], params=SamplingParams(
+        max_tokens=40, ignore_eos=True))
+    reqs["bad-temp"] = GenerateRequest("bad-temp", prompt="x", params=SamplingParams(temperature=-1.0))
+    reqs["bad-ids"] = GenerateRequest("bad-ids", prompt_token_ids=[1, vocab], params=SamplingParams())
+    reqs["two"] = GenerateRequest("two", prompt="x", messages=[ChatMessage("user", "y")])
+    reqs["ctx"] = GenerateRequest("ctx", prompt_token_ids=[5] * (CONTEXT + 1))
+    reqs["cancel"] = GenerateRequest("cancel", prompt="long", params=LONG)
+    for r in reqs.values():
+        raw.send(r)
+    raw.send(Cancel("cancel"))
+    frames = raw.until_terminals(set(reqs))
+    assert set(frames) == set(reqs)
+    for rid, fs in frames.items():
+        terminals = [f for f in fs if isinstance(f, Finished | RequestError)]
+        assert len(terminals) == 1 and fs[-1] is terminals[0], (rid, fs)
+        if isinstance(fs[-1], Finished):
+            assert isinstance(fs[0], Accepted) and all(isinstance(f, TokenDelta) for f in fs[1:-1])
+    for i in range(16):
+        fs = frames[f"r{i}"]
+        assert fs[-1].finish_reason == "length" and fs[-1].completion_tokens == 3 + 4 * i
+        deltas = fs[1:-1]
+        assert sum(len(d.token_ids) for d in deltas) == 3 + 4 * i
+        if i % 4 == 0:
+            assert len(deltas) == 1  # stream=False: one delta with everything
+        if i % 3 == 0:
+            assert sum(len(d.logprobs) for d in deltas) == 3 + 4 * i
+    assert frames["ids"][0].prompt_token_ids == [5, 6, 7]
+    chat_ids = prompt_ids(server.engine.tokenizer, "hi")  # one user turn: the chat template
+    assert frames["chat"][0].prompt_token_ids == chat_ids and frames["chat"][-1].completion_tokens == 40
+    for rid, param in [("bad-temp", "temperature"), ("bad-ids", "prompt_token_ids"), ("two", "prompt")]:
+        err = frames[rid][-1]
+        assert err.code == "invalid_request" and f"'{param}'" in err.message, err
+    assert frames["ctx"][-1].code == "context_length"
+    assert frames["cancel"][-1].finish_reason == "cancelled"
+
+
+def test_cancel_frees_slot_and_blocks_within_a_second(server: ServerThread) -> None:
+    with TandemClient(server.frontend.endpoints[0], timeout=10) as c:
+        s = c.stream("tell me a long story", params=LONG)
+        for _ in range(3):
+            next(s)
+        assert server.stats().running == 1
+        t0 = time.monotonic()
+        c.cancel(s.request_id)
+        rest = list(s)
+        assert s.finished is not None and s.finished.finish_reason == "cancelled"
+        assert 3 + sum(len(d.token_ids) for d in rest) < LONG.max_tokens
+        wait_until(server.idle, 1.0 - (time.monotonic() - t0))
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_that_vanishes_is_cancelled(server: ServerThread, stream: bool) -> None:
+    r = Raw(server.frontend.endpoints[1])
+    r.send(GenerateRequest("gone", prompt="long", params=LONG, stream=stream))
+    assert isinstance(r.recv(), Accepted)
+    if stream:
+        assert isinstance(r.recv(), TokenDelta)
+    wait_until(lambda: server.stats().running == 1, 2.0)
+    r.close()  # no Cancel: the server must notice the peer is gone
+    wait_until(server.idle, 2.0)
+    assert server.frontend.inflight == 0
+
+
+def test_garbage_frames_get_errors_and_the_server_keeps_serving(server: ServerThread, raw: Raw) -> None:
+    for junk in ([b"\xc1\x00garbage"], [msgpack.packb([999, "x"])], [b"\x93\x01\x02"], [b"a", b"b"],
+                 [encode(Finished("x", "stop", 1, 1))], [msgpack.packb([53, 42, "not a prompt"])]):
+        raw.send_bytes(*junk)
+        err = raw.recv()
+        assert isinstance(err, RequestError) and err.code == "invalid_request" and err.request_id == "", junk
+    raw.send_bytes(b"x" * (MAX_MSG + 1))  # over MAXMSGSIZE: libzmq drops that connection
+    time.sleep(0.2)
+    ok = Raw(server.frontend.endpoints[0], envelope=True)  # REQ-style envelope, mirrored in replies
+    try:
+        ok.send(GenerateRequest("ok", prompt="still there?", params=SamplingParams(max_tokens=3)))
+        frames = ok.until_terminals({"ok"})["ok"]
+        assert isinstance(frames[0], Accepted) and isinstance(frames[-1], Finished)
+    finally:
+        ok.close()
+
+
+def test_duplicate_ids_and_inflight_limit(server: ServerThread, raw: Raw) -> None:
+    raw.send(GenerateRequest("dup", prompt="long", params=LONG))
+    raw.send(GenerateRequest("dup", prompt="again", params=LONG))
+    first = [raw.recv(), raw.recv()]  # the refusal and the first request's Accepted, in any order
+    assert sorted(type(f).__name__ for f in first) == ["Accepted", "RequestError"]
+    err = next(f for f in first if isinstance(f, RequestError))
+    assert err.request_id == "dup" and err.code == "invalid_request" and "in flight" in err.message
+    raw.send(Cancel("dup"))
+    fs = raw.until_terminals({"dup"})["dup"]
+    assert sum(isinstance(f, Finished | RequestError) for f in fs) == 1
+
+    async def small() -> ZmqFrontend:
+        return await ZmqFrontend(server.engine, ["ipc://"], max_inflight_per_client=2).start()
+
+    fe = server.call(small())
+    try:
+        r = Raw(fe.endpoints[0])
+        for i in range(3):
+            r.send(GenerateRequest(f"q{i}", prompt="long", params=LONG))
+        got = {(type(f).__name__, f.request_id) for f in (r.recv(), r.recv(), r.recv())}
+        assert got == {("Accepted", "q0"), ("Accepted", "q1"), ("RequestError", "q2")}
+        with TandemClient(fe.endpoints[0]) as c:
+            s = c.stream("long", params=LONG)
+            next(s)
+            server.call(fe.close())  # in-flight requests end with a shutting_down error
+            with pytest.raises(ShuttingDownError):
+                list(s)
+        fs = r.until_terminals({"q0", "q1"})
+        assert all(f[-1].code == "shutting_down" for f in fs.values())
+        r.close()
+    finally:
+        server.call(fe.close())
+    assert not ipc_path(fe.endpoints[0]).exists()  # type: ignore[union-attr]
+
+
+def test_async_client_on_the_server_thread_loop_sees_errors(server: ServerThread) -> None:
+    async def go() -> None:
+        async with AsyncTandemClient(server.frontend.endpoints[1]) as c:
+            with pytest.raises(InvalidRequestError) as ei:
+                await c.generate("x", top_p=0.0)
+            assert ei.value.param == "top_p"
+
+    asyncio.run(go())
+
+
+def test_explicit_ipc_path_is_never_stolen(server: ServerThread, tmp_path: Path) -> None:
+    path = tmp_path / "zmq.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))  # a dead server's file: bound, never listened on, never unlinked
+    stale.close()
+
+    async def start() -> ZmqFrontend:
+        return await ZmqFrontend(server.engine, [f"ipc://{path}"]).start()
+
+    fe = server.call(start())  # the stale file is replaced
+    try:
+        with pytest.raises(OSError, match="already listening"):
+            server.call(start())
+        with TandemClient(f"ipc://{path}") as c:
+            assert c.generate("hi", max_tokens=2, ignore_eos=True).finish_reason == "length"
+    finally:
+        server.call(fe.close())
+    assert not path.exists()
