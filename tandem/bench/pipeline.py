@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tandem.bench.timing import median, ratio, summarize
@@ -49,7 +49,6 @@ class RunResult:
     decode_s: float
     steps: int  # scheduler steps the run took (from its Stats)
     worker_idle_ms: float  # the scheduler's moving average of worker idle time per step
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def e2e_tok_s(self) -> float:

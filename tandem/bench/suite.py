@@ -172,6 +172,8 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
                 assert model_path is not None
                 threads = (1, 2) if (os.cpu_count() or 1) >= 2 else (1,)
                 results[name] = run_model_stack(model_path, threads=threads, sizes=sizes["stack"])
+            if name.startswith("pipeline"):
+                results[name]["worker_threads"] = engine_worker_threads(opts.threads)
             # Other jobs on a shared box show up here: read the figures against the load.
             results[name]["load_avg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
             results[name]["section_wall_s"] = time.perf_counter() - t0
