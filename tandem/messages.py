@@ -41,11 +41,15 @@ def message(tag: int):
 
 
 def _to_wire(value: Any) -> Any:
-    if hasattr(value, "TAG"):
-        return [_to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)]
-    if isinstance(value, list | tuple):
-        return [_to_wire(v) for v in value]
-    return value
+    """A message as the list of its field values; only fields typed as messages recurse
+    (msgpack packs lists of numbers and strings itself, and a step's 256 deltas must be cheap)."""
+    out = []
+    for name, nested in _decoders(type(value)):
+        v = getattr(value, name)
+        if nested is not None and v is not None:
+            v = [_to_wire(x) for x in v] if nested[0] == "list" else _to_wire(v)
+        out.append(v)
+    return out
 
 
 def encode(msg: Any) -> bytes:

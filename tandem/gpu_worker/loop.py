@@ -1,8 +1,9 @@
 """The GPU-worker process: wait for a doorbell, run the step, post the previous step's results.
 
-Results of step N are posted after step N+1 is launched when N+1's doorbell is already
-waiting, so the device always has the next step queued while the host copies results; when
-nothing is queued they are posted at once, so the scheduler is never left waiting.
+On a GPU, results of step N are posted after step N+1 is launched when N+1's doorbell is
+already waiting, so the device always has the next step queued while the host copies
+results; when nothing is queued they are posted at once, so the scheduler never waits.
+On the CPU each step's results are posted as soon as it is computed.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def worker_main(ctx: ActorContext) -> None:
     poller.register(bells, zmq.POLLIN)
     poller.register(ctx.inbox, zmq.POLLIN)
     pending: PendingResult | None = None
+    # On a GPU, launch returns before the step is done, so step N's results are copied and posted
+    # while N+1 runs. On the CPU launch *is* the computation: holding N's results back until N+1
+    # finished would keep the scheduler from preparing N+2 in the meantime.
+    defer_results = runner.device.type == "cuda"
     last_done = time.perf_counter()
 
     def post(p: PendingResult) -> None:
@@ -76,7 +81,11 @@ def worker_main(ctx: ActorContext) -> None:
             continue
         if pending is not None:
             post(pending)
-        pending = launched
+            pending = None
+        if defer_results:
+            pending = launched
+        else:
+            post(launched)
     if pending is not None:
         post(pending)
     log.info("worker stopping")

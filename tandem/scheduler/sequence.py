@@ -38,6 +38,8 @@ class Sequence:
     worker_slot: int = -1  # row of the worker's per-sequence state
     first_token_time: float = 0.0
     admitted_time: float = 0.0
+    # Constant per-row ring values, filled by batch.pack_batch on first use.
+    packed_params: tuple | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 
