@@ -164,12 +164,16 @@ class Server:
             force.cancel()
             if not drain_task.done():
                 drain_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await drain_task
+        # Whatever is still running ends now with an error frame, before the front ends close,
+        # so every stream gets its terminal line (uvicorn waits for open streams to finish).
+        await self.engine.close()
         if self.frontend is not None:
             await self.frontend.close()
         if self.http_server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._http_task, 5)
-        await self.engine.close()
 
 
 def serve(cfg: ServeConfig) -> int:
