@@ -4,7 +4,8 @@ Frames in are ``[identity, payload]`` (DEALER clients) or ``[identity, b"", payl
 that send REQ-style envelopes; replies to them carry the empty delimiter too). Each request runs
 in its own task; the task's done-callback, not its body, sends the terminal frame, so a request
 cancelled before it ever ran still gets exactly one terminal frame. A failed send (ROUTER_MANDATORY
-raises EHOSTUNREACH for a vanished peer) cancels everything that client had in flight.
+raises EHOSTUNREACH for a vanished peer) cancels everything that client had in flight; sending and
+noticing vanished clients live in zmq_peers.py.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
 from tandem import __version__
 from tandem.actors.sockets import (
@@ -37,6 +37,7 @@ from tandem.actors.sockets import (
 )
 from tandem.gateway.async_engine import AsyncEngine
 from tandem.gateway.local import EngineError
+from tandem.gateway.zmq_peers import PROBE_INTERVAL_S, SEND_TIMEOUT_S, Client, ClientRequest, Peers
 from tandem.messages import (
     PROTOCOL_VERSION,
     Accepted,
@@ -47,13 +48,11 @@ from tandem.messages import (
     Health,
     HealthRequest,
     InvalidParameterError,
-    KeepAlive,
     MessageError,
     RequestError,
     ServerHello,
     TokenDelta,
     decode,
-    encode,
 )
 from tandem.models.chat_template import ChatTemplateError
 from tandem.models.prompt import chat_ids, prompt_ids
@@ -62,29 +61,10 @@ from tandem.models.tokenizer import TokenizerError
 log = logging.getLogger(__name__)
 
 CAPABILITIES = ["stream", "cancel", "chat", "prompt_token_ids", "logprobs", "logits", "health"]
-SEND_TIMEOUT_S = 10.0  # a client this far behind (its queue full for so long) counts as gone
-PROBE_INTERVAL_S = 1.0  # how often silent clients with requests in flight are checked for
 TERMINAL_LINGER_MS = 500  # time at close for terminal frames still queued to reach their clients
 
-
-@dataclass
-class _Request:
-    rid: str
-    task: asyncio.Task[None] | None = None
-    cancel_reason: str | None = None  # "cancelled" (client), "gone" (client vanished), "shutdown"
-    accepted: bool = False  # Accepted sent: from here on a client's Cancel interrupts the task
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    terminal: Finished | RequestError | None = None
-
-
-@dataclass
-class _Client:
-    identity: bytes
-    envelope: bool = False  # mirror an empty delimiter frame the client sends
-    gone: bool = False
-    last_send: float = field(default_factory=time.monotonic)
-    requests: dict[str, _Request] = field(default_factory=dict)
+# Where they were defined before the per-client bookkeeping moved to zmq_peers.py.
+__all__ = ["CAPABILITIES", "PROBE_INTERVAL_S", "SEND_TIMEOUT_S", "TERMINAL_LINGER_MS", "ZmqFrontend"]
 
 
 class ZmqFrontend:
@@ -109,9 +89,9 @@ class ZmqFrontend:
         self.runtime_dir = runtime_dir
         self._own_dir = False
         self._sock: zmq.asyncio.Socket | None = None
-        self._monitor: zmq.asyncio.Socket | None = None
-        self._clients: dict[bytes, _Client] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._peers = Peers(self._spawn)
+        self._clients = self._peers.clients  # the clients with requests in flight, by identity
         self._loops: list[asyncio.Task[None]] = []
         self._closing = False
         self.started_at = time.time()
@@ -120,18 +100,19 @@ class ZmqFrontend:
     async def start(self) -> ZmqFrontend:
         sock = make_socket(self._ctx, zmq.ROUTER, linger_ms=DATA_LINGER_MS, max_msg_size=self.max_msg_size)
         self._sock = sock  # type: ignore[assignment]
+        self._peers.attach(sock)  # type: ignore[arg-type]
         try:
             for ep in self.requested:
                 sock.bind(self._prepare(ep))
                 self.endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
-            self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # type: ignore[assignment]
+            self._peers.watch()
         except BaseException:
             await self.close()
             raise
         self._loops = [
             asyncio.create_task(self._recv_loop(), name="zmq-frontend-recv"),
-            asyncio.create_task(self._monitor_loop(), name="zmq-frontend-monitor"),
-            asyncio.create_task(self._probe_loop(), name="zmq-frontend-probe"),
+            asyncio.create_task(self._peers.monitor_loop(), name="zmq-frontend-monitor"),
+            asyncio.create_task(self._peers.probe_loop(), name="zmq-frontend-probe"),
         ]
         log.info("ZeroMQ protocol v%d on %s", PROTOCOL_VERSION, ", ".join(self.endpoints))
         return self
@@ -164,7 +145,7 @@ class ZmqFrontend:
             t.cancel()
         for client in list(self._clients.values()):
             for req in list(client.requests.values()):
-                self._cancel(req, "shutdown")
+                req.cancel("shutdown")
         for t in self._loops:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
@@ -174,10 +155,7 @@ class ZmqFrontend:
         for t in list(self._tasks):
             t.cancel()
         if self._sock is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                self._sock.disable_monitor()
-            if self._monitor is not None:
-                self._monitor.close(linger=0)
+            self._peers.detach()
             self._sock.close(linger=TERMINAL_LINGER_MS)
             self._sock = None
         for ep in self.endpoints:
@@ -216,70 +194,72 @@ class ZmqFrontend:
         envelope = len(rest) == 2 and rest[0] == b""
         client = self._clients.get(identity)
         if client is None or client.gone:  # gone: an old connection under a reused routing id
-            client = _Client(identity)
+            client = Client(identity)
         client.envelope = envelope
         if not (envelope or len(rest) == 1):
-            self._reply(client, RequestError("", "invalid_request", "expected one payload frame"))
+            self._peers.reply(client, RequestError("", "invalid_request", "expected one payload frame"))
             return
         try:
             msg = decode(rest[-1])
         except MessageError as e:
-            self._reply(client, RequestError("", "invalid_request", str(e)))
+            self._peers.reply(client, RequestError("", "invalid_request", str(e)))
             return
         if isinstance(msg, GenerateRequest):
             self._submit(client, msg)
         elif isinstance(msg, Cancel):
             req = client.requests.get(msg.request_id) if isinstance(msg.request_id, str) else None
             if req is not None:
-                self._cancel(req, "cancelled")
+                req.cancel("cancelled")
         elif isinstance(msg, ClientHello):
             self._hello(client, msg)
         elif isinstance(msg, HealthRequest):
             self._spawn(self._health(client, msg.query_id))
         else:
-            self._reply(client, RequestError("", "invalid_request", f"unexpected {type(msg).__name__}"))
+            self._peers.reply(client, RequestError("", "invalid_request", f"unexpected {type(msg).__name__}"))
 
-    def _hello(self, client: _Client, msg: ClientHello) -> None:
+    def _hello(self, client: Client, msg: ClientHello) -> None:
         e = self.engine
-        self._reply(client, ServerHello(
+        self._peers.reply(client, ServerHello(
             PROTOCOL_VERSION, self.model_name, e.context_length, list(CAPABILITIES),
             e.tokenizer.vocab_size, self.max_inflight, self.max_msg_size, __version__,
         ))
         if msg.version != PROTOCOL_VERSION:
             log.warning("client %r speaks protocol v%s, we speak v%d", msg.client_name, msg.version,
                         PROTOCOL_VERSION)
-            self._reply(client, RequestError("", "unsupported_version",
-                                             f"client speaks protocol v{msg.version}, "
-                                             f"this server speaks v{PROTOCOL_VERSION}"))
+            self._peers.reply(client, RequestError("", "unsupported_version",
+                                                   f"client speaks protocol v{msg.version}, "
+                                                   f"this server speaks v{PROTOCOL_VERSION}"))
 
-    def _submit(self, client: _Client, msg: GenerateRequest) -> None:
+    def _submit(self, client: Client, msg: GenerateRequest) -> None:
         rid = msg.request_id if isinstance(msg.request_id, str) else ""
         try:
             msg.validate(self.engine.tokenizer.vocab_size)
         except ValueError as e:
-            self._reply(client, RequestError(rid, "invalid_request", str(e)))
+            self._peers.reply(client, RequestError(rid, "invalid_request", str(e)))
             return
         if rid in client.requests:
             # Not this request's terminal frame: the one in flight under this id still gets its own.
-            self._reply(client, RequestError(rid, "invalid_request", f"request id {rid!r} is in flight"))
+            clash = RequestError(rid, "invalid_request", f"request id {rid!r} is in flight")
+            self._peers.reply(client, clash)
             return
         if len(client.requests) >= self.max_inflight:
-            self._reply(client, RequestError(rid, "busy", f"over {self.max_inflight} requests in flight"))
+            full = RequestError(rid, "busy", f"over {self.max_inflight} requests in flight")
+            self._peers.reply(client, full)
             return
-        req = _Request(rid)
+        req = ClientRequest(rid)
         client.requests[rid] = req
         self._clients[client.identity] = client
         req.task = self._spawn(self._run(client, req, msg))
         req.task.add_done_callback(lambda t: self._finish(client, req, t))
 
     # -- one request ---------------------------------------------------------------------
-    async def _run(self, client: _Client, req: _Request, msg: GenerateRequest) -> None:
+    async def _run(self, client: Client, req: ClientRequest, msg: GenerateRequest) -> None:
         ids = await asyncio.to_thread(self._tokenize, msg)
         if not ids:
             req.terminal = RequestError(req.rid, "invalid_request", "the prompt is empty")
             return
         req.prompt_tokens = len(ids)
-        if not await self._send(client, Accepted(req.rid, len(ids), ids)):
+        if not await self._peers.send(client, Accepted(req.rid, len(ids), ids)):
             return
         req.accepted = True
         if req.cancel_reason:  # cancelled while being tokenized
@@ -295,10 +275,10 @@ class ZmqFrontend:
                         ev = dataclasses.replace(ev, request_id=req.rid)
                         if not msg.stream:
                             parts.append(ev)
-                        elif not await self._send(client, ev):
+                        elif not await self._peers.send(client, ev):
                             return
                     else:
-                        if not msg.stream and not await self._send(client, _merge(req.rid, parts)):
+                        if not msg.stream and not await self._peers.send(client, _merge(req.rid, parts)):
                             return
                         req.terminal = dataclasses.replace(ev, request_id=req.rid)
         except EngineError as e:
@@ -315,7 +295,7 @@ class ZmqFrontend:
         assert msg.prompt is not None
         return prompt_ids(tok, msg.prompt, raw=msg.raw, system=msg.system)
 
-    def _finish(self, client: _Client, req: _Request, task: asyncio.Task[None]) -> None:
+    def _finish(self, client: Client, req: ClientRequest, task: asyncio.Task[None]) -> None:
         client.requests.pop(req.rid, None)
         if not client.requests and self._clients.get(client.identity) is client:
             del self._clients[client.identity]
@@ -332,92 +312,23 @@ class ZmqFrontend:
             else:  # cancelled by the client, or a failed send (then nobody is there to tell)
                 terminal = Finished(req.rid, "cancelled", req.prompt_tokens, req.completion_tokens)
         if not client.gone:
-            self._spawn(self._send(client, terminal))
-
-    def _cancel(self, req: _Request, reason: str) -> None:
-        if req.task is not None and not req.task.done():
-            req.cancel_reason = req.cancel_reason or reason
-            # So that a Finished always follows an Accepted, a client's Cancel waits for the Accepted.
-            if req.accepted or reason != "cancelled":
-                req.task.cancel()
+            self._spawn(self._peers.send(client, terminal))
 
     # -- health --------------------------------------------------------------------------
-    async def _health(self, client: _Client, query_id: int) -> None:
+    async def _health(self, client: Client, query_id: int) -> None:
         e, stats, error = self.engine, None, self.engine.dead or ""
         if not error:
             try:
                 stats = await e.stats(timeout=2.0)
             except (TimeoutError, EngineError) as exc:
                 error = f"the scheduler did not answer: {exc or 'timeout'}"
-        await self._send(client, Health(
+        await self._peers.send(client, Health(
             query_id, "dead" if e.dead else "ok", self.model_name, error, time.time() - self.started_at,
             len(self._clients), self.inflight, stats,
         ))
 
-    # -- sending -------------------------------------------------------------------------
-    def _reply(self, client: _Client, msg: Any) -> None:
-        self._spawn(self._send(client, msg))
-
-    async def _send(self, client: _Client, msg: Any) -> bool:
-        """False once the client is gone (then all its requests are being cancelled)."""
-        if client.gone or self._sock is None:
-            return False
-        frames = [client.identity, b"", encode(msg)] if client.envelope else [client.identity, encode(msg)]
-        delay, deadline = 0.001, time.monotonic() + SEND_TIMEOUT_S
-        while True:
-            try:
-                # NOBLOCK: a full client queue must not stall the other clients' sends
-                await self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
-                client.last_send = time.monotonic()
-                return True
-            except zmq.Again:
-                if time.monotonic() > deadline:
-                    self._gone(client, f"queue full for {SEND_TIMEOUT_S:.0f} s")
-                    return False
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.1)
-            except zmq.ZMQError as e:
-                if e.errno != zmq.EHOSTUNREACH:
-                    log.warning("send to client failed: %s", e)
-                self._gone(client, "disconnected")
-                return False
-
-    def _gone(self, client: _Client, why: str) -> None:
-        if client.gone:
-            return
-        client.gone = True
-        if client.requests:
-            log.info("client %s %s: cancelling %d request(s)", client.identity.hex(), why,
-                     len(client.requests))
-        me = asyncio.current_task()
-        for req in list(client.requests.values()):
-            if req.task is me:  # the caller's own task: it sees False from _send and returns
-                req.cancel_reason = "gone"
-            else:
-                self._cancel(req, "gone")
-
-    def _probe(self) -> None:
-        now = time.monotonic()
-        for client in list(self._clients.values()):
-            if now - client.last_send >= PROBE_INTERVAL_S / 2:
-                self._reply(client, KeepAlive(time.time()))
-
-    async def _probe_loop(self) -> None:
-        while True:
-            await asyncio.sleep(PROBE_INTERVAL_S)
-            self._probe()
-
-    async def _monitor_loop(self) -> None:
-        # A disconnect event does not say which identity left: probe every client with work.
-        assert self._monitor is not None
-        while True:
-            event = parse_monitor_message(await self._monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                await asyncio.sleep(0.01)  # let the ROUTER drop the pipe first
-                for client in list(self._clients.values()):
-                    self._reply(client, KeepAlive(time.time()))
-
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+    # -- tasks ---------------------------------------------------------------------------
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

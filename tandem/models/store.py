@@ -1,6 +1,7 @@
 """The local model store under models_dir(): pull, resolve, list, remove and describe models.
 
-This is the module the rest of tandem imports; downloads live in pull.py, on-disk records in registry.py.
+This is the module the rest of tandem imports; downloads live in pull.py, on-disk records in registry.py,
+and describe_model (re-exported here) in describe.py.
 """
 
 from __future__ import annotations
@@ -8,15 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
-import struct
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from tandem.models.describe import describe_model
 from tandem.models.pull import pull_catalogue, pull_hf
 from tandem.models.registry import (
     CATALOGUE,
@@ -148,21 +146,6 @@ def remove_model(name: str) -> None:
     logger.info("removed %s", key)
 
 
-def describe_model(model: ModelRef | str) -> dict[str, Any]:
-    """What `tandem show` prints: architecture, sizes, quantization, chat template, file facts."""
-    ref = resolve_model(model) if isinstance(model, str) else model
-    details = _describe_gguf(ref.path) if ref.format == "gguf" else _describe_safetensors(ref.path)
-    return {
-        "name": ref.name,
-        "format": ref.format,
-        "path": str(ref.path),
-        "size_bytes": ref.size_bytes,
-        "sha256": ref.sha256,
-        "source": ref.source,
-        **details,
-    }
-
-
 def inspect_path(path: Path, name: str | None = None) -> ModelRef:
     """A ref for a local .gguf file or safetensors folder, checked but not recorded."""
     path = Path(os.path.abspath(path.expanduser()))  # absolute, but a symlink stays a symlink
@@ -258,124 +241,3 @@ def _repull_hint(ref: ModelRef) -> str:
     if ref.source.startswith("hf://"):
         return f"tandem pull {ref.source} --name {ref.name}"
     return f"tandem pull {ref.name}"
-
-
-# --- describe ----------------------------------------------------------------------------------
-
-
-def _describe_gguf(path: Path) -> dict[str, Any]:
-    import gguf
-
-    from tandem.models.gguf_file import GGUFFile, GGUFFormatError
-
-    try:
-        gf = GGUFFile(path)  # header only: tensor data stays memory-mapped and unread
-    except (GGUFFormatError, ValueError, OSError) as e:
-        raise ModelStoreError(f"cannot read GGUF file {path}: {e}") from e
-    meta = gf.metadata
-
-    def get(key: str) -> Any:
-        return _plain(meta.get(key))
-
-    arch = get("general.architecture") or "unknown"
-    params = sum(t.num_elements for t in gf.tensors.values())
-    tokens = meta.get("tokenizer.ggml.tokens")
-    file_type = get("general.file_type")
-    with_names = {t.value: t.name.removeprefix("MOSTLY_") for t in gguf.LlamaFileType}
-    return _summary(
-        architecture=arch,
-        model_name=get("general.name"),
-        parameters=params,
-        quantization=Counter(t.ggml_type.name for t in gf.tensors.values()),
-        file_type=with_names.get(file_type, file_type),
-        context_length=get(f"{arch}.context_length"),
-        embedding_length=get(f"{arch}.embedding_length"),
-        feed_forward_length=get(f"{arch}.feed_forward_length"),
-        layers=get(f"{arch}.block_count"),
-        heads=get(f"{arch}.attention.head_count"),
-        kv_heads=get(f"{arch}.attention.head_count_kv"),
-        vocab_size=get(f"{arch}.vocab_size") or (len(tokens) if tokens is not None else None),
-        chat_template=get("tokenizer.chat_template"),
-    )
-
-
-def _describe_safetensors(path: Path) -> dict[str, Any]:
-    config = _read_json(path / "config.json")
-    dtypes: Counter[str] = Counter()
-    params = 0
-    for shard in sorted(path.glob("*.safetensors")):
-        for tensor, meta in _safetensors_header(shard).items():
-            if tensor != "__metadata__":
-                dtypes[meta["dtype"]] += 1
-                params += math.prod(meta["shape"])
-    return _summary(
-        architecture=config.get("model_type") or (config.get("architectures") or ["unknown"])[0],
-        model_name=path.name,
-        parameters=params,
-        quantization=dtypes,
-        file_type=config.get("torch_dtype") or config.get("dtype"),
-        context_length=config.get("max_position_embeddings"),
-        embedding_length=config.get("hidden_size"),
-        feed_forward_length=config.get("intermediate_size"),
-        layers=config.get("num_hidden_layers"),
-        heads=config.get("num_attention_heads"),
-        kv_heads=config.get("num_key_value_heads", config.get("num_attention_heads")),
-        vocab_size=config.get("vocab_size"),
-        chat_template=_hf_chat_template(path),
-    )
-
-
-def _summary(*, parameters: int, quantization: Counter[str], chat_template: str | None, **rest: Any) -> dict:
-    return {
-        **rest,
-        "parameters": parameters,
-        "parameter_size": human_count(parameters),
-        "quantization": dict(quantization.most_common()),
-        "chat_template_present": chat_template is not None,
-        "chat_template": chat_template,
-    }
-
-
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    # Layout: u64 little-endian header length, then that many bytes of JSON.
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-        if not 0 < n <= 100_000_000:
-            raise ModelStoreError(f"{path} is not a safetensors file (header length {n})")
-        try:
-            return json.loads(f.read(n))
-        except ValueError as e:
-            raise ModelStoreError(f"{path} has a corrupt safetensors header: {e}") from e
-
-
-def _hf_chat_template(path: Path) -> str | None:
-    if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text()
-    if not (path / "tokenizer_config.json").is_file():
-        return None
-    template = _read_json(path / "tokenizer_config.json").get("chat_template")
-    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    return template
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelStoreError(f"cannot read {path}: {e}") from e
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars (as gguf returns them) -> Python values, so the result is JSON-serialisable."""
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value.item() if hasattr(value, "item") else value
-
-
-def human_count(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return str(n)
