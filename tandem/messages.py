@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, get_args, get_origin
 
@@ -21,6 +23,8 @@ PROTOCOL_VERSION = 1
 
 _REGISTRY: dict[int, type] = {}
 _DECODERS: dict[type, list[Any]] = {}
+_ENCODERS: dict[type, Callable[[Any], Any]] = {}
+_BUILDERS: dict[type, Callable[[list[Any]], Any]] = {}
 T = TypeVar("T")
 
 
@@ -41,15 +45,53 @@ def message(tag: int):
 
 
 def _to_wire(value: Any) -> Any:
-    """A message as the list of its field values; only fields typed as messages recurse
-    (msgpack packs lists of numbers and strings itself, and a step's 256 deltas must be cheap)."""
-    out = []
-    for name, nested in _decoders(type(value)):
-        v = getattr(value, name)
-        if nested is not None and v is not None:
-            v = [_to_wire(x) for x in v] if nested[0] == "list" else _to_wire(v)
-        out.append(v)
-    return out
+    """A message as the sequence of its field values (msgpack packs a tuple as the same array as
+    a list); only fields typed as messages recurse (msgpack packs lists of numbers and strings
+    itself, and a step's 256 deltas must be cheap)."""
+    enc = _ENCODERS.get(type(value))
+    if enc is None:
+        enc = _encoder(type(value))
+    return enc(value)
+
+
+def _encoder(cls: type) -> Callable[[Any], Any]:
+    """The function that turns a ``cls`` message into its field values, built once per class:
+    one C-level attrgetter call for the fields, a Python loop only over message-typed ones."""
+    fields = _decoders(cls)
+    names = [name for name, _ in fields]
+    if len(names) == 1:
+        one = operator.attrgetter(names[0])
+
+        def get(value: Any) -> tuple:
+            return (one(value),)
+
+    elif names:
+        get = operator.attrgetter(*names)
+    else:
+
+        def get(value: Any) -> tuple:
+            return ()
+
+    nested = [(i, *spec) for i, (_, spec) in enumerate(fields) if spec is not None]
+    if not nested:
+        enc = get
+    else:
+
+        def enc(value: Any) -> Any:
+            out = list(get(value))
+            for i, kind, sub in nested:
+                v = out[i]
+                if v is None:
+                    continue
+                if kind == "list":
+                    sub_enc = _ENCODERS.get(sub) or _encoder(sub)
+                    out[i] = [sub_enc(x) if type(x) is sub else _to_wire(x) for x in v]
+                else:
+                    out[i] = _to_wire(v)
+            return out
+
+    _ENCODERS[cls] = enc
+    return enc
 
 
 def encode(msg: Any) -> bytes:
@@ -83,6 +125,15 @@ def _decoders(cls: type) -> list[Any]:
 
 
 def _from_wire(cls: type[T], values: list[Any]) -> T:
+    if type(values) is not list:  # malformed (a map, a string...): read the way it always was
+        return _from_iterable(cls, values)
+    dec = _BUILDERS.get(cls)
+    if dec is None:
+        dec = _builder(cls)
+    return dec(values)
+
+
+def _from_iterable(cls: type[T], values: Any) -> T:
     kwargs = {}
     for (name, nested), value in zip(_decoders(cls), values, strict=False):
         if nested is not None and value is not None:
@@ -90,6 +141,32 @@ def _from_wire(cls: type[T], values: list[Any]) -> T:
             value = [_from_wire(sub, v) for v in value] if kind == "list" else _from_wire(sub, value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _builder(cls: type[T]) -> Callable[[list[Any]], T]:
+    """The function that rebuilds a ``cls`` message from its field values, made once per class.
+    Values past the fields this version knows are ignored (a newer peer's appended fields); fields
+    a shorter list lacks take their defaults. Fields are passed by position, in declaration order."""
+    fields = _decoders(cls)
+    n = len(fields)
+    nested = [(i, *spec) for i, (_, spec) in enumerate(fields) if spec is not None]
+    if not nested:
+
+        def build(values: list[Any]) -> T:
+            return cls(*values[:n])
+
+    else:
+
+        def build(values: list[Any]) -> T:
+            values = values[:n]
+            for i, kind, sub in nested:
+                if i < len(values) and values[i] is not None:
+                    v = values[i]
+                    values[i] = [_from_wire(sub, x) for x in v] if kind == "list" else _from_wire(sub, v)
+            return cls(*values)
+
+    _BUILDERS[cls] = build
+    return build
 
 
 def decode(data: bytes) -> Any:

@@ -27,6 +27,7 @@ import numpy as np
 from tandem.bench.timing import median, summarize
 from tandem.config import EngineConfig
 from tandem.messages import OutputBatch, SamplingParams, StepResult, SubmitRequest, decode, encode
+from tandem.scheduler.batch import Packer
 from tandem.scheduler.block_manager import BlockManager
 from tandem.scheduler.loop import EngineCore, load_tokenizer
 from tandem.scheduler.output import OutputProcessor
@@ -89,6 +90,7 @@ def _shell(tokenizer_path: str | Path, s: SchedulerSizes, ring: RingSegment) -> 
     core.bells = _Sink()  # type: ignore[assignment]
     core.inflight = deque()
     core.free_slots = deque(range(ring.depth))
+    core.packer = Packer()
     core.step = 0
     core.seq_ids = count()
     core.draining = False

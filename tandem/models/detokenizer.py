@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+import weakref
 from collections.abc import Iterable, Sequence
 
 from tandem.models.tokenizer import Tokenizer
@@ -25,6 +26,25 @@ logger = logging.getLogger(__name__)
 # A UTF-8 character is at most 4 bytes, so at most 3 bytes of an unfinished one can be pending;
 # each non-empty token adds at least one byte, hence the prompt tokens that can matter.
 _PROMPT_CONTEXT_TOKENS = 4
+
+# Per tokenizer, per skip_special: token id -> (its bytes, their text if they are complete UTF-8
+# on their own, else None), filled as ids are first seen. A token's bytes never change, and
+# `Tokenizer.token_bytes` checks the id's range on every call: a lookup here is what a push costs
+# instead (the scheduler pushes one token per sequence per step).
+_Entry = tuple[bytes, str | None]
+_CACHE: weakref.WeakKeyDictionary[Tokenizer, tuple[dict[int, _Entry], dict[int, _Entry]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _token_cache(tokenizer: Tokenizer, skip_special: bool) -> dict[int, _Entry]:
+    try:
+        pair = _CACHE.get(tokenizer)
+        if pair is None:
+            pair = _CACHE.setdefault(tokenizer, ({}, {}))
+    except TypeError:  # a tokenizer that cannot be weakly referenced or hashed: a private cache
+        return {}
+    return pair[1 if skip_special else 0]
 
 
 class IncrementalDetokenizer:
@@ -44,6 +64,7 @@ class IncrementalDetokenizer:
     ) -> None:
         self._tok = tokenizer
         self._skip_special = skip_special
+        self._cache = _token_cache(tokenizer, skip_special)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._at_start = True
         self._ids: list[int] = []
@@ -53,9 +74,23 @@ class IncrementalDetokenizer:
             tail = b"".join(self._bytes(i) for i in prompt_ids[-_PROMPT_CONTEXT_TOKENS:])
             # Only the pending bytes of an unfinished character matter; the prompt's text is not ours.
             self._decoder.decode(tail, final=False)
+        # No bytes of an unfinished character held: a token that is complete UTF-8 by itself then
+        # decodes to its own text, and push returns that without calling the decoder.
+        self._clean = not self._decoder.getstate()[0]
+
+    def _entry(self, token_id: int) -> _Entry:
+        entry = self._cache.get(token_id)
+        if entry is None:  # first sight of this id (or not an id: token_bytes raises)
+            data = self._tok.token_bytes(token_id, skip_special=self._skip_special)
+            try:
+                text: str | None = data.decode("utf-8")
+            except UnicodeDecodeError:
+                text = None
+            entry = self._cache[token_id] = (data, text)
+        return entry
 
     def _bytes(self, token_id: int) -> bytes:
-        return self._tok.token_bytes(token_id, skip_special=self._skip_special)
+        return self._entry(token_id)[0]
 
     @property
     def ids(self) -> list[int]:
@@ -69,8 +104,14 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         """Add one generated token; returns the text it completes (possibly empty)."""
-        data = self._bytes(token_id)
+        entry = self._cache.get(token_id)
+        if entry is None:
+            entry = self._entry(token_id)
         self._ids.append(token_id)
+        data, text = entry
+        if text is not None and self._clean and not self._at_start:
+            self._text_len += len(text)
+            return text
         if not data:
             return ""
         if self._at_start:
@@ -78,6 +119,7 @@ class IncrementalDetokenizer:
             if self._tok.strip_leading_space and data[:1] == b" ":
                 data = data[1:]
         text = self._decoder.decode(data, final=False)
+        self._clean = not self._decoder.getstate()[0]
         self._text_len += len(text)
         return text
 
@@ -87,6 +129,7 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """End of the sequence: whatever bytes are still pending, as text (U+FFFD if incomplete)."""
         text = self._decoder.decode(b"", final=True)
+        self._clean = True
         if text:
             logger.debug("flushing an unfinished UTF-8 character at the end of generation")
         self._text_len += len(text)

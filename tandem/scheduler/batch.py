@@ -2,10 +2,19 @@
 
 Each column is gathered in Python once and written with one slice assignment; per-element
 numpy writes cost ~1 us each and made packing 256 sequences take ~5 ms.
+
+A `Packer` also remembers, per ring slot, which sequences its rows held the last time: only the
+worker reads a slot, so what was written there is still there. When a slot gets the same
+sequences in the same rows again (every decode step between arrivals and finishes), the
+per-sequence constant columns (sampling parameters, prompt lengths) and the doorbell's flags are
+left as they are, and only the block-table rows that changed are rewritten.
 """
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass
 from itertools import chain
 
 import numpy as np
@@ -54,50 +63,8 @@ def _param_row(seq: Sequence) -> tuple:
     return row
 
 
-def pack_batch(
-    batch: ScheduledBatch, slot: SlotView, slot_index: int, block_tables: dict[int, list[int]]
-) -> Doorbell:
-    """Write ``batch`` into ``slot``; return the doorbell that hands it to the worker.
-
-    ``block_tables`` maps seq_id to its current block table (the block manager's lists).
-    """
-    items = batch.items
-    n_seq = len(items)
-    n_tok = batch.num_tokens
-    arrays = slot.arrays()
-
-    qlens = [len(it.input_ids) for it in items]
-    starts = [it.start for it in items]
-    arrays["input_ids"][:n_tok] = list(chain.from_iterable(it.input_ids for it in items))
-    if n_tok == n_seq:  # all decodes: one position each
-        arrays["positions"][:n_tok] = starts
-    else:
-        arrays["positions"][:n_tok] = list(
-            chain.from_iterable(range(s, s + q) for s, q in zip(starts, qlens, strict=True))
-        )
-    q = np.asarray(qlens, dtype=np.int32)
-    arrays["query_lens"][:n_seq] = q
-    cu = arrays["cu_seqlens"]
-    cu[0] = 0
-    np.cumsum(q, out=cu[1 : n_seq + 1])
-    arrays["context_lens"][:n_seq] = np.asarray(starts, dtype=np.int32) + q
-
-    tables = [block_tables[it.seq.seq_id] for it in items]
-    lengths = np.fromiter((len(t) for t in tables), dtype=np.int64, count=n_seq)
-    rows = np.repeat(np.arange(n_seq), lengths)
-    cols = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    arrays["block_tables"][rows, cols] = list(chain.from_iterable(tables))
-
-    arrays["seq_slots"][:n_seq] = [it.seq.worker_slot for it in items]
-    sample = [it.sample for it in items]
-    arrays["sample_mask"][:n_seq] = sample
-    arrays["sample_step"][:n_seq] = [
-        s + n - it.seq.prompt_len for s, n, it in zip(starts, qlens, items, strict=True)
-    ]
-    param_rows = [_param_row(it.seq) for it in items]
-    for name, column in zip(_PARAM_COLUMNS, zip(*param_rows, strict=True), strict=True):
-        arrays[name][:n_seq] = column
-
+def _flags(param_rows: list[tuple], sample: list[bool]) -> tuple[int, bool, bool, bool]:
+    """The doorbell's (max_top_logprobs, any_penalties, all_greedy, want_logits)."""
     max_top = -1  # -1: no sampled row wants logprobs (0 means the sampled token's own logprob)
     any_pen = False
     all_greedy = True
@@ -108,14 +75,121 @@ def pack_batch(
             any_pen |= r[4] != 1.0 or r[5] != 0.0 or r[6] != 0.0
             all_greedy &= r[0] == 0.0
             want_logits |= bool(r[9])
-    slot.set_header(batch.step, n_tok, n_seq)
-    return Doorbell(
-        step=batch.step,
-        slot=slot_index,
-        num_tokens=n_tok,
-        num_seqs=n_seq,
-        max_top_logprobs=max_top,
-        any_penalties=any_pen,
-        all_greedy=all_greedy and max_top < 0,
-        want_logits=want_logits,
-    )
+    return max_top, any_pen, all_greedy and max_top < 0, want_logits
+
+
+@dataclass
+class _SlotMemo:
+    """What a slot's rows hold since its last pack."""
+
+    seqs: list[Sequence]  # row -> sequence: its constant columns are written
+    tables: list[list[int]]  # row -> the block table list written there
+    table_lens: list[int]  # row -> how many of its entries were written
+    sample: list[bool]
+    flags: tuple[int, bool, bool, bool]
+
+
+class Packer:
+    """`pack_batch` with a memory of each slot's rows (see the module docstring). One per ring."""
+
+    def __init__(self) -> None:
+        self._memo: dict[int, _SlotMemo] = {}
+
+    def forget(self) -> None:
+        self._memo.clear()
+
+    def pack(
+        self, batch: ScheduledBatch, slot: SlotView, slot_index: int, block_tables: Mapping[int, list[int]]
+    ) -> Doorbell:
+        """Write ``batch`` into ``slot``; return the doorbell that hands it to the worker.
+
+        ``block_tables`` maps seq_id to its current block table (the block manager's lists).
+        """
+        memo = self._memo.pop(slot_index, None)  # back only once the slot is fully written
+        items = batch.items
+        n_seq = len(items)
+        n_tok = batch.num_tokens
+        arrays = slot.arrays()
+        seqs = [it.seq for it in items]
+        same = memo is not None and memo.seqs == seqs  # identity: Sequence compares by identity
+
+        starts = [it.start for it in items]
+        cu = arrays["cu_seqlens"]
+        if n_tok == n_seq:  # all decodes: one token each
+            arrays["input_ids"][:n_tok] = [it.input_ids[0] for it in items]
+            positions = arrays["positions"][:n_tok]
+            positions[:] = starts
+            arrays["query_lens"][:n_seq] = 1
+            cu[: n_seq + 1] = np.arange(n_seq + 1, dtype=np.int32)
+            arrays["context_lens"][:n_seq] = positions + 1
+        else:
+            qlens = [len(it.input_ids) for it in items]
+            arrays["input_ids"][:n_tok] = list(chain.from_iterable(it.input_ids for it in items))
+            arrays["positions"][:n_tok] = list(
+                chain.from_iterable(range(s, s + q) for s, q in zip(starts, qlens, strict=True))
+            )
+            q = np.asarray(qlens, dtype=np.int32)
+            arrays["query_lens"][:n_seq] = q
+            cu[0] = 0
+            np.cumsum(q, out=cu[1 : n_seq + 1])
+            arrays["context_lens"][:n_seq] = np.asarray(starts, dtype=np.int32) + q
+
+        tables = [block_tables[s.seq_id] for s in seqs]
+        table_lens = list(map(len, tables))
+        bt = arrays["block_tables"]
+        if same:
+            assert memo is not None
+            if table_lens != memo.table_lens or not all(map(operator.is_, tables, memo.tables)):
+                for i, (t, n, old_t, old_n) in enumerate(
+                    zip(tables, table_lens, memo.tables, memo.table_lens, strict=True)
+                ):
+                    if t is not old_t:
+                        bt[i, :n] = t
+                    elif n != old_n:  # block tables only grow while the sequence holds them
+                        bt[i, old_n:n] = t[old_n:]
+        else:
+            lengths = np.asarray(table_lens, dtype=np.int64)
+            rows = np.repeat(np.arange(n_seq), lengths)
+            cols = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            bt[rows, cols] = list(chain.from_iterable(tables))
+
+        arrays["seq_slots"][:n_seq] = [s.worker_slot for s in seqs]
+        sample = [it.sample for it in items]
+        arrays["sample_mask"][:n_seq] = sample
+
+        if same:
+            assert memo is not None
+            flags = memo.flags if sample == memo.sample else _flags([s.packed_params for s in seqs], sample)
+        else:
+            param_rows = [_param_row(s) for s in seqs]
+            for name, column in zip(_PARAM_COLUMNS, zip(*param_rows, strict=True), strict=True):
+                arrays[name][:n_seq] = column
+            flags = _flags(param_rows, sample)
+        # the index of the token being sampled among the outputs: the RNG step (context - prompt)
+        np.subtract(
+            arrays["context_lens"][:n_seq], arrays["prompt_lens"][:n_seq], out=arrays["sample_step"][:n_seq]
+        )
+
+        slot.set_header(batch.step, n_tok, n_seq)
+        self._memo[slot_index] = _SlotMemo(seqs, tables, table_lens, sample, flags)
+        max_top, any_pen, all_greedy, want_logits = flags
+        return Doorbell(
+            step=batch.step,
+            slot=slot_index,
+            num_tokens=n_tok,
+            num_seqs=n_seq,
+            max_top_logprobs=max_top,
+            any_penalties=any_pen,
+            all_greedy=all_greedy,
+            want_logits=want_logits,
+        )
+
+
+def pack_batch(
+    batch: ScheduledBatch, slot: SlotView, slot_index: int, block_tables: Mapping[int, list[int]]
+) -> Doorbell:
+    """Write ``batch`` into ``slot`` in full (no memory of earlier packs); return its doorbell.
+
+    ``block_tables`` maps seq_id to its current block table (the block manager's lists).
+    """
+    return Packer().pack(batch, slot, slot_index, block_tables)

@@ -7,8 +7,9 @@ Calling contract for the scheduler, per sequence (``seq_id`` is any int, unique 
 1. Admission (also re-admission after preemption): ``allocate(seq_id, token_ids)`` reserves blocks
    for all of ``token_ids`` and returns how many leading tokens are already cached; prefill starts
    there. The whole prompt is reserved at once, so later prefill chunks need no ``append_slots``.
-2. Tokens fed past the reserved ones (decode, speculative drafts): ``append_slots(seq_id, n)``
-   before putting them in a batch. False means no room and nothing changed: preempt and retry.
+2. Tokens fed past the reserved ones (decode, speculative drafts): ``append_slots(seq_id, n)``, or
+   ``ensure_slots(seq_id, total)`` with the positions needed in all, before putting them in a batch.
+   False means no room and nothing changed: preempt and retry.
 3. Once a step's batch is complete (all allocations for it done), for each sequence in it:
    ``commit_full_blocks(seq_id, tokens, num_computed)`` where ``num_computed`` counts the tokens
    whose KV this step or an earlier one writes. Committed full blocks are offered to other
@@ -16,7 +17,9 @@ Calling contract for the scheduler, per sequence (``seq_id`` is any int, unique 
    writes them, and the worker runs steps in order. Committing before the batch is complete could
    let another sequence in the same step skip tokens it would then read in that very forward.
    Placeholder ids (negative, the overlap pipeline's "token sampled at step N") are never hashed:
-   a block holding one waits for a later commit with the real id.
+   a block holding one waits for a later commit with the real id. The call returns how many
+   blocks are hashed; until ``(that + 1) * block_size`` tokens are computed another call would do
+   nothing, so the scheduler skips it meanwhile.
 4. ``free(seq_id)`` when the sequence finishes, is cancelled or is preempted (idempotent).
 
 After the worker restarts, its KV contents are gone: call ``reset_prefix_cache()``.
@@ -27,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = ["BlockManager", "NoFreeBlocksError", "hash_block"]
@@ -84,6 +87,7 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cache: dict[bytes, int] = {}
         self._seqs: dict[int, _SeqState] = {}
+        self._tables: dict[int, list[int]] = {}  # seq_id -> its _SeqState.table (the same lists)
         self.prefix_cache_queries = 0  # prompt tokens looked up by successful allocate() calls
         self.prefix_cache_hits = 0  # of those, tokens found cached
 
@@ -115,6 +119,11 @@ class BlockManager:
     def block_table(self, seq_id: int) -> list[int]:
         """The sequence's block ids in position order. Read-only: it is the manager's own list."""
         return self._seqs[seq_id].table
+
+    def block_tables(self) -> Mapping[int, list[int]]:
+        """Every sequence's block table by seq_id, as one mapping (what batch packing looks up, once
+        per sequence per step). Read-only: the manager's own dict and lists, kept current."""
+        return self._tables
 
     def num_tokens(self, seq_id: int) -> int:
         """Token positions reserved for the sequence."""
@@ -152,6 +161,7 @@ class BlockManager:
             self._ref[b] += 1
         table = hits + [self._take_free() for _ in range(self.num_blocks_needed(len(token_ids)) - len(hits))]
         self._seqs[seq_id] = _SeqState(table, len(token_ids), extra_key, len(hits), last_hash)
+        self._tables[seq_id] = table
         num_cached = len(hits) * self.block_size
         self.prefix_cache_queries += len(token_ids)
         self.prefix_cache_hits += num_cached
@@ -172,6 +182,23 @@ class BlockManager:
             for _ in range(need):
                 s.table.append(self._take_free())
         s.num_tokens = total
+        return True
+
+    def ensure_slots(self, seq_id: int, num_tokens: int) -> bool:
+        """Reserve positions up to ``num_tokens`` in all (``append_slots`` of whatever is missing);
+        False (nothing changed) if no room. One call per sequence per step: it is the decode path."""
+        s = self._seqs[seq_id]
+        if num_tokens <= s.num_tokens:
+            return True
+        if num_tokens <= len(s.table) * self.block_size:  # fits the last block: most decode steps
+            s.num_tokens = num_tokens
+            return True
+        need = -(-num_tokens // self.block_size) - len(s.table)
+        if need > len(self._free):
+            return False
+        for _ in range(need):
+            s.table.append(self._take_free())
+        s.num_tokens = num_tokens
         return True
 
     def commit_full_blocks(
@@ -215,6 +242,7 @@ class BlockManager:
         s = self._seqs.pop(seq_id, None)
         if s is None:
             return
+        del self._tables[seq_id]
         for b in reversed(s.table):
             self._ref[b] -= 1
             if self._ref[b] == 0:

@@ -15,33 +15,29 @@ from collections import deque
 from dataclasses import dataclass
 from itertools import count
 
-import numpy as np
 import zmq
 
-from tandem.actors import ActorContext, ActorHandle, ActorSpec, ActorStartError
+from tandem.actors import ActorContext, ActorHandle
 from tandem.actors.sockets import ipc_address, make_socket, remove_ipc_file
-from tandem.config import EngineConfig, WorkerConfig
+from tandem.config import EngineConfig
 from tandem.messages import (
     CancelRequest,
-    Finished,
     OutputBatch,
     RequestError,
-    Stats,
     StatsRequest,
-    StepResult,
     Stop,
     SubmitRequest,
-    TokenDelta,
     decode,
     encode,
 )
 from tandem.models.gguf_file import GGUFFile
 from tandem.models.tokenizer import Tokenizer
-from tandem.scheduler.batch import pack_batch
-from tandem.scheduler.block_manager import BlockManager
+from tandem.scheduler.batch import Packer
 from tandem.scheduler.output import OutputProcessor
-from tandem.scheduler.scheduler import AdmissionError, ScheduledBatch, Scheduler, SchedulerLimits
-from tandem.scheduler.sequence import SeqStatus, Sequence
+from tandem.scheduler.results import ResultHandling
+from tandem.scheduler.scheduler import AdmissionError, ScheduledBatch
+from tandem.scheduler.sequence import Sequence
+from tandem.scheduler.supervision import WorkerSupervision
 from tandem.shm import RingSegment, batch_layout, cleanup_stale_segments
 
 log = logging.getLogger(__name__)
@@ -76,7 +72,10 @@ def load_tokenizer(path: str) -> Tokenizer:
     return Tokenizer.from_hf_dir(p) if p.is_dir() else Tokenizer.from_gguf(p)
 
 
-class EngineCore:
+class EngineCore(ResultHandling, WorkerSupervision):
+    """The scheduler process's loop. Applying results is results.py's part of it, starting and
+    watching the worker (and the stats) supervision.py's."""
+
     def __init__(self, ctx: ActorContext, boot: SchedulerBoot) -> None:
         self.ctx = ctx
         self.cfg = cfg = boot.engine
@@ -115,6 +114,7 @@ class EngineCore:
         self.out = OutputProcessor(self.tokenizer, self.context_length)
         self.inflight: deque[tuple[ScheduledBatch, float]] = deque()
         self.free_slots: deque[int] = deque(range(cfg.ring_depth))
+        self.packer = Packer()
         self.step = 0
         self.seq_ids = count()
         self.draining = False
@@ -130,42 +130,6 @@ class EngineCore:
             s.close()
         remove_ipc_file(self.bell_addr)
         remove_ipc_file(self.results_addr)
-
-    def _start_worker(self) -> None:
-        cfg = self.cfg
-        wcfg = WorkerConfig(
-            model_path=cfg.model_path,
-            device=cfg.device,
-            dtype=cfg.dtype,
-            kv_cache_memory=cfg.kv_cache_memory,
-            block_size=cfg.block_size,
-            max_num_seqs=cfg.max_num_seqs,
-            context_length=self.context_length,
-            ring=self.ring.handle(),
-            doorbell_endpoint=self.bell_addr,
-            results_endpoint=self.results_addr,
-            max_num_batched_tokens=cfg.max_num_batched_tokens,
-            threads=cfg.threads,
-        )
-        assert cfg.runtime_dir is not None
-        spec = ActorSpec(
-            "worker", "tandem.gpu_worker.loop:worker_main", wcfg, cfg.runtime_dir, log_level=cfg.log_level
-        )
-        self.worker = ActorHandle.start(spec, self.ctx.zmq_ctx)
-        self.memory_plan = dict(self.worker.ready.info.get("memory_plan", {}))
-        self.memory_plan["worker_pid"] = self.worker.pid
-
-    def _new_scheduler(self) -> Scheduler:
-        limits = SchedulerLimits(
-            max_num_seqs=self.cfg.max_num_seqs,
-            max_num_batched_tokens=self.cfg.max_num_batched_tokens,
-            max_queue=self.cfg.max_queue,
-            context_length=self.context_length,
-        )
-        blocks = BlockManager(
-            int(self.memory_plan["kv_blocks"]), self.cfg.block_size, self.cfg.enable_prefix_caching
-        )
-        return Scheduler(limits, blocks)
 
     def ready_info(self) -> dict:
         return {
@@ -235,8 +199,9 @@ class EngineCore:
         if batch is None:
             return False
         slot_index = self.free_slots.popleft()
-        tables = {it.seq.seq_id: self.sched.blocks.block_table(it.seq.seq_id) for it in batch.items}
-        bell = pack_batch(batch, self.ring.slot(slot_index), slot_index, tables)
+        bell = self.packer.pack(
+            batch, self.ring.slot(slot_index), slot_index, self.sched.blocks.block_tables()
+        )
         self.bells.send(encode(bell))
         log.debug("step %d sent: %d seqs, %d tokens", batch.step, len(batch.items), batch.num_tokens)
         self.inflight.append((batch, time.monotonic()))
@@ -245,158 +210,6 @@ class EngineCore:
             if it.start == 0 and it.seq.admitted_time == 0.0:
                 it.seq.admitted_time = time.monotonic()
         return True
-
-    def _process_result(self, res: StepResult, out: OutputBatch) -> None:
-        batch, sent = self.inflight.popleft()
-        log.debug("step %d result: forward %.2f ms, idle %.2f ms", res.step, res.forward_ms, res.idle_ms)
-        if res.step != batch.step:
-            raise RuntimeError(f"worker answered step {res.step}, expected {batch.step}")
-        self.free_slots.append(res.slot)
-        elapsed = (time.monotonic() - sent) * 1000
-        self.step_ms_ewma = 0.9 * self.step_ms_ewma + 0.1 * elapsed if self.step_ms_ewma else elapsed
-        self.idle_ms_ewma = 0.9 * self.idle_ms_ewma + 0.1 * res.idle_ms
-        sampled = [it for it in batch.items if it.sample]
-        if res.error:
-            for it in sampled:
-                if it.seq.status is SeqStatus.RUNNING and it.seq.epoch == it.epoch:
-                    self._fail(it.seq, "internal", f"step failed on the worker: {res.error}", out)
-            return
-        tokens = np.frombuffer(res.token_ids, dtype=np.int64)
-        lps = np.frombuffer(res.logprobs, dtype=np.float32) if res.logprobs else None
-        top_ids = top_lps = None
-        if res.top_k:
-            top_ids = np.frombuffer(res.top_ids, dtype=np.int64).reshape(-1, res.top_k)
-            top_lps = np.frombuffer(res.top_logprobs, dtype=np.float32).reshape(-1, res.top_k)
-        logits = (
-            np.frombuffer(res.logits, dtype=np.float32).reshape(-1, res.vocab_size)
-            if res.vocab_size
-            else None
-        )
-        now = time.monotonic()
-        for k, it in enumerate(sampled):
-            seq = it.seq
-            if seq.status is not SeqStatus.RUNNING or seq.epoch != it.epoch:
-                continue  # finished, cancelled or preempted since: the token is dropped
-            pstep, _ = seq.pending.popleft()
-            assert pstep == batch.step
-            tok = int(tokens[k])
-            seq.token_ids.append(tok)
-            self.generated_tokens_total += 1
-            if seq.first_token_time == 0.0:
-                seq.first_token_time = now
-                self.prompt_tokens_total += seq.prompt_len
-            ev = self.out.on_token(seq, tok)
-            delta = TokenDelta(seq.request_id, [tok], ev.text)
-            p = seq.params
-            if p.logprobs is not None and lps is not None:
-                delta.logprobs = [float(lps[k])]
-                if top_ids is not None and p.logprobs > 0:
-                    delta.top_logprobs = [
-                        [
-                            [int(i), float(v)]
-                            for i, v in zip(top_ids[k, : p.logprobs], top_lps[k, : p.logprobs], strict=True)
-                        ]
-                    ]
-            if p.return_logits and logits is not None:
-                delta.logits = [logits[k].tobytes()]
-            out.deltas.append(delta)
-            if ev.finish_reason:
-                self._finish(seq, ev.finish_reason, ev.stop_reason, out)
-
-    def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None, out: OutputBatch) -> None:
-        now = time.monotonic()
-        self.sched.finish(seq, reason, stop_reason)
-        self.out.release(seq)
-        first = seq.first_token_time or now
-        admitted = seq.admitted_time or now
-        out.finished.append(
-            Finished(
-                request_id=seq.request_id,
-                finish_reason=reason,
-                prompt_tokens=seq.prompt_len,
-                completion_tokens=len(seq.token_ids) - seq.prompt_len,
-                cached_tokens=seq.num_cached,
-                stop_reason=stop_reason,
-                queued_s=max(0.0, admitted - seq.arrival_time),
-                prefill_s=max(0.0, first - admitted),
-                decode_s=max(0.0, now - first),
-            )
-        )
-
-    def _fail(self, seq: Sequence, code: str, message: str, out: OutputBatch) -> None:
-        self.sched.finish(seq, "error")
-        self.out.release(seq)
-        out.errors.append(RequestError(seq.request_id, code, message))
-
-    # -- supervision ---------------------------------------------------------------------
-    def _check_worker(self) -> None:
-        assert self.worker is not None
-        self.worker.handle_control()
-        problem = self.worker.check()
-        if problem is None and self.inflight:
-            waited = time.monotonic() - self.inflight[0][1]
-            if waited > self.cfg.step_timeout:
-                problem = (
-                    f"worker made no progress for {waited:.1f} s (step timeout {self.cfg.step_timeout} s)"
-                )
-                self.worker.kill()
-        if problem is None:
-            return
-        log.error("%s", problem)
-        out = OutputBatch()
-        for seq in list(self.sched.running):
-            self._fail(seq, "worker_died", problem, out)
-        self.inflight.clear()
-        self.free_slots = deque(range(self.cfg.ring_depth))
-        self.worker.stop(timeout=1.0)
-        if self.restarts >= self.cfg.max_worker_restarts:
-            for seq in list(self.sched.waiting):
-                self._fail(seq, "worker_died", problem, out)
-            self._send(out)
-            raise RuntimeError(f"giving up after {self.restarts} worker restarts: {problem}")
-        self._send(out)
-        self.restarts += 1
-        waiting = list(self.sched.waiting)
-        log.warning("restarting the worker (restart %d of %d)", self.restarts, self.cfg.max_worker_restarts)
-        try:
-            self._start_worker()
-        except ActorStartError as e:
-            out = OutputBatch()
-            for seq in waiting:
-                self._fail(seq, "worker_died", f"{problem}; restart failed: {e}", out)
-            self._send(out)
-            raise
-        # The new worker's KV pool is empty: fresh block manager, waiting requests carried over.
-        self.sched = self._new_scheduler()
-        for seq in waiting:
-            seq.status = SeqStatus.WAITING
-            self.sched.waiting.append(seq)
-            self.sched.by_request[seq.request_id] = seq
-
-    def stats(self, query_id: int = 0) -> Stats:
-        b = self.sched.blocks
-        return Stats(
-            query_id=query_id,
-            worker_alive=self.worker is not None and self.worker.is_alive(),
-            waiting=len(self.sched.waiting),
-            running=len(self.sched.running),
-            kv_blocks_total=b.num_blocks,
-            kv_blocks_used=b.num_blocks - b.num_free_blocks,
-            kv_blocks_cached=b.num_cached_blocks,
-            block_size=b.block_size,
-            prefix_cache_hit_tokens=b.prefix_cache_hits,
-            prefix_cache_query_tokens=b.prefix_cache_queries,
-            steps=self.step,
-            prompt_tokens_total=self.prompt_tokens_total,
-            generated_tokens_total=self.generated_tokens_total,
-            preemptions=self.sched.num_preemptions,
-            overlap=self.cfg.overlap,
-            step_time_ms_avg=self.step_ms_ewma,
-            gpu_idle_ms_avg=self.idle_ms_ewma,
-            memory_plan=self.memory_plan,
-            max_queue=self.cfg.max_queue,
-            worker_restarts=self.restarts,
-        )
 
     def run(self) -> None:
         assert self.worker is not None

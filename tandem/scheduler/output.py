@@ -14,13 +14,16 @@ from tandem.models.tokenizer import Tokenizer
 from tandem.scheduler.sequence import Sequence
 
 
-@dataclass
+@dataclass(slots=True)
 class _Stream:
     detok: IncrementalDetokenizer
     held: str = ""  # decoded text not yet sent: may be the start of a stop string
     stops: tuple[str, ...] = ()
     max_stop: int = 0
     sent_chars: int = 0
+    # Ids that end the sequence with "stop": the tokenizer's EOS ids (unless ignore_eos) and the
+    # request's stop_token_ids. Both checks answer the same event, so one set does.
+    stop_ids: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -52,43 +55,56 @@ class OutputProcessor:
     def _stream(self, seq: Sequence) -> _Stream:
         st = self._streams.get(seq.seq_id)
         if st is None:
-            stops = tuple(seq.params.stop)
+            p = seq.params
+            stops = tuple(p.stop)
             detok = IncrementalDetokenizer(
-                self.tokenizer, seq.token_ids[: seq.prompt_len], skip_special=seq.params.skip_special_tokens
+                self.tokenizer, seq.token_ids[: seq.prompt_len], skip_special=p.skip_special_tokens
             )
-            st = _Stream(detok, stops=stops, max_stop=max((len(s) for s in stops), default=0))
+            stop_ids = frozenset(p.stop_token_ids)
+            if not p.ignore_eos:
+                stop_ids |= self.eos_ids
+            st = _Stream(
+                detok, stops=stops, max_stop=max((len(s) for s in stops), default=0), stop_ids=stop_ids
+            )
             self._streams[seq.seq_id] = st
         return st
 
     def on_token(self, seq: Sequence, token: int) -> TokenEvent:
         """``token`` was just appended to ``seq.token_ids``; what to send, and is it over?"""
-        st = self._stream(seq)
-        p = seq.params
-        if not p.ignore_eos and token in self.eos_ids:
-            return TokenEvent(self._drain(st), "stop", token)
-        if token in p.stop_token_ids:
-            return TokenEvent(self._drain(st), "stop", token)
+        return TokenEvent(*self.advance(seq, token))
+
+    def advance(self, seq: Sequence, token: int) -> tuple[str, str | None, str | int | None]:
+        """`on_token` as a plain tuple ``(text, finish_reason, stop_reason)``: the scheduler loop
+        calls this once per sequence per step, and most calls take the first return below."""
+        st = self._streams.get(seq.seq_id)
+        if st is None:
+            st = self._stream(seq)
+        if token in st.stop_ids:
+            return self._drain(st), "stop", token
+        n = len(seq.token_ids)
+        if not st.stops:  # nothing is ever held back
+            text = st.detok.push(token)
+            if n - seq.prompt_len >= seq.max_tokens or n >= self.context_length:
+                return text + st.detok.flush(), "length", None
+            return text, None, None
         before = len(st.held)
         st.held += st.detok.push(token)
-        if st.stops:
-            # Only the new text (plus what a stop string could reach back into) can hold a match.
-            # Measured from where the new text starts: one token's text may be longer than any stop.
-            window_start = max(0, before - st.max_stop + 1)
-            hits = [(st.held.find(s, window_start), s) for s in st.stops]
-            hits = [(i, s) for i, s in hits if i >= 0]
-            if hits:
-                idx, s = min(hits)
-                text = st.held[:idx]
-                st.held = ""
-                return TokenEvent(text, "stop", s)
-        n_out = len(seq.token_ids) - seq.prompt_len
-        if n_out >= seq.max_tokens or len(seq.token_ids) >= self.context_length:
-            reason = "length"
-            return TokenEvent(self._drain(st, final=True), reason)
-        keep = _holdback(st.held, st.stops) if st.stops else 0
+        # Only the new text (plus what a stop string could reach back into) can hold a match.
+        # Measured from where the new text starts: one token's text may be longer than any stop.
+        window_start = max(0, before - st.max_stop + 1)
+        hits = [(st.held.find(s, window_start), s) for s in st.stops]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if hits:
+            idx, s = min(hits)
+            text = st.held[:idx]
+            st.held = ""
+            return text, "stop", s
+        if n - seq.prompt_len >= seq.max_tokens or n >= self.context_length:
+            return self._drain(st, final=True), "length", None
+        keep = _holdback(st.held, st.stops)
         text = st.held[: len(st.held) - keep]
         st.held = st.held[len(st.held) - keep :]
-        return TokenEvent(text)
+        return text, None, None
 
     def _drain(self, st: _Stream, final: bool = True) -> str:
         text = st.held + (st.detok.flush() if final else "")

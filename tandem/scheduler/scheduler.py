@@ -33,7 +33,7 @@ class AdmissionError(Exception):
         self.code = code
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
     start: int  # position of the first token fed
@@ -139,10 +139,10 @@ class Scheduler:
 
     # -- the step ------------------------------------------------------------------------
     def _reserve(self, seq: Sequence, n: int) -> bool:
-        extra = seq.num_computed + n - self.blocks.num_tokens(seq.seq_id)
-        return extra <= 0 or self.blocks.append_slots(seq.seq_id, extra)
+        return self.blocks.ensure_slots(seq.seq_id, seq.num_computed + n)
 
-    def _item(self, seq: Sequence, n: int, step: int) -> ScheduledSeq:
+    def _item(self, seq: Sequence, n: int, step: int, row: int, commits: list[Sequence]) -> ScheduledSeq:
+        """The general case: a prefill chunk, or a decode that feeds more than one token."""
         start = seq.num_computed
         known = len(seq.token_ids)
         ids = seq.token_ids[start : min(start + n, known)]
@@ -152,26 +152,54 @@ class Scheduler:
             ids.append(-(1 + prow))
         seq.num_computed += n
         sample = seq.num_computed == seq.num_tokens
+        if sample:
+            seq.pending.append((step, row))
+        if min(seq.num_computed, known) >= seq.next_commit:
+            commits.append(seq)
         return ScheduledSeq(seq, start, ids, sample, seq.epoch)
 
     def schedule(self, step: int) -> ScheduledBatch | None:
         budget = self.limits.max_num_batched_tokens
         items: list[ScheduledSeq] = []
+        commits: list[Sequence] = []  # sequences that may have filled a block: committed at the end
+        running = self.running
+        ensure_slots = self.blocks.ensure_slots
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.tokens_to_feed, budget)
-            if n <= 0 or seq.done_generating:
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            tids = seq.token_ids
+            pending = seq.pending
+            known = len(tids)
+            num_pending = len(pending)
+            nc = seq.num_computed
+            feed = known + num_pending - nc  # Sequence.tokens_to_feed, inlined: this runs per sequence
+            n = feed if feed < budget else budget
+            # not Sequence.done_generating, inlined
+            if n <= 0 or known - seq.prompt_len + num_pending >= seq.max_tokens:
                 i += 1
                 continue
-            while not self._reserve(seq, n):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status is not SeqStatus.RUNNING:
-                break  # it preempted itself: everything after it is gone too
-            items.append(self._item(seq, n, step))
+            if not ensure_slots(seq.seq_id, nc + n):
+                while not self._reserve(seq, n):
+                    victim = running[-1]
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+                if seq.status is not SeqStatus.RUNNING:
+                    break  # it preempted itself: everything after it is gone too
+            if feed == 1:  # the decode step: one token, sampled; what _item does, without slices
+                if nc < known:
+                    ids = [tids[nc]]
+                else:  # the token the previous step is still sampling
+                    pstep, prow = pending[-1]
+                    assert pstep == step - 1, "reference to a step other than the last"
+                    ids = [-1 - prow]
+                seq.num_computed = nc + 1
+                pending.append((step, len(items)))
+                if (nc + 1 if nc < known else known) >= seq.next_commit:
+                    commits.append(seq)
+                items.append(ScheduledSeq(seq, nc, ids, True, seq.epoch))
+            else:
+                items.append(self._item(seq, n, step, len(items), commits))
             budget -= n
             i += 1
 
@@ -184,22 +212,24 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             seq.num_computed = cached
+            seq.next_commit = 0
             if seq.epoch == 0:
                 seq.num_cached = cached
             seq.worker_slot = self._free_worker_slots.pop()
             self.running.append(seq)
             n = min(seq.tokens_to_feed, budget)
-            items.append(self._item(seq, n, step))
+            items.append(self._item(seq, n, step, len(items), commits))
             budget -= n
 
         if not items:
             return None
-        for row, it in enumerate(items):
-            if it.sample:
-                it.seq.pending.append((step, row))
-            self.blocks.commit_full_blocks(
-                it.seq.seq_id, it.seq.token_ids, min(it.seq.num_computed, len(it.seq.token_ids))
-            )
+        # After every allocation of the step (block_manager.py's contract, point 3).
+        if self.blocks.enable_prefix_caching:
+            commit = self.blocks.commit_full_blocks
+            bs = self.blocks.block_size
+            for seq in commits:
+                num_hashed = commit(seq.seq_id, seq.token_ids, min(seq.num_computed, len(seq.token_ids)))
+                seq.next_commit = (num_hashed + 1) * bs
         return ScheduledBatch(step, items, self.limits.max_num_batched_tokens - budget)
 
     @property

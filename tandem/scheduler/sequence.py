@@ -38,7 +38,11 @@ class Sequence:
     worker_slot: int = -1  # row of the worker's per-sequence state
     first_token_time: float = 0.0
     admitted_time: float = 0.0
-    # Constant per-row ring values, filled by batch.pack_batch on first use.
+    # Tokens computed (known ones only) at which the next full block can be committed to the prefix
+    # cache: (blocks hashed + 1) * block_size, 0 when unknown. Spares the scheduler a
+    # commit_full_blocks call per sequence per step; only ever low, never past the real threshold.
+    next_commit: int = 0
+    # Constant per-row ring values, filled by batch.py when the sequence is first packed.
     packed_params: tuple | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pipeline_driver import make_engine
 
-from tandem.config import EngineConfig
 from tandem.gateway.engine_process import EngineProcess
 from tandem.models.tiny import TinySpec, write_tiny_gguf
 from tandem.shm import list_segments
@@ -29,19 +29,15 @@ def child_pids() -> set[int]:
         # fields after the parenthesized command: state, ppid, ...
         fields = stat.rsplit(")", 1)[1].split()
         if fields[1] == me and fields[0] != "Z":
-            found.add(int(entry.name))
+            # multiprocessing's resource tracker is a per-interpreter singleton, not ours to stop.
+            if b"resource_tracker" not in (entry / "cmdline").read_bytes():
+                found.add(int(entry.name))
     return found
 
 
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", TinySpec(context=1024))
-
-
-def make_engine(path: Path, **overrides: object) -> EngineProcess:
-    settings: dict = {"kv_cache_memory": 16 * 2**20, **overrides}
-    cfg = EngineConfig(model_path=str(path), model_name="tiny", **settings)
-    return EngineProcess(cfg).start()
 
 
 @pytest.fixture
@@ -55,7 +51,10 @@ def no_leaks() -> Iterator[None]:
         child_pids() - before_children or multiprocessing.active_children()
     ):
         time.sleep(0.05)
-    assert child_pids() - before_children == set(), "child processes left behind"
+    left = child_pids() - before_children
+    assert left == set(), "child processes left behind: " + "; ".join(
+        Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200] for p in left
+    )
     # Segment names carry their creator's pid; other test runs on this machine may own live ones.
     leaked = {s for s in set(list_segments()) - before_segments if not _alive(int(s.split("-")[1]))}
     assert leaked == set(), "shared-memory segments left behind"

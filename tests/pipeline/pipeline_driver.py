@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from tandem.config import EngineConfig
 from tandem.gateway.engine_process import EngineProcess
 from tandem.messages import (
     CancelRequest,
@@ -84,3 +86,9 @@ def stats(engine: EngineProcess) -> Stats:
             if isinstance(msg, Stats):
                 return msg
     raise AssertionError("no stats")
+
+
+def make_engine(path: Path, **overrides: object) -> EngineProcess:
+    settings: dict = {"kv_cache_memory": 16 * 2**20, **overrides}
+    cfg = EngineConfig(model_path=str(path), model_name="tiny", **settings)
+    return EngineProcess(cfg).start()

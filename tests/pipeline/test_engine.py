@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline_driver import Outcome, cancel, pump, run_all, stats, submit
+from pipeline_driver import Outcome, cancel, make_engine, pump, run_all, stats, submit
 
 from tandem.messages import SamplingParams
 
@@ -63,8 +63,6 @@ def test_concurrent_requests_equal_single_runs(engine) -> None:
 
 
 def test_overlap_and_sync_give_identical_greedy_tokens(tiny_gguf: Path) -> None:
-    from conftest import make_engine
-
     reqs = {f"r{i}": (p, SamplingParams(max_tokens=30, temperature=0.0)) for i, p in enumerate(PROMPTS)}
     reqs["seeded"] = (PROMPTS[2], SamplingParams(max_tokens=30, temperature=0.8, seed=42))
     results = {}
@@ -121,8 +119,6 @@ def test_cancel_mid_stream_frees_slot_and_blocks(engine) -> None:
 
 
 def test_cancel_during_chunked_prefill(tiny_gguf: Path) -> None:
-    from conftest import make_engine
-
     eng = make_engine(tiny_gguf, max_num_batched_tokens=16)
     try:
         outcomes = {"p": Outcome()}
@@ -159,8 +155,6 @@ def test_admission_errors_are_immediate_and_clear(engine) -> None:
 
 
 def test_request_larger_than_kv_pool_is_refused_not_queued(tiny_gguf: Path) -> None:
-    from conftest import make_engine
-
     eng = make_engine(tiny_gguf, kv_cache_memory=64 * 2**10)  # a handful of blocks
     try:
         pool = eng.ready_info["memory_plan"]["kv_tokens"]
@@ -172,8 +166,6 @@ def test_request_larger_than_kv_pool_is_refused_not_queued(tiny_gguf: Path) -> N
 
 
 def test_preemption_under_kv_pressure_keeps_outputs(tiny_gguf: Path) -> None:
-    from conftest import make_engine
-
     reqs = {f"r{i}": (p, SamplingParams(max_tokens=40, temperature=0.0)) for i, p in enumerate(PROMPTS)}
     roomy = make_engine(tiny_gguf)
     try:
@@ -193,8 +185,6 @@ def test_preemption_under_kv_pressure_keeps_outputs(tiny_gguf: Path) -> None:
 
 
 def test_queue_full_gives_busy(tiny_gguf: Path) -> None:
-    from conftest import make_engine
-
     eng = make_engine(tiny_gguf, max_queue=1, max_num_seqs=1)
     try:
         reqs = {f"q{i}": (PROMPTS[0], SamplingParams(max_tokens=50, temperature=0.0)) for i in range(4)}
@@ -209,8 +199,6 @@ def test_queue_full_gives_busy(tiny_gguf: Path) -> None:
 
 
 def test_worker_killed_mid_stream_fails_requests_then_recovers(tiny_gguf: Path) -> None:
-    from conftest import make_engine
-
     eng = make_engine(tiny_gguf)
     try:
         outcomes = {f"k{i}": Outcome() for i in range(3)}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tandem.messages import Doorbell, SamplingParams
-from tandem.scheduler.batch import pack_batch
+from tandem.scheduler.batch import Packer, pack_batch
 from tandem.scheduler.block_manager import BlockManager
 from tandem.scheduler.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
 from tandem.scheduler.sequence import SeqStatus, Sequence
@@ -58,7 +58,12 @@ def add(sched: Scheduler, n: int, seed: int = 0, max_tokens: int = 8, **params: 
     return seq
 
 
-def pack(sched: Scheduler, batch: ScheduledBatch, ring: RingSegment, k: int) -> Doorbell:
+def pack(
+    sched: Scheduler, batch: ScheduledBatch, ring: RingSegment, k: int, packer: Packer | None = None
+) -> Doorbell:
+    """pack_batch, or with ``packer`` the loop's way: one Packer that remembers each slot's rows."""
+    if packer is not None:
+        return packer.pack(batch, ring.slot(k), k, sched.blocks.block_tables())
     tables = {it.seq.seq_id: sched.blocks.block_table(it.seq.seq_id) for it in batch.items}
     return pack_batch(batch, ring.slot(k), k, tables)
 
@@ -235,6 +240,62 @@ def test_smaller_batch_after_a_larger_one_in_the_same_slot(ring: RingSegment) ->
     check_slot(sched, small, ring.slot(0), bell, 0)  # the stale tail is outside the prefixes
 
 
+def test_packer_rewrites_what_changed_in_a_slot_that_holds_the_same_rows(ring: RingSegment) -> None:
+    """The loop's Packer skips the constant columns of rows that hold the same sequence as the last
+    time the slot was packed; every change since must still land: new blocks, a sequence that was
+    preempted and re-admitted into the same row (new table, another worker slot, prefill chunks
+    that do not sample), a row leaving."""
+    # No prefix cache: the re-admitted sequence recomputes everything, in chunks of the budget.
+    sched = Scheduler(SchedulerLimits(MAX_SEQS, 8, 16, CTX), BlockManager(64, BLOCK, False))
+    packer = Packer()
+    a = add(sched, 3, temperature=0.0, max_tokens=40)
+    b = add(sched, 3, logprobs=2, max_tokens=40)
+    c = add(sched, 3, temperature=0.0, repetition_penalty=1.2, max_tokens=40)
+    step = 0
+    flags_seen = set()
+
+    def launch(k: int) -> ScheduledBatch:
+        nonlocal step
+        batch = sched.schedule(step)
+        assert batch is not None
+        bell = pack(sched, batch, ring, k, packer)
+        check_slot(sched, batch, ring.slot(k), bell, k)
+        sampled = [it.seq.params for it in batch.items if it.sample]
+        top = max((-1 if p.logprobs is None else p.logprobs for p in sampled), default=-1)
+        pen = any(p.repetition_penalty != 1.0 for p in sampled)
+        greedy = all(p.temperature == 0.0 for p in sampled) and top < 0
+        assert (bell.max_top_logprobs, bell.any_penalties, bell.all_greedy) == (top, pen, greedy)
+        flags_seen.add((top, pen, greedy))
+        step += 1
+        return batch
+
+    def finish_step(batch: ScheduledBatch) -> None:
+        for it in batch.items:
+            if it.sample and it.seq.status is SeqStatus.RUNNING and it.seq.epoch == it.epoch:
+                it.seq.pending.popleft()
+                it.seq.token_ids.append(5 + step % 100)
+
+    def run(n: int) -> None:
+        for i in range(n):
+            finish_step(inflight.popleft())
+            inflight.append(launch(i % 2))
+
+    inflight = deque([launch(0), launch(1)])
+    run(12)  # decode steps: blocks of 4 fill up and new ones are appended
+    old_slot = c.worker_slot
+    sched._preempt(c)  # c leaves its row ...
+    free = sched._free_worker_slots
+    free.insert(0, free.pop())  # ... others took its worker slot meanwhile ...
+    run(1)
+    assert c.status is SeqStatus.RUNNING and c.epoch == 1  # ... and it is back in the same row
+    assert c.worker_slot != old_slot and c.num_computed < len(c.token_ids)  # prefill in chunks
+    run(7)
+    assert (2, True, False) in flags_seen and (2, False, False) in flags_seen  # c sampling or not
+    sched.finish(b, "cancelled")  # the rows after it move up
+    run(4)
+    assert a.status is SeqStatus.RUNNING and len(a.output_ids) > 12
+
+
 # -- a fake worker that only sees the slot -------------------------------------------------------
 
 
@@ -282,9 +343,13 @@ def reference(prompt: list[int], seed: int, max_tokens: int) -> list[int]:
     return toks[len(prompt) :]
 
 
+@pytest.mark.parametrize("persistent", [False, True], ids=["pack_batch", "Packer"])
 @pytest.mark.parametrize("num_blocks", [64, 12])  # 12: preemption under pressure
-def test_worker_reading_only_the_slot_reproduces_the_reference(ring: RingSegment, num_blocks: int) -> None:
+def test_worker_reading_only_the_slot_reproduces_the_reference(
+    ring: RingSegment, num_blocks: int, persistent: bool
+) -> None:
     sched = make_sched(num_blocks=num_blocks, budget=MAX_TOKENS)
+    packer = Packer() if persistent else None
     worker = SlotWorker(num_blocks)
     seeds = [1, 2**63 + 5, 2**64 - 2, 7, 99]
     seqs = [add(sched, 5 + 7 * i, seed=s, max_tokens=10) for i, s in enumerate(seeds)]
@@ -297,7 +362,7 @@ def test_worker_reading_only_the_slot_reproduces_the_reference(ring: RingSegment
             if batch is None:
                 break
             k = free.popleft()
-            bell = pack(sched, batch, ring, k)
+            bell = pack(sched, batch, ring, k, packer)
             check_slot(sched, batch, ring.slot(k), bell, k)
             inflight.append((batch, k, worker.run(ring.slot(k), bell)))
             step += 1

@@ -163,6 +163,23 @@ def test_failed_allocate_and_append_leave_state_unchanged() -> None:
     assert snapshot(bm) == before
 
 
+def test_ensure_slots_reserves_up_to_a_total_and_block_tables_track_every_table() -> None:
+    bm = BlockManager(num_blocks=4, block_size=BS)
+    bm.allocate(1, [1, 2, 3])
+    assert bm.ensure_slots(1, 2) and bm.num_tokens(1) == 3  # already covered: nothing changes
+    assert bm.ensure_slots(1, 4) and bm.num_tokens(1) == 4 and len(bm.block_table(1)) == 1
+    assert bm.ensure_slots(1, 5) and len(bm.block_table(1)) == 2
+    assert bm.ensure_slots(1, 12) and len(bm.block_table(1)) == 3
+    before = snapshot(bm)
+    assert not bm.ensure_slots(1, 21)  # two more blocks needed, one free: nothing changes
+    assert snapshot(bm) == before
+    bm.allocate(2, [5])
+    assert dict(bm.block_tables()) == {1: bm.block_table(1), 2: bm.block_table(2)}
+    assert bm.block_tables()[1] is bm.block_table(1)  # the manager's own lists, kept current
+    bm.free(1)
+    assert dict(bm.block_tables()) == {2: bm.block_table(2)}
+
+
 def test_reset_prefix_cache_and_disabled_caching() -> None:
     bm = BlockManager(num_blocks=8, block_size=BS)
     p = list(range(9))

@@ -329,6 +329,9 @@ class Sim:
             end = it.start + n
             assert seq.status is SeqStatus.RUNNING and it.epoch == seq.epoch and n >= 1
             assert bm.num_tokens(seq.seq_id) >= end, "fed positions without reserved KV"
+            if bm.enable_prefix_caching:  # every full block of known computed tokens is offered at once
+                full = min(seq.num_computed, len(seq.token_ids)) // bm.block_size
+                assert bm._seqs[seq.seq_id].num_hashed == full, "a full block left uncommitted"
             refs = [i for i, t in enumerate(it.input_ids) if t < 0]
             assert refs in ([], [n - 1]), "only the last fed token may be a previous step's sample"
             known = it.input_ids[: n - len(refs)]
