@@ -15,7 +15,9 @@ class EngineConfig:
     model_path: str  # a .gguf file or a safetensors folder (resolved by the model store)
     model_name: str = ""
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"
-    dtype: str = "auto"  # "auto" (fp32 on CPU, bf16 on GPU) | "float32" | "bfloat16" | "float16"
+    # "auto" (fp32 on CPU, bf16 on GPU) | "float32" | "bfloat16" | "float16" | "int8" (CPU,
+    # int8 weights per output channel: faster decode, approximate)
+    dtype: str = "auto"
     kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY  # bytes for the paged KV pool
     block_size: int = 16
     max_num_seqs: int = 64

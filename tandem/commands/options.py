@@ -42,7 +42,8 @@ def engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "--dtype",
             default="auto",
             show_default=True,
-            type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+            type=click.Choice(["auto", "float32", "bfloat16", "float16", "int8"]),
+            help="int8: CPU weight-only int8 matmuls, ~1.8x faster decode, approximate.",
         ),
         click.option(
             "--kv-cache-memory",

@@ -29,12 +29,17 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype; "int8" computes in fp32 around int8-weight matmuls (CPU only)."""
+    if name == "int8":
+        if device.type != "cpu":
+            raise ValueError("dtype int8 is a CPU mode; use bfloat16 or float16 on a GPU")
+        return torch.float32
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r} (one of auto, {', '.join(_DTYPES)})")
+        raise ValueError(f"unknown dtype {name!r} (one of auto, int8, {', '.join(_DTYPES)})")
     return _DTYPES[name]
 
 
@@ -73,6 +78,8 @@ class ModelRunner:
         loaded = load_model_weights(cfg.model_path, dtype=self.dtype)
         self.config = loaded.config
         self.model = LlamaModel(self.config, loaded.tensors).to(self.device)
+        if cfg.dtype == "int8":
+            self.model.quantize_int8()
         del loaded
         self.load_seconds = time.perf_counter() - start
         self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -102,7 +109,7 @@ class ModelRunner:
         activations += self.cfg.max_num_seqs * c.vocab_size * 4
         return {
             "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": "int8-weights" if self.cfg.dtype == "int8" else str(self.dtype).removeprefix("torch."),
             "weights_bytes": self.weights_bytes,
             "kv_cache_bytes": self.kv.num_bytes,
             "kv_blocks": self.kv.num_blocks,

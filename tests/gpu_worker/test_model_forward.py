@@ -164,3 +164,18 @@ def test_quantized_models_load_and_run(tmp_path: Path, qtype: Q) -> None:
     out = PagedRunner(m).step([("s", ids)])[0]
     assert torch.isfinite(out).all()
     assert_close(out, reference_logits(m, ids)[-1], 1e-4)
+
+
+def test_int8_weight_mode_stays_close_to_fp32(tmp_path: Path) -> None:
+    spec = TinySpec(hidden=128, ffn=256, weight_scale=0.05)
+    m = load_gguf(write_tiny_gguf(tmp_path / "t.gguf", spec))
+    ids = list(range(5, 40))
+    want = PagedRunner(m).step([("s", ids)])[0]
+    r = PagedRunner(load_gguf(tmp_path / "t.gguf"))
+    r.model.quantize_int8()
+    assert r.model.layers[0].mlp.gate_up.weight.dtype == torch.int8
+    assert r.model.lm_head.weight.dtype == torch.int8
+    assert r.model.embed.dtype == torch.float32  # the lookup table stays exact
+    got = r.step([("s", ids)])[0]
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert 0 < err < 0.1, err

@@ -239,3 +239,13 @@ def test_penalties_see_the_whole_prompt_even_when_it_is_cached(engine) -> None:
     second = run_all(engine, {"p2": (prompt, pen)})["p2"]
     assert first.token_ids == second.token_ids
     assert first.finished is not None and first.finished.cached_tokens == 0
+
+
+def test_int8_weight_mode_serves_requests(tiny_gguf: Path) -> None:
+    eng = make_engine(tiny_gguf, dtype="int8")
+    try:
+        assert eng.ready_info["memory_plan"]["dtype"] == "int8-weights"
+        out = run_all(eng, {"q": (PROMPTS[0], SamplingParams(max_tokens=6, temperature=0.0))})["q"]
+        assert out.finished is not None and len(out.token_ids) == 6
+    finally:
+        eng.close()

@@ -8,7 +8,7 @@ from torch import nn
 
 from tandem.gpu_worker.kv_cache import KVCache
 from tandem.gpu_worker.model.attention import AttentionMetadata, paged_attention
-from tandem.gpu_worker.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from tandem.gpu_worker.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
 from tandem.models.config import ModelConfig, UnsupportedModelError
 
 
@@ -24,13 +24,19 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         # Fused QKV: one matmul instead of three per layer.
-        self.qkv = _frozen(torch.cat([w[f"{prefix}.attn_q.weight"], w[f"{prefix}.attn_k.weight"],
-                                      w[f"{prefix}.attn_v.weight"]], dim=0))
-        self.qkv_bias = None
+        qkv_bias = None
         if config.attention_bias:
-            self.qkv_bias = _frozen(torch.cat([w[f"{prefix}.attn_q.bias"], w[f"{prefix}.attn_k.bias"],
-                                               w[f"{prefix}.attn_v.bias"]], dim=0))
-        self.o = _frozen(w[f"{prefix}.attn_output.weight"])
+            qkv_bias = torch.cat(
+                [w[f"{prefix}.attn_q.bias"], w[f"{prefix}.attn_k.bias"], w[f"{prefix}.attn_v.bias"]], dim=0
+            )
+        self.qkv = Linear(
+            torch.cat(
+                [w[f"{prefix}.attn_q.weight"], w[f"{prefix}.attn_k.weight"], w[f"{prefix}.attn_v.weight"]],
+                dim=0,
+            ),
+            qkv_bias,
+        )
+        self.o = Linear(w[f"{prefix}.attn_output.weight"])
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
 
@@ -43,7 +49,7 @@ class Attention(nn.Module):
         layer: int,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        qkv = F.linear(x, self.qkv, self.qkv_bias)
+        qkv = self.qkv(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         t = x.shape[0]
         q = q.view(t, self.num_heads, self.head_dim)
@@ -51,7 +57,7 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = rope(positions, q, k)
         o = paged_attention(q, k, v, kv, layer, meta, self.scale)
-        return F.linear(o.reshape(t, self.q_size), self.o)
+        return self.o(o.reshape(t, self.q_size))
 
 
 class DecoderLayer(nn.Module):
@@ -64,8 +70,14 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(w[f"{p}.ffn_norm.weight"], config.rms_norm_eps)
         self.mlp = GatedMLP(w[f"{p}.ffn_gate.weight"], w[f"{p}.ffn_up.weight"], w[f"{p}.ffn_down.weight"])
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, kv: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+        kv: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), positions, rope, kv, self.index, meta)
         return x + self.mlp(self.ffn_norm(x))
 
@@ -82,8 +94,8 @@ class LlamaModel(nn.Module):
         self.embed = _frozen(weights["token_embd.weight"])
         self.layers = nn.ModuleList(DecoderLayer(config, weights, i) for i in range(config.num_layers))
         self.norm = RMSNorm(weights["output_norm.weight"], config.rms_norm_eps)
-        lm_head = weights.get("output.weight")
-        self.lm_head = self.embed if lm_head is None else _frozen(lm_head)
+        # A tied head shares the embedding's storage until int8 gives it its own copy.
+        self.lm_head = Linear(weights.get("output.weight", weights["token_embd.weight"]))
         self.rope = RotaryEmbedding(config, weights.get("rope_freqs.weight"))
 
     @property
@@ -103,4 +115,10 @@ class LlamaModel(nn.Module):
         for layer in self.layers:
             x = layer(x, positions, self.rope, kv, meta)
         x = self.norm(x[logits_rows])
-        return F.linear(x, self.lm_head).float()
+        return self.lm_head(x).float()
+
+    def quantize_int8(self) -> None:
+        """Switch every matmul to int8 weights (CPU weight-only mode; see layers.Linear)."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.quantize_int8()
