@@ -149,13 +149,41 @@ def make_runtime_dir(prefix: str = "tandem", base: Path | None = None) -> Path:
     Under ``base``, else ``$XDG_RUNTIME_DIR`` (per-user, tmpfs, cleaned at logout), else the system
     temp dir. The mode keeps other users from connecting whatever the umask made the socket files.
     """
-    if base is None:
-        xdg = os.environ.get("XDG_RUNTIME_DIR")
-        if xdg and os.path.isdir(xdg) and os.access(xdg, os.W_OK | os.X_OK):
-            base = Path(xdg)
-    path = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=base))
+    base = base or _runtime_base()
+    cleanup_stale_runtime_dirs(prefix, base)
+    # The owner's pid in the name: a server killed with SIGKILL cannot remove its directory,
+    # the next one started here can.
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-", dir=base))
     os.chmod(path, 0o700)  # mkdtemp already asks for 0700; be explicit against odd filesystems
     return path
+
+
+def _runtime_base() -> Path:
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg) and os.access(xdg, os.W_OK | os.X_OK):
+        return Path(xdg)
+    return Path(tempfile.gettempdir())
+
+
+def cleanup_stale_runtime_dirs(prefix: str = "tandem", base: Path | None = None) -> list[Path]:
+    """Remove ``{prefix}-*`` runtime directories whose owning process is gone."""
+    removed = []
+    for d in (base or _runtime_base()).glob(f"{prefix}-*-*"):
+        pid_text = d.name[len(prefix) + 1 :].split("-", 1)[0]
+        if not pid_text.isdigit() or not d.is_dir():
+            continue  # another prefix sharing ours ("tandem-zmq-..."), or not ours at all
+        pid = int(pid_text)
+        try:
+            os.kill(pid, 0)
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+        log.info("removed stale runtime directory %s (owner %d is gone)", d, pid)
+    return removed
 
 
 def remove_runtime_dir(path: Path) -> None:

@@ -107,8 +107,9 @@ def _spec(rdir: Path, entry: str, name: str = "", config: Any = None, **kw: Any)
     kw.setdefault("heartbeat_interval", 0.1)
     kw.setdefault("heartbeat_timeout", 2.0)
     kw.setdefault("ready_timeout", 30.0)
-    return ActorSpec(name=name or entry, entry=f"actor_entries:{entry}", config=config or {},
-                     runtime_dir=rdir, **kw)
+    return ActorSpec(
+        name=name or entry, entry=f"actor_entries:{entry}", config=config or {}, runtime_dir=rdir, **kw
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -134,13 +135,20 @@ def test_start_ready_stop_round_trip(rdir: Path, tmp_path: Path) -> None:
     assert h.check() == "echo was stopped (exit code 0)"
 
 
-@pytest.mark.parametrize(("entry", "expected"), [
-    ("fail_before_ready", "actor 'fail_before_ready' failed to start: ValueError: boom before ready: "
-                          "bad config"),
-    ("no_such_function", "actor 'no_such_function' failed to start: AttributeError: "),
-    ("exit_before_ready", "actor 'exit_before_ready' failed to start: exit_before_ready process exited "
-                          "with code 3"),
-])
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        (
+            "fail_before_ready",
+            "actor 'fail_before_ready' failed to start: ValueError: boom before ready: bad config",
+        ),
+        ("no_such_function", "actor 'no_such_function' failed to start: AttributeError: "),
+        (
+            "exit_before_ready",
+            "actor 'exit_before_ready' failed to start: exit_before_ready process exited with code 3",
+        ),
+    ],
+)
 def test_failure_before_ready_raises(rdir: Path, entry: str, expected: str) -> None:
     t0 = time.monotonic()
     with pytest.raises(ActorStartError) as info:
@@ -190,8 +198,16 @@ def test_sigkill_detected_promptly(rdir: Path) -> None:
 
 
 def test_heartbeat_survives_busy_main_thread_and_silence_is_detected(rdir: Path) -> None:
-    h = ActorHandle.start(_spec(rdir, "busy_then_hang", name="hang", config={"busy_s": 2.0},
-                                heartbeat_interval=0.1, heartbeat_timeout=1.0))
+    h = ActorHandle.start(
+        _spec(
+            rdir,
+            "busy_then_hang",
+            name="hang",
+            config={"busy_s": 2.0},
+            heartbeat_interval=0.1,
+            heartbeat_timeout=1.0,
+        )
+    )
     t_ready = time.monotonic()
     while time.monotonic() - t_ready < 1.5:  # main thread busy, heartbeat thread still beating
         assert h.check() is None
@@ -209,8 +225,9 @@ def test_heartbeat_survives_busy_main_thread_and_silence_is_detected(rdir: Path)
 @pytest.mark.parametrize("ignore_sigterm", [False, True])
 def test_stop_escalates_on_stubborn_child(rdir: Path, tmp_path: Path, ignore_sigterm: bool) -> None:
     marker = tmp_path / "marker"
-    h = ActorHandle.start(_spec(rdir, "stubborn", config={"marker": str(marker),
-                                                          "ignore_sigterm": ignore_sigterm}))
+    h = ActorHandle.start(
+        _spec(rdir, "stubborn", config={"marker": str(marker), "ignore_sigterm": ignore_sigterm})
+    )
     t0 = time.monotonic()
     code = h.stop(timeout=2.0)
     elapsed = time.monotonic() - t0
@@ -225,13 +242,13 @@ def test_stop_escalates_on_stubborn_child(rdir: Path, tmp_path: Path, ignore_sig
     assert list(rdir.iterdir()) == []
 
 
-
 def test_spawning_thread_exit_is_not_parent_death(rdir: Path, tmp_path: Path) -> None:
     # Linux sends the parent-death signal when the spawning *thread* exits; the actor must not stop.
     marker = tmp_path / "marker"
     box: list[ActorHandle] = []
-    t = threading.Thread(target=lambda: box.append(
-        ActorHandle.start(_spec(rdir, "echo", config={"marker": str(marker)}))))
+    t = threading.Thread(
+        target=lambda: box.append(ActorHandle.start(_spec(rdir, "echo", config={"marker": str(marker)})))
+    )
     t.start()
     t.join()
     h = box[0]
@@ -240,6 +257,7 @@ def test_spawning_thread_exit_is_not_parent_death(rdir: Path, tmp_path: Path) ->
     assert not marker.exists()
     assert h.stop(reason="done") == 0
     assert marker.read_text() == "cleaned:Stop message: done"
+
 
 _MIDDLE = textwrap.dedent("""
     import sys, time
@@ -260,8 +278,12 @@ _MIDDLE = textwrap.dedent("""
 def test_parent_death_makes_actors_exit_and_clean_up(rdir: Path, tmp_path: Path) -> None:
     markers = [tmp_path / "coop", tmp_path / "stubborn"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    middle = subprocess.Popen([sys.executable, "-c", _MIDDLE, str(rdir), *map(str, markers)],
-                              stdout=subprocess.PIPE, env=env, text=True)
+    middle = subprocess.Popen(
+        [sys.executable, "-c", _MIDDLE, str(rdir), *map(str, markers)],
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
     pids: list[int] = []
     try:
         ready, _, _ = select.select([middle.stdout], [], [], 30)
@@ -303,9 +325,39 @@ def test_owner_exit_without_stop_stops_actor(rdir: Path, tmp_path: Path) -> None
     marker = tmp_path / "marker"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     # Without the atexit hook, multiprocessing's own exit handler would join the actor forever.
-    out = subprocess.run([sys.executable, "-c", _FORGETFUL_OWNER, str(rdir), str(marker)],
-                         capture_output=True, text=True, env=env, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-c", _FORGETFUL_OWNER, str(rdir), str(marker)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
     assert not _running(int(out.stdout))
     assert marker.read_text() == "cleaned:Stop message: owner exiting"
     assert list(rdir.iterdir()) == []
+
+
+def test_runtime_dirs_of_dead_owners_are_removed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tandem.actors.sockets import cleanup_stale_runtime_dirs, make_runtime_dir
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
+    stale = tmp_path / f"tandem-t-{dead.stdout.strip()}-abcd1234"
+    stale.mkdir()
+    (stale / "x.sock").write_text("")
+    foreign = tmp_path / "tandem-t-foreign"
+    foreign.mkdir()
+    live = tmp_path / f"tandem-t-{os.getpid()}-live"
+    live.mkdir()
+    assert cleanup_stale_runtime_dirs("tandem-t", tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and foreign.exists()
+    # A new server's directory sweeps up after a dead one, and names itself after its owner.
+    (tmp_path / f"tandem-t-{dead.stdout.strip()}-again").mkdir()
+    made = make_runtime_dir("tandem-t", base=tmp_path)
+    assert made.name.startswith(f"tandem-t-{os.getpid()}-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([foreign.name, live.name, made.name])
