@@ -137,25 +137,15 @@ async def _respond(
 ) -> Response:
     await run_cancellable(request, gen.start())
     want_lps = gen.params.logprobs is not None
-    tok = gw.engine.tokenizer
     if stream:
         lines = _lines(gen, chunk, final, want_lps)
         return CancellableStream(lines, "application/x-ndjson", error_frame=lambda m: ndjson({"error": m}))
 
     async def collect() -> dict[str, Any]:
-        texts: list[str] = []
-        lps: list[dict[str, Any]] = []
-        try:
-            async for ev in gen.events():
-                if isinstance(ev, TokenDelta):
-                    texts.append(ev.text)
-                    if want_lps:
-                        lps += ollama_logprobs(delta_logprobs(tok, ev))
-        except EngineError as e:
-            raise await gw.api_error(e) from None
-        out = final(gen, "".join(texts))
-        if want_lps:
-            out["logprobs"] = lps
+        text, lps = await gen.collect()
+        out = final(gen, text)
+        if lps is not None:
+            out["logprobs"] = ollama_logprobs(lps)
         return out
 
     return JSONResponse(await run_cancellable(request, collect()))

@@ -99,17 +99,8 @@ async def _respond(
         return CancellableStream(events, "text/event-stream", _SSE_HEADERS, error_frame=_sse_error)
 
     async def collect() -> dict[str, Any]:
-        texts: list[str] = []
-        lps: list[dict[str, Any]] = []
-        try:
-            async for ev in gen.events():
-                if isinstance(ev, TokenDelta):
-                    texts.append(ev.text)
-                    if gen.params.logprobs is not None:
-                        lps += delta_logprobs(gw.engine.tokenizer, ev)
-        except EngineError as e:
-            raise await gw.api_error(e) from None
-        return shape.whole(gen, "".join(texts), lps if gen.params.logprobs is not None else None)
+        text, lps = await gen.collect()
+        return shape.whole(gen, text, lps)
 
     return JSONResponse(await run_cancellable(request, collect()))
 

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from tandem.gateway.http.formats import delta_logprobs
 from tandem.gateway.http.state import Gateway
 from tandem.gateway.local import EngineError
 from tandem.messages import Finished, SamplingParams, TokenDelta
@@ -156,6 +157,22 @@ class Generation:
             if self.finished is None and self.error is None:
                 self._record("cancelled")
             await self.aclose()
+
+    async def collect(self) -> tuple[str, list[dict[str, Any]] | None]:
+        """A non-streaming reply's whole text and, when asked for, its per-token logprobs (in
+        OpenAI's shape; ollama's routes map them); an engine error becomes the API's error."""
+        texts: list[str] = []
+        lps: list[dict[str, Any]] | None = [] if self.params.logprobs is not None else None
+        tok = self.gw.engine.tokenizer
+        try:
+            async for ev in self.events():
+                if isinstance(ev, TokenDelta):
+                    texts.append(ev.text)
+                    if lps is not None:
+                        lps += delta_logprobs(tok, ev)
+        except EngineError as e:
+            raise await self.gw.api_error(e) from None
+        return "".join(texts), lps
 
     async def aclose(self) -> None:
         await self._it.aclose()  # type: ignore[attr-defined]
