@@ -170,7 +170,6 @@ class EngineCore(ResultHandling, WorkerSupervision):
                     "invalid_request", f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})"
                 )
             n = len(req.prompt_token_ids)
-            self.sched.check_feasible(n, req.params.max_tokens)
             max_tokens = req.params.max_tokens or (self.context_length - n)
             seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
             seq = Sequence(

@@ -87,13 +87,14 @@ class Scheduler:
             )
 
     def add(self, seq: Sequence) -> None:
+        # What can never run is refused as such, even when the queue is also full.
+        self.check_feasible(seq.prompt_len, seq.params.max_tokens)
         if len(self.waiting) >= self.limits.max_queue:
             raise AdmissionError(
                 "busy", f"server busy: {len(self.waiting)} requests queued (max {self.limits.max_queue})"
             )
         if seq.request_id in self.by_request:
             raise AdmissionError("invalid_request", f"request id {seq.request_id!r} is already in use")
-        self.check_feasible(seq.prompt_len, seq.params.max_tokens)
         # No sequence can outgrow the whole KV pool: one without max_tokens (resolved to the rest
         # of the context, which may be larger) would fill it, preempt itself, and then wait forever
         # for blocks. It ends with "length" at the pool's size instead, as check_feasible assumes.
