@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ class EngineConfig:
     threads: int | None = None  # torch intra-op threads in the worker (CPU)
     log_level: int = logging.WARNING
     runtime_dir: Path | None = None  # set by whoever starts the engine
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue", "kv_cache_memory"):

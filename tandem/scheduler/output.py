@@ -7,7 +7,7 @@ or half of one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tandem.models.detokenizer import IncrementalDetokenizer
 from tandem.models.tokenizer import Tokenizer
@@ -31,7 +31,6 @@ class TokenEvent:
     text: str  # new text for the client (may be empty)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _holdback(text: str, stops: tuple[str, ...]) -> int:
