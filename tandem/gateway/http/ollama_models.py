@@ -20,17 +20,13 @@ from starlette.responses import JSONResponse, Response
 from tandem.gateway.http.errors import ApiError
 from tandem.gateway.http.formats import ndjson, rfc3339
 from tandem.gateway.http.params import get_bool, read_json
-from tandem.gateway.http.state import Gateway
+from tandem.gateway.http.state import gateway_of
 from tandem.gateway.http.streaming import CancellableStream
 from tandem.models import store
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 _NEVER = datetime(2318, 1, 1, tzinfo=UTC)  # expires_at of a model that stays loaded (as ollama's -1)
-
-
-def _gw(request: Request) -> Gateway:
-    return request.app.state.gateway
 
 
 def _store_error(e: store.ModelStoreError, name: str) -> ApiError:
@@ -117,7 +113,7 @@ async def tags(request: Request) -> Response:
 
 @router.post("/api/show")
 async def show(request: Request) -> Response:
-    gw = _gw(request)
+    gw = gateway_of(request)
     name = _name(await read_json(request))
 
     def read() -> dict[str, Any]:
@@ -143,7 +139,7 @@ async def show(request: Request) -> Response:
 
 @router.get("/api/ps")
 async def ps(request: Request) -> Response:
-    gw = _gw(request)
+    gw = gateway_of(request)
     stats = await gw.stats()
     cfg = gw.engine.cfg
     try:
@@ -184,7 +180,7 @@ async def ps(request: Request) -> Response:
 
 @router.api_route("/api/version", methods=["GET", "HEAD"])
 async def version(request: Request) -> Response:
-    return JSONResponse({"version": _gw(request).settings.version})
+    return JSONResponse({"version": gateway_of(request).settings.version})
 
 
 @router.post("/api/pull")
@@ -231,7 +227,7 @@ async def _pull_lines(name: str) -> AsyncIterator[bytes]:
 
 @router.delete("/api/delete")
 async def delete(request: Request) -> Response:
-    gw = _gw(request)
+    gw = gateway_of(request)
     name = _name(await read_json(request))
     if gw.serves(name):
         raise ApiError(400, f"cannot delete '{name}': this server has it loaded; stop the server first")

@@ -15,10 +15,10 @@ from tandem.gateway.http.formats import delta_logprobs, ndjson, ollama_logprobs,
 from tandem.gateway.http.inputs import chat_messages, refuse_ollama_features
 from tandem.gateway.http.params import bad, get_bool, get_str, ollama_sampling, read_json
 from tandem.gateway.http.params import ollama_logprobs as logprobs_param
-from tandem.gateway.http.state import Gateway
+from tandem.gateway.http.state import Gateway, gateway_of
 from tandem.gateway.http.streaming import CancellableStream, Generation, finish_reason, run_cancellable
 from tandem.gateway.local import EngineError
-from tandem.messages import TokenDelta
+from tandem.messages import SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -26,8 +26,19 @@ router = APIRouter()
 Chunk = Callable[[str, list[dict[str, Any]] | None], dict[str, Any]]
 
 
-def _gw(request: Request) -> Gateway:
-    return request.app.state.gateway
+async def _common(
+    request: Request,
+) -> tuple[float, Gateway, dict[str, Any], str, bool, SamplingParams, int | None]:
+    """What /api/generate and /api/chat read alike: body, model, stream flag, options."""
+    arrival = time.monotonic()
+    gw = gateway_of(request)
+    body = await read_json(request)
+    model = gw.check_model(body)
+    refuse_ollama_features(body, model)
+    stream = get_bool(body, "stream", True)
+    params, num_ctx = ollama_sampling(body.get("options"))
+    params.logprobs = logprobs_param(body)
+    return arrival, gw, body, model, stream, params, num_ctx
 
 
 def _load_reply(model: str, keep_alive: Any, chat: bool) -> JSONResponse:
@@ -45,14 +56,7 @@ def _load_reply(model: str, keep_alive: Any, chat: bool) -> JSONResponse:
 
 @router.post("/api/generate")
 async def generate(request: Request) -> Response:
-    arrival = time.monotonic()
-    gw = _gw(request)
-    body = await read_json(request)
-    model = gw.check_model(body)
-    refuse_ollama_features(body, model)
-    stream = get_bool(body, "stream", True)
-    params, num_ctx = ollama_sampling(body.get("options"))
-    params.logprobs = logprobs_param(body)
+    arrival, gw, body, model, stream, params, num_ctx = await _common(request)
     prompt = get_str(body, "prompt", "") or ""
     context = body.get("context") or []
     if not isinstance(context, list):
@@ -86,14 +90,7 @@ async def generate(request: Request) -> Response:
 
 @router.post("/api/chat")
 async def chat(request: Request) -> Response:
-    arrival = time.monotonic()
-    gw = _gw(request)
-    body = await read_json(request)
-    model = gw.check_model(body)
-    refuse_ollama_features(body, model)
-    stream = get_bool(body, "stream", True)
-    params, num_ctx = ollama_sampling(body.get("options"))
-    params.logprobs = logprobs_param(body)
+    arrival, gw, body, model, stream, params, num_ctx = await _common(request)
     messages = chat_messages(body.get("messages"), openai=False)
     system = get_str(body, "system")
     if system and messages and messages[0]["role"] != "system":

@@ -20,7 +20,7 @@ from tandem.gateway.http.formats import delta_logprobs, sse
 from tandem.gateway.http.inputs import chat_messages, refuse_openai_features
 from tandem.gateway.http.openai_shapes import Shape, chat_shape, completion_shape
 from tandem.gateway.http.params import bad, get_bool, openai_sampling, read_json
-from tandem.gateway.http.state import Gateway
+from tandem.gateway.http.state import Gateway, gateway_of
 from tandem.gateway.http.streaming import CancellableStream, Generation, run_cancellable
 from tandem.gateway.local import EngineError
 from tandem.messages import TokenDelta
@@ -28,10 +28,6 @@ from tandem.messages import TokenDelta
 log = logging.getLogger(__name__)
 router = APIRouter()
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def _gw(request: Request) -> Gateway:
-    return request.app.state.gateway
 
 
 def _stream_options(body: dict[str, Any]) -> bool:
@@ -46,7 +42,7 @@ def _stream_options(body: dict[str, Any]) -> bool:
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     arrival = time.monotonic()
-    gw = _gw(request)
+    gw = gateway_of(request)
     body = await read_json(request)
     model = gw.check_model(body)
     refuse_openai_features(body, chat=True)
@@ -63,7 +59,7 @@ async def chat_completions(request: Request) -> Response:
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
     arrival = time.monotonic()
-    gw = _gw(request)
+    gw = gateway_of(request)
     body = await read_json(request)
     model = gw.check_model(body)
     refuse_openai_features(body, chat=False)
@@ -138,14 +134,14 @@ def _model_obj(gw: Gateway, name: str) -> dict[str, Any]:
 
 @router.get("/v1/models")
 async def models(request: Request) -> Response:
-    gw = _gw(request)
+    gw = gateway_of(request)
     names = [gw.model_name, *(a for a in gw.settings.aliases if a != gw.model_name)]
     return JSONResponse({"object": "list", "data": [_model_obj(gw, n) for n in names]})
 
 
 @router.get("/v1/models/{model_id:path}")
 async def model(model_id: str, request: Request) -> Response:
-    gw = _gw(request)
+    gw = gateway_of(request)
     if not gw.serves(model_id):
         raise gw.not_found(model_id)
     return JSONResponse(_model_obj(gw, model_id))

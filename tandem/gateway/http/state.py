@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from starlette.requests import Request
+
 from tandem import __version__
 from tandem.gateway.async_engine import AsyncEngine
 from tandem.gateway.http.errors import ApiError, from_engine_error
@@ -162,3 +164,8 @@ class Gateway:
         if e.code == "busy":
             retry = self.metrics.retry_after(await self.stats(timeout=1.0))
         return from_engine_error(e, retry)
+
+
+def gateway_of(request: Request) -> Gateway:
+    """The Gateway that build_app put on the application."""
+    return request.app.state.gateway
