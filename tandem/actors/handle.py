@@ -20,9 +20,9 @@ from typing import Any
 import zmq
 
 from tandem.actors.runtime import bootstrap
-from tandem.actors.sockets import close_socket, ipc_address, make_socket, remove_ipc_file
+from tandem.actors.sockets import close_socket, drain, ipc_address, make_socket, remove_ipc_file
 from tandem.actors.spec import ActorSpec, ActorStartError
-from tandem.messages import ActorFailed, Heartbeat, MessageError, Ready, Stop, decode, encode
+from tandem.messages import ActorFailed, Heartbeat, Ready, Stop, encode
 
 log = logging.getLogger(__name__)
 
@@ -187,21 +187,13 @@ class ActorHandle:
 
     # ---- internals ---------------------------------------------------------------------------
     def _drain(self) -> list[Any]:
-        msgs = []
-        while True:
-            try:
-                data = self.control_socket.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return msgs
-            try:
-                msg = decode(data)
-            except MessageError as e:
-                log.warning("%s: bad control message: %s", self.name, e)
-                continue
+        msgs = list(drain(self.control_socket, self.name))
+        if msgs:
             self.last_heartbeat = time.monotonic()
+        for msg in msgs:
             if isinstance(msg, ActorFailed):
                 self.failure = msg
-            msgs.append(msg)
+        return msgs
 
     def _await_failure(self) -> None:
         """After a failed exit, give a trailing ActorFailed a moment to arrive (once)."""

@@ -25,16 +25,14 @@ from typing import Any
 import zmq
 
 from tandem.actors.logs import configure_logging
-from tandem.actors.sockets import CONTROL_LINGER_MS, DATA_LINGER_MS, close_socket, make_socket
+from tandem.actors.sockets import CONTROL_LINGER_MS, DATA_LINGER_MS, close_socket, drain, make_socket
 from tandem.actors.spec import ActorSpec
 from tandem.messages import (
     PROTOCOL_VERSION,
     ActorFailed,
     Heartbeat,
-    MessageError,
     Ready,
     Stop,
-    decode,
     encode,
 )
 
@@ -99,21 +97,13 @@ class ActorContext:
     def poll_inbox(self) -> Stop | None:
         """Read what the parent sent, without blocking; returns the Stop received now, if any."""
         got: Stop | None = None
-        while True:
-            try:
-                data = self.inbox.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return got
-            try:
-                msg = decode(data)
-            except MessageError as e:
-                log.warning("%s: bad message in inbox: %s", self.name, e)
-                continue
+        for msg in drain(self.inbox, self.name):
             if isinstance(msg, Stop):
                 got = self.stop_message = msg
                 self.request_stop(f"Stop message: {msg.reason}" if msg.reason else "Stop message")
             else:
                 log.warning("%s: unexpected %s in inbox; ignored", self.name, type(msg).__name__)
+        return got
 
     def wait_for_stop(self, timeout: float | None = None) -> bool:
         """Block until asked to stop (Stop message, SIGTERM, parent death) or ``timeout``; True if asked."""

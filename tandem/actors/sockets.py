@@ -16,9 +16,13 @@ import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import zmq
+
+from tandem.messages import MessageError, decode
 
 log = logging.getLogger(__name__)
 
@@ -194,3 +198,19 @@ def remove_runtime_dir(path: Path) -> None:
         pass
     except OSError as e:
         log.warning("could not remove runtime directory %s: %s", path, e)
+
+
+def drain(sock: zmq.Socket, owner: str = "") -> Iterator[Any]:
+    """Every message waiting on ``sock``, decoded, without blocking. Frames that do not decode
+    are logged and skipped: one bad peer frame must not take a process down."""
+    while True:
+        try:
+            data = sock.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        try:
+            msg = decode(data)
+        except MessageError as e:
+            log.warning("%s: dropping a frame that does not decode: %s", owner or "socket", e)
+            continue
+        yield msg

@@ -18,7 +18,7 @@ from itertools import count
 import zmq
 
 from tandem.actors import ActorContext, ActorHandle
-from tandem.actors.sockets import ipc_address, make_socket, remove_ipc_file
+from tandem.actors.sockets import drain, ipc_address, make_socket, remove_ipc_file
 from tandem.config import EngineConfig
 from tandem.messages import (
     CancelRequest,
@@ -27,7 +27,6 @@ from tandem.messages import (
     StatsRequest,
     Stop,
     SubmitRequest,
-    decode,
     encode,
 )
 from tandem.models.gguf_file import GGUFFile
@@ -234,19 +233,11 @@ class EngineCore(ResultHandling, WorkerSupervision):
                     if not stop.drain:
                         break
             if self.inbox in events:
-                while True:
-                    try:
-                        frame = self.inbox.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._handle_input(decode(frame), out)
+                for msg in drain(self.inbox, "scheduler"):
+                    self._handle_input(msg, out)
             if self.results in events:
-                while self.inflight:
-                    try:
-                        frame = self.results.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._process_result(decode(frame), out)
+                for msg in drain(self.results, "scheduler"):
+                    self._process_result(msg, out)
             self._send(out)
             now = time.monotonic()
             if now - last_check > 0.05:

@@ -39,6 +39,10 @@ class ResultHandling:
     idle_ms_ewma: float
 
     def _process_result(self, res: StepResult, out: OutputBatch) -> None:
+        if not self.inflight or res.step < self.inflight[0][0].step:
+            # Steps are numbered across worker restarts: this one belongs to a worker that is gone.
+            log.warning("dropping the result of step %d: not in flight (worker restarted?)", res.step)
+            return
         batch, sent = self.inflight.popleft()
         log.debug("step %d result: forward %.2f ms, idle %.2f ms", res.step, res.forward_ms, res.idle_ms)
         if res.step != batch.step:
