@@ -27,9 +27,10 @@ import numpy as np
 from tandem.bench.timing import median, summarize
 from tandem.config import EngineConfig
 from tandem.messages import OutputBatch, SamplingParams, StepResult, SubmitRequest, decode, encode
+from tandem.models.model_files import load_tokenizer
 from tandem.scheduler.batch import Packer
 from tandem.scheduler.block_manager import BlockManager
-from tandem.scheduler.loop import EngineCore, load_tokenizer
+from tandem.scheduler.loop import EngineCore
 from tandem.scheduler.output import OutputProcessor
 from tandem.scheduler.scheduler import Scheduler, SchedulerLimits
 from tandem.shm import RingSegment, batch_layout

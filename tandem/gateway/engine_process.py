@@ -15,8 +15,9 @@ import zmq
 from tandem.actors import ActorHandle, ActorSpec
 from tandem.actors.sockets import ipc_address, make_runtime_dir, make_socket, remove_runtime_dir
 from tandem.config import EngineConfig
+from tandem.models.model_files import load_tokenizer
 from tandem.models.tokenizer import Tokenizer
-from tandem.scheduler.loop import SchedulerBoot, load_tokenizer
+from tandem.scheduler.loop import SchedulerBoot
 
 log = logging.getLogger(__name__)
 

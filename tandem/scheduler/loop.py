@@ -29,8 +29,7 @@ from tandem.messages import (
     SubmitRequest,
     encode,
 )
-from tandem.models.gguf_file import GGUFFile
-from tandem.models.tokenizer import Tokenizer
+from tandem.models.model_files import read_config_and_tokenizer
 from tandem.scheduler.batch import Packer
 from tandem.scheduler.output import OutputProcessor
 from tandem.scheduler.results import ResultHandling
@@ -49,28 +48,6 @@ class SchedulerBoot:
     output_endpoint: str  # the gateway's PULL, bound by the gateway
 
 
-def model_context_length(path: str) -> int:
-    """The model's context from its metadata, read without torch."""
-    from pathlib import Path
-
-    p = Path(path)
-    if p.is_dir():
-        import json
-
-        cfg = json.loads((p / "config.json").read_text())
-        return int(cfg.get("max_position_embeddings", 2048))
-    meta = GGUFFile(p).metadata
-    arch = meta.get("general.architecture", "llama")
-    return int(meta.get(f"{arch}.context_length", 2048))
-
-
-def load_tokenizer(path: str) -> Tokenizer:
-    from pathlib import Path
-
-    p = Path(path)
-    return Tokenizer.from_hf_dir(p) if p.is_dir() else Tokenizer.from_gguf(p)
-
-
 class EngineCore(ResultHandling, WorkerSupervision):
     """The scheduler process's loop. Applying results is results.py's part of it, starting and
     watching the worker (and the stats) supervision.py's."""
@@ -78,8 +55,8 @@ class EngineCore(ResultHandling, WorkerSupervision):
     def __init__(self, ctx: ActorContext, boot: SchedulerBoot) -> None:
         self.ctx = ctx
         self.cfg = cfg = boot.engine
-        self.tokenizer = load_tokenizer(cfg.model_path)
-        model_ctx = model_context_length(cfg.model_path)
+        model_cfg, self.tokenizer = read_config_and_tokenizer(cfg.model_path)
+        model_ctx = model_cfg.context_length
         self.context_length = min(cfg.context_length or model_ctx, model_ctx)
         cleanup_stale_segments()
         layout = batch_layout(
