@@ -237,11 +237,30 @@ def _finite(
         raise InvalidParameterError(name, f"must be <= {hi}, got {v}")
 
 
-def _int(name: str, v: Any, lo: int | None = None) -> None:
+def _int(name: str, v: Any, lo: int | None = None, hi: int | None = None) -> None:
     if isinstance(v, bool) or not isinstance(v, int):
         raise InvalidParameterError(name, f"must be an integer, got {v!r}")
     if lo is not None and v < lo:
         raise InvalidParameterError(name, f"must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise InvalidParameterError(name, f"must be <= {hi}, got {v}")
+
+
+def _bool(name: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        raise InvalidParameterError(name, f"must be true or false, got {v!r}")
+
+
+def _text(name: str, v: Any) -> None:
+    if not isinstance(v, str):
+        raise InvalidParameterError(name, f"must be a string, got {type(v).__name__}")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidParameterError(name, "is not valid Unicode (lone surrogate)") from None
+
+
+INT32_MAX = 2**31 - 1
 
 
 @message(10)
@@ -262,33 +281,60 @@ class SamplingParams:
     return_logits: bool = False  # full logits row of every generated position (debugging, evals)
     skip_special_tokens: bool = True
 
+    # Every bound is one the ring's column can hold (int32 counts and top_k, float32 knobs, 64-bit
+    # seeds), so a request that passes here can never fail while its step is packed. The stop
+    # caps keep one request from slowing every other one's detokenization (each stop string is
+    # searched for after every token).
     MAX_TOP_LOGPROBS: typing.ClassVar[int] = 20
+    MAX_TEMPERATURE: typing.ClassVar[float] = 100.0
+    MAX_REPETITION_PENALTY: typing.ClassVar[float] = 100.0
+    MAX_STOP: typing.ClassVar[int] = 16
+    MAX_STOP_CHARS: typing.ClassVar[int] = 4096
+    MAX_STOP_TOKEN_IDS: typing.ClassVar[int] = 64
 
     def validate(self) -> None:
         """Raise InvalidParameterError naming the first bad field."""
         if self.max_tokens is not None:
-            _int("max_tokens", self.max_tokens, 1)
-        _finite("temperature", self.temperature, 0.0)
-        _int("top_k", self.top_k)
+            _int("max_tokens", self.max_tokens, 1, INT32_MAX)
+        _finite("temperature", self.temperature, 0.0, self.MAX_TEMPERATURE)
+        _int("top_k", self.top_k, -INT32_MAX - 1, INT32_MAX)
         _finite("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         _finite("min_p", self.min_p, 0.0, 1.0)
-        _finite("repetition_penalty", self.repetition_penalty, 0.0, lo_open=True)
+        _finite("repetition_penalty", self.repetition_penalty, 0.0, self.MAX_REPETITION_PENALTY, lo_open=True)
         _finite("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _finite("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         if self.seed is not None:
-            _int("seed", self.seed)
-            if not -(2**63) <= self.seed < 2**64:
-                raise InvalidParameterError("seed", "must fit in 64 bits")
-        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            raise InvalidParameterError("stop", "must be a list of non-empty strings")
-        if not isinstance(self.stop_token_ids, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
-        ):
-            raise InvalidParameterError("stop_token_ids", "must be a list of token ids")
+            _int("seed", self.seed, -(2**63), 2**64 - 1)
+        self._validate_stops()
         if self.logprobs is not None:
-            _int("logprobs", self.logprobs, 0)
-            if self.logprobs > self.MAX_TOP_LOGPROBS:
-                raise InvalidParameterError("logprobs", f"must be <= {self.MAX_TOP_LOGPROBS}")
+            _int("logprobs", self.logprobs, 0, self.MAX_TOP_LOGPROBS)
+        _bool("ignore_eos", self.ignore_eos)
+        _bool("return_logits", self.return_logits)
+        _bool("skip_special_tokens", self.skip_special_tokens)
+
+    def _validate_stops(self) -> None:
+        if not isinstance(self.stop, list):
+            raise InvalidParameterError("stop", "must be a list of non-empty strings")
+        if len(self.stop) > self.MAX_STOP:
+            raise InvalidParameterError("stop", f"at most {self.MAX_STOP} stop strings, got {len(self.stop)}")
+        for s in self.stop:
+            _text("stop", s)
+            if not s:
+                raise InvalidParameterError("stop", "must be a list of non-empty strings")
+        total = sum(map(len, self.stop))
+        if total > self.MAX_STOP_CHARS:
+            raise InvalidParameterError(
+                "stop", f"stop strings total {total} characters, more than the limit of {self.MAX_STOP_CHARS}"
+            )
+        ids = self.stop_token_ids
+        if not isinstance(ids, list):
+            raise InvalidParameterError("stop_token_ids", "must be a list of token ids")
+        if len(ids) > self.MAX_STOP_TOKEN_IDS:
+            raise InvalidParameterError(
+                "stop_token_ids", f"at most {self.MAX_STOP_TOKEN_IDS} stop token ids, got {len(ids)}"
+            )
+        for t in ids:
+            _int("stop_token_ids", t, 0, INT32_MAX)
 
 
 @message(11)

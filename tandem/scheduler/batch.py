@@ -95,6 +95,23 @@ class Packer:
     def __init__(self) -> None:
         self._memo: dict[int, _SlotMemo] = {}
 
+    @staticmethod
+    def check_params(seq: Sequence, slot: SlotView) -> None:
+        """Raise ValueError naming the column when one of the sequence's constant values does not
+        fit its ring column: called at admission, so a bad value fails its own request there and
+        never a whole step at packing time."""
+        arrays = slot.arrays()
+        for name, value in zip(_PARAM_COLUMNS, _param_row(seq), strict=True):
+            dtype = arrays[name].dtype
+            cell = np.empty(1, dtype=dtype)
+            try:
+                with np.errstate(over="raise", invalid="raise"):
+                    cell[0] = value
+            except (OverflowError, ValueError, TypeError, FloatingPointError):
+                raise ValueError(f"{name}={value!r} does not fit the step's {dtype} column") from None
+            if dtype.kind == "f" and not np.isfinite(cell[0]):
+                raise ValueError(f"{name}={value!r} does not fit the step's {dtype} column")
+
     def forget(self) -> None:
         self._memo.clear()
 

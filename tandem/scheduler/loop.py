@@ -133,6 +133,21 @@ class EngineCore(ResultHandling, WorkerSupervision):
         else:
             log.warning("ignoring unexpected message %s", type(msg).__name__)
 
+    def _handle_input_safely(self, msg: object, out: OutputBatch) -> None:
+        """One request's data must never take the scheduler down: whatever it raises fails it."""
+        try:
+            self._handle_input(msg, out)
+        except Exception as e:
+            log.exception("failed to handle %s", type(msg).__name__)
+            rid = getattr(msg, "request_id", None)
+            if isinstance(msg, SubmitRequest) and isinstance(rid, str):
+                why = f"scheduler could not take the request: {type(e).__name__}: {e}"
+                seq = self.sched.by_request.get(rid)
+                if seq is not None:
+                    self._fail(seq, "internal", why, out)
+                else:
+                    out.errors.append(RequestError(rid, "internal", why))
+
     def _admit(self, req: SubmitRequest, out: OutputBatch) -> None:
         if self.draining:
             out.errors.append(RequestError(req.request_id, "shutting_down", "server is shutting down"))
@@ -145,6 +160,8 @@ class EngineCore(ResultHandling, WorkerSupervision):
                 raise AdmissionError(
                     "invalid_request", f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})"
                 )
+            if not isinstance(req.request_id, str) or not isinstance(req.prompt_token_ids, list):
+                raise AdmissionError("invalid_request", "malformed request")
             n = len(req.prompt_token_ids)
             max_tokens = req.params.max_tokens or (self.context_length - n)
             seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
@@ -157,6 +174,7 @@ class EngineCore(ResultHandling, WorkerSupervision):
                 seed=seed,
                 max_tokens=max_tokens,
             )
+            self.packer.check_params(seq, self.ring.slot(0))
             self.sched.add(seq)
         except AdmissionError as e:
             out.errors.append(RequestError(req.request_id, e.code, str(e)))
@@ -173,10 +191,15 @@ class EngineCore(ResultHandling, WorkerSupervision):
         batch = self.sched.schedule(self.step)
         if batch is None:
             return False
-        slot_index = self.free_slots.popleft()
-        bell = self.packer.pack(
-            batch, self.ring.slot(slot_index), slot_index, self.sched.blocks.block_tables()
-        )
+        slot_index = self.free_slots[0]
+        try:
+            bell = self.packer.pack(
+                batch, self.ring.slot(slot_index), slot_index, self.sched.blocks.block_tables()
+            )
+        except Exception as e:
+            self._drop_unpackable(batch, e)
+            return True
+        self.free_slots.popleft()
         self.bells.send(encode(bell))
         log.debug("step %d sent: %d seqs, %d tokens", batch.step, len(batch.items), batch.num_tokens)
         self.inflight.append((batch, time.monotonic()))
@@ -185,6 +208,19 @@ class EngineCore(ResultHandling, WorkerSupervision):
             if it.start == 0 and it.seq.admitted_time == 0.0:
                 it.seq.admitted_time = time.monotonic()
         return True
+
+    def _drop_unpackable(self, batch: ScheduledBatch, error: Exception) -> None:
+        """A step that cannot be packed (admission checks make this a bug, not a request's fault)
+        fails the requests in it and the loop goes on. The step never runs, so the prefix-cache
+        entries it committed would name KV that is never written: forget them all."""
+        log.exception("could not pack step %d; failing its %d requests", batch.step, len(batch.items))
+        out = OutputBatch()
+        why = f"the scheduler could not pack the step: {type(error).__name__}: {error}"
+        for it in batch.items:
+            self._fail(it.seq, "internal", why, out)
+        self.sched.blocks.reset_prefix_cache()
+        self.packer.forget()
+        self._send(out)
 
     def run(self) -> None:
         assert self.worker is not None
@@ -211,7 +247,7 @@ class EngineCore(ResultHandling, WorkerSupervision):
                         break
             if self.inbox in events:
                 for msg in drain(self.inbox, "scheduler"):
-                    self._handle_input(msg, out)
+                    self._handle_input_safely(msg, out)
             if self.results in events:
                 for msg in drain(self.results, "scheduler"):
                     self._process_result(msg, out)

@@ -249,3 +249,25 @@ def test_int8_weight_mode_serves_requests(tiny_gguf: Path) -> None:
         assert out.finished is not None and len(out.token_ids) == 6
     finally:
         eng.close()
+
+
+def test_one_requests_bad_data_never_kills_the_scheduler(engine) -> None:
+    """Frames that bypass the gateway's validation (a buggy or hostile peer of the scheduler
+    socket) fail their own request; the scheduler keeps serving everyone else."""
+    bad = {
+        "huge_top_k": ([5, 6], SamplingParams(max_tokens=2, top_k=2**31)),
+        "logits_300": ([5, 6], SamplingParams(max_tokens=2, return_logits=300)),  # type: ignore[arg-type]
+        "str_token": ([5, "six"], SamplingParams(max_tokens=2)),  # type: ignore[list-item]
+        "str_temp": ([5, 6], SamplingParams(max_tokens=2, temperature="hot")),  # type: ignore[arg-type]
+        "stop_ids": ([5, 6], SamplingParams(max_tokens=2, stop_token_ids=[2**40])),
+    }
+    good = {"good": ([5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0))}
+    out = run_all(engine, {**bad, **good}, timeout=30)
+    for rid in bad:
+        assert out[rid].terminals == 1 and out[rid].error is not None, rid
+        assert out[rid].error.code in ("invalid_request", "internal"), rid
+    assert "top_k" in out["huge_top_k"].error.message
+    assert "return_logits" in out["logits_300"].error.message
+    assert out["good"].error is None and len(out["good"].token_ids) == 4
+    again = run_all(engine, good, timeout=30)["good"]
+    assert again.token_ids == out["good"].token_ids
