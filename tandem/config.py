@@ -27,9 +27,14 @@ class EngineConfig:
     overlap: bool = True
     ring_depth: int = 2
     enable_prefix_caching: bool = True
-    step_timeout: float = 120.0  # seconds without a result before the worker counts as hung
-    max_worker_restarts: int = 2
+    # Seconds a step may run past its expected duration before the worker counts as hung
+    # (scheduler/watchdog.py derives the expected duration from measured step times).
+    step_timeout: float = 10.0
+    # The worker is restarted after each death, until it dies this often within the window.
+    max_worker_deaths: int = 3
+    worker_death_window: float = 60.0
     threads: int | None = None  # torch intra-op threads in the worker (CPU)
+    inject_fault: str = ""  # test hook for the fault tests: see gpu_worker/faults.py
     log_level: int = logging.WARNING
     runtime_dir: Path | None = None  # set by whoever starts the engine
 
@@ -37,6 +42,10 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue", "kv_cache_memory"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.step_timeout > 0:
+            raise ValueError(f"step_timeout must be > 0 seconds, got {self.step_timeout}")
+        if self.max_worker_deaths < 1:
+            raise ValueError(f"max_worker_deaths must be >= 1, got {self.max_worker_deaths}")
         if self.ring_depth < 2:
             raise ValueError(f"ring_depth must be >= 2, got {self.ring_depth}")
         if self.context_length is not None and self.context_length < 2:
@@ -59,3 +68,4 @@ class WorkerConfig:
     results_endpoint: str
     max_num_batched_tokens: int = 512
     threads: int | None = None
+    inject_fault: str = ""

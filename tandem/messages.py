@@ -380,6 +380,7 @@ class RequestError:
     request_id: str
     code: str  # "invalid_request" | "busy" | "context_length" | "worker_died" | "internal" | ...
     message: str
+    retry_after_s: float = 0.0  # busy: the scheduler's estimate of the wait until the queue has room
 
 
 @message(16)
@@ -418,6 +419,7 @@ class Stats:
     memory_plan: dict[str, Any] = field(default_factory=dict)
     max_queue: int = 0
     worker_restarts: int = 0
+    step_overdue_s: float = 0.0  # how far the oldest step in flight is past due (0: on time)
 
 
 # --------------------------------------------------------------------------------------

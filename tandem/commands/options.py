@@ -81,6 +81,16 @@ def engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--no-overlap", is_flag=True, help="Wait for each step before preparing the next."),
         click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads of the worker."),
+        click.option(
+            "--step-timeout",
+            type=click.FloatRange(0, min_open=True),
+            default=EngineConfig.step_timeout,
+            show_default=True,
+            help="Seconds a step may run past its expected duration (measured) before the worker "
+            "counts as hung and is restarted.",
+        ),
+        # Test hook: makes the worker misbehave on purpose (the fault tests), never for users.
+        click.option("--inject-fault", default="", hidden=True),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -100,6 +110,8 @@ def engine_config(model_path: str, model_name: str, kw: dict[str, Any], log_leve
         context_length=kw["context_length"],
         overlap=not kw["no_overlap"],
         threads=kw["threads"],
+        step_timeout=kw["step_timeout"],
+        inject_fault=kw["inject_fault"],
         log_level=log_level,
     )
 

@@ -15,6 +15,7 @@ import zmq
 
 from tandem.actors import ActorContext
 from tandem.config import WorkerConfig
+from tandem.gpu_worker.faults import FaultPlan
 from tandem.gpu_worker.runner import ModelRunner, PendingResult
 from tandem.messages import Doorbell, StepResult, decode, encode
 from tandem.shm import RingSegment
@@ -27,6 +28,7 @@ def worker_main(ctx: ActorContext) -> None:
     ring = RingSegment.from_handle(cfg.ring)
     ctx.add_cleanup(ring.close)
     runner = ModelRunner(cfg)
+    faults = FaultPlan(cfg.inject_fault)
     bells = ctx.zmq_ctx.socket(zmq.PULL)
     bells.setsockopt(zmq.LINGER, 0)
     bells.connect(cfg.doorbell_endpoint)
@@ -69,6 +71,7 @@ def worker_main(ctx: ActorContext) -> None:
         bell = decode(bells.recv())
         assert isinstance(bell, Doorbell), bell
         idle_ms = 0.0 if pending is not None else (time.perf_counter() - last_done) * 1000
+        faults.before_step(bell.step)
         try:
             launched = runner.launch(ring.slot(bell.slot), bell, idle_ms)
         except Exception as exc:  # one bad step fails its requests, not the server

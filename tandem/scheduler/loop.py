@@ -36,6 +36,7 @@ from tandem.scheduler.results import ResultHandling
 from tandem.scheduler.scheduler import AdmissionError, ScheduledBatch
 from tandem.scheduler.sequence import Sequence
 from tandem.scheduler.supervision import WorkerSupervision
+from tandem.scheduler.watchdog import StepWatchdog
 from tandem.shm import RingSegment, batch_layout, cleanup_stale_segments
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,9 @@ class EngineCore(ResultHandling, WorkerSupervision):
         self.worker: ActorHandle | None = None
         self.memory_plan: dict = {}
         self.restarts = 0
+        self.deaths: deque[float] = deque()  # monotonic times of worker deaths, within the window
+        self.watchdog = StepWatchdog(cfg.step_timeout)
+        self.last_result_time = 0.0
         self._start_worker()
         self.sched = self._new_scheduler()
         self.out = OutputProcessor(self.tokenizer, self.context_length)

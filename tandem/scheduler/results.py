@@ -20,6 +20,7 @@ from tandem.scheduler.sequence import SeqStatus, Sequence
 if TYPE_CHECKING:
     from tandem.scheduler.output import OutputProcessor
     from tandem.scheduler.scheduler import ScheduledBatch, Scheduler
+    from tandem.scheduler.watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class ResultHandling:
     generated_tokens_total: int
     step_ms_ewma: float
     idle_ms_ewma: float
+    watchdog: StepWatchdog
+    last_result_time: float
 
     def _process_result(self, res: StepResult, out: OutputBatch) -> None:
         if not self.inflight or res.step < self.inflight[0][0].step:
@@ -48,7 +51,11 @@ class ResultHandling:
         if res.step != batch.step:
             raise RuntimeError(f"worker answered step {res.step}, expected {batch.step}")
         self.free_slots.append(res.slot)
-        elapsed = (time.monotonic() - sent) * 1000
+        now = time.monotonic()
+        # The time the step could run (the watchdog's own clock), not the worker's report of it.
+        self.watchdog.observe(batch.num_tokens, (now - max(sent, self.last_result_time)) * 1000)
+        self.last_result_time = now
+        elapsed = (now - sent) * 1000
         self.step_ms_ewma = 0.9 * self.step_ms_ewma + 0.1 * elapsed if self.step_ms_ewma else elapsed
         self.idle_ms_ewma = 0.9 * self.idle_ms_ewma + 0.1 * res.idle_ms
         sampled = [it for it in batch.items if it.sample]

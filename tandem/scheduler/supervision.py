@@ -17,6 +17,7 @@ from tandem.messages import OutputBatch, Stats
 from tandem.scheduler.block_manager import BlockManager
 from tandem.scheduler.scheduler import Scheduler, SchedulerLimits
 from tandem.scheduler.sequence import SeqStatus
+from tandem.scheduler.watchdog import StepWatchdog
 
 if TYPE_CHECKING:
     from tandem.scheduler.batch import Packer
@@ -39,6 +40,9 @@ class WorkerSupervision:
     worker: ActorHandle | None
     memory_plan: dict
     restarts: int
+    deaths: deque[float]
+    watchdog: StepWatchdog
+    last_result_time: float
     sched: Scheduler
     inflight: deque[tuple[ScheduledBatch, float]]
     free_slots: deque[int]
@@ -64,6 +68,7 @@ class WorkerSupervision:
             results_endpoint=self.results_addr,
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             threads=cfg.threads,
+            inject_fault=cfg.inject_fault,
         )
         assert cfg.runtime_dir is not None
         spec = ActorSpec(
@@ -85,17 +90,29 @@ class WorkerSupervision:
         )
         return Scheduler(limits, blocks)
 
+    def _oldest_step_age(self, now: float) -> tuple[float, int] | None:
+        """(seconds the oldest step in flight has been able to run, its batched tokens)."""
+        if not self.inflight:
+            return None
+        batch, sent = self.inflight[0]
+        return now - max(sent, self.last_result_time), batch.num_tokens
+
+    def step_overdue_s(self) -> float:
+        oldest = self._oldest_step_age(time.monotonic())
+        return 0.0 if oldest is None else self.watchdog.overdue_s(*oldest)
+
     def _check_worker(self) -> None:
         assert self.worker is not None
         self.worker.handle_control()
         problem = self.worker.check()
-        if problem is None and self.inflight:
-            waited = time.monotonic() - self.inflight[0][1]
-            if waited > self.cfg.step_timeout:
-                problem = (
-                    f"worker made no progress for {waited:.1f} s (step timeout {self.cfg.step_timeout} s)"
-                )
-                self.worker.kill()
+        oldest = self._oldest_step_age(time.monotonic())
+        if problem is None and oldest is not None and self.watchdog.hung(*oldest):
+            age, tokens = oldest
+            problem = (
+                f"worker made no progress: a step of {tokens} tokens has run for {age:.1f} s "
+                f"(step timeout {self.cfg.step_timeout:g} s past its expected duration)"
+            )
+            self.worker.kill()
         if problem is None:
             return
         log.error("%s", problem)
@@ -106,15 +123,27 @@ class WorkerSupervision:
         self.free_slots = deque(range(self.cfg.ring_depth))
         self.packer.forget()  # the slots' rows are rewritten in full from here
         self.worker.stop(timeout=1.0)
-        if self.restarts >= self.cfg.max_worker_restarts:
+        now = time.monotonic()
+        self.deaths.append(now)
+        while self.deaths and self.deaths[0] < now - self.cfg.worker_death_window:
+            self.deaths.popleft()
+        if len(self.deaths) >= self.cfg.max_worker_deaths:
             for seq in list(self.sched.waiting):
                 self._fail(seq, "worker_died", problem, out)
             self._send(out)
-            raise RuntimeError(f"giving up after {self.restarts} worker restarts: {problem}")
+            raise RuntimeError(
+                f"giving up: the worker died {len(self.deaths)} times within "
+                f"{self.cfg.worker_death_window:g} s; last: {problem}"
+            )
         self._send(out)
         self.restarts += 1
         waiting = list(self.sched.waiting)
-        log.warning("restarting the worker (restart %d of %d)", self.restarts, self.cfg.max_worker_restarts)
+        log.warning(
+            "restarting the worker (restart %d; %d deaths in the last %g s)",
+            self.restarts,
+            len(self.deaths),
+            self.cfg.worker_death_window,
+        )
         try:
             self._start_worker()
         except ActorStartError as e:
@@ -153,4 +182,5 @@ class WorkerSupervision:
             memory_plan=self.memory_plan,
             max_queue=self.cfg.max_queue,
             worker_restarts=self.restarts,
+            step_overdue_s=self.step_overdue_s(),
         )

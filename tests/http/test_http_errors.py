@@ -278,7 +278,7 @@ def dead_engine_server(tiny_gguf: Path) -> Iterator[tuple[str, dict]]:
     ready = threading.Event()
 
     async def main() -> None:
-        cfg = EngineConfig(str(tiny_gguf), "tiny:latest", kv_cache_memory=64 << 20, max_worker_restarts=0)
+        cfg = EngineConfig(str(tiny_gguf), "tiny:latest", kv_cache_memory=64 << 20, max_worker_deaths=1)
         engine = await AsyncEngine(cfg).start()
         app = build_app(engine, HttpSettings())
         server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning", lifespan="off"))

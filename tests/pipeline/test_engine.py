@@ -271,3 +271,64 @@ def test_one_requests_bad_data_never_kills_the_scheduler(engine) -> None:
     assert out["good"].error is None and len(out["good"].token_ids) == 4
     again = run_all(engine, good, timeout=30)["good"]
     assert again.token_ids == out["good"].token_ids
+
+
+def test_hung_compute_with_live_heartbeats_is_caught_by_the_progress_watchdog(tiny_gguf: Path) -> None:
+    """The worker's compute thread blocks at step 6 while its heartbeat thread runs on: only the
+    progress watchdog can tell. The step is reported overdue, then handled as a crash."""
+    eng = make_engine(tiny_gguf, step_timeout=1.0, inject_fault="hang@6")
+    try:
+        outcomes = {"h": Outcome()}
+        submit(eng, "h", PROMPTS[0], SamplingParams(max_tokens=500, temperature=0.0))
+        pump(eng, outcomes, until=lambda o: len(o["h"].token_ids) >= 3)
+        t0 = time.monotonic()
+        overdue = 0.0
+        while overdue == 0.0 and time.monotonic() - t0 < 5:
+            overdue = stats(eng).step_overdue_s
+        assert overdue > 0.0, "the hung step was never reported overdue"
+        pump(eng, outcomes, timeout=10)
+        waited = time.monotonic() - t0
+        o = outcomes["h"]
+        assert o.terminals == 1 and o.error is not None and o.error.code == "worker_died"
+        assert "no progress" in o.error.message, o.error.message
+        assert waited < 5, f"hang detected only after {waited:.1f} s"
+        after = run_all(eng, {"after": (PROMPTS[1], SamplingParams(max_tokens=5, temperature=0.0))}, 60)
+        assert after["after"].finished is not None and len(after["after"].token_ids) == 5
+        s = stats(eng)
+        assert s.worker_restarts == 1 and s.step_overdue_s == 0.0
+    finally:
+        eng.close()
+
+
+def test_worker_deaths_far_apart_never_exhaust_the_restarts(tiny_gguf: Path) -> None:
+    """Deaths count within a sliding window: three spread out past it are each restarted."""
+    eng = make_engine(tiny_gguf, max_worker_deaths=2, worker_death_window=0.5)
+    try:
+        for i in range(3):
+            os.kill(stats(eng).memory_plan["worker_pid"], signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while stats(eng).worker_restarts <= i and time.monotonic() < deadline:
+                time.sleep(0.1)
+            req = {f"r{i}": (PROMPTS[1], SamplingParams(max_tokens=3, temperature=0.0))}
+            out = run_all(eng, req, timeout=60)[f"r{i}"]
+            assert out.finished is not None, out.error
+            time.sleep(0.6)
+        assert stats(eng).worker_restarts == 3
+        assert eng.check() is None
+    finally:
+        eng.close()
+
+
+def test_worker_deaths_within_the_window_stop_the_engine(tiny_gguf: Path) -> None:
+    eng = make_engine(tiny_gguf, max_worker_deaths=2, worker_death_window=60.0)
+    try:
+        os.kill(stats(eng).memory_plan["worker_pid"], signal.SIGKILL)
+        run_all(eng, {"a": (PROMPTS[1], SamplingParams(max_tokens=3, temperature=0.0))}, timeout=60)
+        os.kill(stats(eng).memory_plan["worker_pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while eng.check() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        problem = eng.check()
+        assert problem is not None and "2 times within 60 s" in problem, problem
+    finally:
+        eng.close()

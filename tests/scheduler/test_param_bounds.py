@@ -69,7 +69,9 @@ def _seq(params: SamplingParams) -> Sequence:
     return Sequence(0, "r", 3, [1, 2, 3], params, params.seed or 0, params.max_tokens or 8)
 
 
-@pytest.mark.parametrize(("field", "ok", "past"), _EDGE, ids=[f"{f}-{i}" for i, (f, _, _) in enumerate(_EDGE)])
+@pytest.mark.parametrize(
+    ("field", "ok", "past"), _EDGE, ids=[f"{f}-{i}" for i, (f, _, _) in enumerate(_EDGE)]
+)
 def test_bound_passes_and_packs_one_past_is_refused(field: str, ok: object, past: object, slot) -> None:
     params = SamplingParams(**{field: ok})
     params.validate()

@@ -65,6 +65,10 @@ def _add_base_routes(app: FastAPI, gw: Gateway) -> None:
         if gw.engine.dead is not None or stats is None or not stats.worker_alive:
             reason = gw.engine.dead or ("the scheduler did not answer" if stats is None else "worker is down")
             return JSONResponse({"status": "unavailable", "error": reason}, status_code=503)
+        if stats.step_overdue_s > 0:
+            # Stuck, not dead: the watchdog restarts the worker if the step stays overdue.
+            reason = f"a step is {stats.step_overdue_s:.1f} s past its expected duration"
+            return JSONResponse({"status": "degraded", "error": reason}, status_code=503)
         return JSONResponse(
             {
                 "status": "ok",
