@@ -130,7 +130,7 @@ class AsyncEngine:
                 ev = await queue.get()
                 if isinstance(ev, RequestError):
                     finished = True
-                    raise EngineError(ev.code, ev.message)
+                    raise EngineError(ev.code, ev.message, ev.retry_after_s)
                 if isinstance(ev, Finished):
                     finished = True
                 yield ev

@@ -26,9 +26,10 @@ from tandem.messages import (
 
 
 class EngineError(RuntimeError):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after_s: float = 0.0) -> None:
         super().__init__(message)
         self.code = code
+        self.retry_after_s = retry_after_s  # busy: the scheduler's estimate of the wait
 
 
 @dataclass
@@ -68,7 +69,7 @@ def stream(
             for err in msg.errors:
                 if err.request_id == rid:
                     done = True
-                    raise EngineError(err.code, err.message)
+                    raise EngineError(err.code, err.message, err.retry_after_s)
             for d in msg.deltas:
                 if d.request_id == rid:
                     yield d

@@ -101,6 +101,7 @@ class EngineCore(ResultHandling, WorkerSupervision):
         # stats
         self.prompt_tokens_total = 0
         self.generated_tokens_total = 0
+        self.mean_completion_tokens = 0.0  # running average over finished requests
         self.step_ms_ewma = 0.0
         self.idle_ms_ewma = 0.0
 
@@ -181,9 +182,30 @@ class EngineCore(ResultHandling, WorkerSupervision):
             self.packer.check_params(seq, self.ring.slot(0))
             self.sched.add(seq)
         except AdmissionError as e:
-            out.errors.append(RequestError(req.request_id, e.code, str(e)))
+            retry = self.queue_wait_s() if e.code == "busy" else 0.0
+            out.errors.append(RequestError(req.request_id, e.code, str(e), retry))
         except ValueError as e:  # InvalidParameterError and friends
             out.errors.append(RequestError(req.request_id, "invalid_request", str(e)))
+
+    def queue_wait_s(self) -> float:
+        """Seconds until the full queue has room again. A queued request leaves the queue when
+        it is admitted, which (the batch being full) happens when a running request finishes:
+        the soonest of those is expected after its remaining tokens times the measured step
+        time. A request that may stop at EOS is expected to end near the mean length of recent
+        replies (or, past it, within a quarter of it more)."""
+        step_s = (self.watchdog.ms_per_step or 50.0) / 1000
+        running = self.sched.running
+        if len(running) < self.cfg.max_num_seqs:
+            return step_s  # the batch has room: the queue moves as soon as KV blocks free up
+        mean = self.mean_completion_tokens
+
+        def tokens_left(seq: Sequence) -> float:
+            left = float(seq.max_tokens - seq.num_outputs)
+            if not seq.params.ignore_eos and mean > 0:
+                left = min(left, max(mean - seq.num_outputs, mean / 4))
+            return max(1.0, left)
+
+        return min(map(tokens_left, running)) * step_s
 
     # -- the pipeline --------------------------------------------------------------------
     def _max_inflight(self) -> int:

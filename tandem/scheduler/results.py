@@ -40,6 +40,7 @@ class ResultHandling:
     idle_ms_ewma: float
     watchdog: StepWatchdog
     last_result_time: float
+    mean_completion_tokens: float
 
     def _process_result(self, res: StepResult, out: OutputBatch) -> None:
         if not self.inflight or res.step < self.inflight[0][0].step:
@@ -120,12 +121,16 @@ class ResultHandling:
         self.out.release(seq)
         first = seq.first_token_time or now
         admitted = seq.admitted_time or now
+        completion = len(seq.token_ids) - seq.prompt_len
+        if reason != "cancelled":
+            m = self.mean_completion_tokens
+            self.mean_completion_tokens = completion if m == 0 else 0.8 * m + 0.2 * completion
         out.finished.append(
             Finished(
                 request_id=seq.request_id,
                 finish_reason=reason,
                 prompt_tokens=seq.prompt_len,
-                completion_tokens=len(seq.token_ids) - seq.prompt_len,
+                completion_tokens=completion,
                 cached_tokens=seq.num_cached,
                 stop_reason=stop_reason,
                 queued_s=max(0.0, admitted - seq.arrival_time),

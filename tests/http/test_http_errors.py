@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -206,6 +207,39 @@ def test_queue_full_is_503_with_retry_after(server: Server) -> None:
         queued.close()  # B leaves while still queued: it must leave the queue too
         wait_for(lambda: server.ps()["waiting"] == 0)
     wait_for(lambda: server.ps()["running"] == 0)
+
+
+def test_retry_after_is_within_3x_of_the_actual_wait(server: Server) -> None:
+    """Retry-After is the scheduler's estimate from its measured step time and the running
+    request's remaining tokens; a client that waits that long gets in."""
+    calib = {
+        "model": "tiny",
+        "prompt": "x",
+        "stream": False,
+        "options": {"num_predict": 200, "ignore_eos": True},
+    }
+    t = time.monotonic()
+    assert post(server, "/api/generate", calib).status_code == 200
+    per_token = (time.monotonic() - t) / 200
+    n = min(TINY_CONTEXT - 64, max(200, int(5.0 / per_token)))  # runs for seconds
+    gen = {"model": "tiny", "prompt": "x", "options": {"num_predict": n, "ignore_eos": True}}
+    with httpx.Client(base_url=server.url, timeout=60) as c, c.stream("POST", "/api/generate", json=gen) as a:
+        assert a.status_code == 200
+        lines = a.iter_lines()  # kept: dropping the iterator would close the stream
+        next(lines)  # A runs
+        queued = _raw_request(server, "/api/generate", {**gen, "options": {"num_predict": 1}})
+        wait_for(lambda: server.ps()["waiting"] == 1)
+        r = post(server, "/api/generate", {**gen, "stream": False})
+        refused_at = time.monotonic()
+        assert r.status_code == 503
+        retry_after = int(r.headers["Retry-After"])
+        probe = {"model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": 1}}
+        while post(server, "/api/generate", probe).status_code == 503:
+            time.sleep(0.05)
+        waited = time.monotonic() - refused_at
+        queued.close()
+    assert retry_after / 3 <= waited <= retry_after * 3, (retry_after, waited)
+    wait_for(lambda: server.ps()["running"] == 0 and server.ps()["waiting"] == 0, timeout=30)
 
 
 def test_client_disconnect_frees_slot_and_blocks(server: Server) -> None:

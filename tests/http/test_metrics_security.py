@@ -117,22 +117,3 @@ def test_binds_loopback_by_default(tiny_server: Server) -> None:
     from tandem.gateway.server import server_info_path as server_side
 
     assert client_side() == server_side()
-
-
-def test_retry_after_is_queued_work_over_measured_rate() -> None:
-    import dataclasses
-    import time
-
-    from tandem.gateway.http.metrics import Metrics
-    from tandem.messages import Stats
-
-    fields = {f.name: 0 for f in dataclasses.fields(Stats) if f.default is dataclasses.MISSING}
-    stats = Stats(**{**fields, "worker_alive": True, "overlap": True, "waiting": 4})
-    m = Metrics()
-    assert m.retry_after(stats) == 1  # nothing measured yet: the floor
-    now = time.monotonic()
-    m.rate.add(500, now - 5)
-    m.rate.add(500, now)  # 1000 tokens in 5 s: 200 tokens/s
-    m.rate.finished(100)  # requests produce about 100 tokens
-    assert m.retry_after(stats) == 2  # 4 queued x 100 tokens / 200 tokens/s
-    assert m.retry_after(dataclasses.replace(stats, waiting=40)) == 20

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 
 from starlette.responses import JSONResponse, Response
@@ -47,14 +48,16 @@ _ENGINE_STATUS: dict[str, tuple[int, str]] = {
 }
 
 
-def from_engine_error(e: EngineError, retry_after: int | None = None) -> ApiError:
+def from_engine_error(e: EngineError) -> ApiError:
     status, code = _ENGINE_STATUS.get(e.code, (500, "internal_error"))
     message = str(e)
     if e.code == "busy" and "server busy" not in message:
         message = f"server busy: {message}"
     if status == 500:
         log.error("engine error %s: %s", e.code, message)
-    headers = {"Retry-After": str(retry_after)} if e.code == "busy" and retry_after else {}
+    # Whole seconds (RFC 9110), rounded up, never 0: a client that retries at once would only
+    # be refused again.
+    headers = {"Retry-After": str(max(1, math.ceil(e.retry_after_s)))} if e.code == "busy" else {}
     return ApiError(status, message, code=code, headers=headers)
 
 

@@ -75,21 +75,16 @@ class _StatsCollector(Collector):
 
 
 class TokenRate:
-    """Tokens per second streamed over the last ``window`` seconds, and tokens per request."""
+    """Tokens per second streamed over the last ``window`` seconds."""
 
     def __init__(self, window: float = 10.0) -> None:
         self.window = window
         self._events: deque[tuple[float, int]] = deque()
-        self.mean_completion = 0.0
 
     def add(self, n: int, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         self._events.append((now, n))
         self._prune(now)
-
-    def finished(self, completion_tokens: int) -> None:
-        m = self.mean_completion
-        self.mean_completion = completion_tokens if m == 0 else 0.8 * m + 0.2 * completion_tokens
 
     def per_second(self, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now
@@ -142,14 +137,3 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-    def retry_after(self, stats: Stats | None) -> int:
-        """Seconds until the queue has likely drained by one request: queued work / token rate."""
-        rate = self.rate.per_second()
-        if rate <= 0 and stats is not None and stats.step_time_ms_avg > 0:
-            rate = 1000.0 / stats.step_time_ms_avg * max(1, stats.running)
-        if rate <= 0:
-            return 1
-        waiting = stats.waiting if stats is not None else 1
-        per_request = self.rate.mean_completion or 128.0
-        return int(min(300, max(1, round(max(1, waiting) * per_request / rate))))

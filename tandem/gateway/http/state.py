@@ -160,10 +160,7 @@ class Gateway:
         return None
 
     async def api_error(self, e: EngineError) -> ApiError:
-        retry = None
-        if e.code == "busy":
-            retry = self.metrics.retry_after(await self.stats(timeout=1.0))
-        return from_engine_error(e, retry)
+        return from_engine_error(e)
 
 
 def gateway_of(request: Request) -> Gateway:

@@ -194,7 +194,6 @@ class Generation:
                 m.rate.add(n, now)
         else:
             self.finished = ev
-            m.rate.finished(ev.completion_tokens)
             self._record(ev.finish_reason)
         return ev
 
