@@ -52,6 +52,7 @@ class AsyncEngine:
         self._reader: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self.dead: str | None = None  # why the engine stopped working, once it has
+        self._died = asyncio.Event()  # set together with ``dead``
         self.started_at = 0.0
         self.load_seconds = 0.0
         self._qid = 0
@@ -122,8 +123,7 @@ class AsyncEngine:
         self._queues[rid] = queue
         finished = False
         try:
-            assert self.process.to_sched is not None
-            await self.process.to_sched.send(
+            await self._send_unless_dead(
                 encode(SubmitRequest(rid, list(prompt_ids), params, time.monotonic()))
             )
             while True:
@@ -141,6 +141,22 @@ class AsyncEngine:
             if not finished and self.dead is None and self.process.to_sched is not None:
                 with contextlib.suppress(Exception):
                     await self.process.to_sched.send(encode(CancelRequest(rid, "client went away")))
+
+    async def _send_unless_dead(self, frame: bytes) -> None:
+        """Send to the scheduler, or raise worker_died if the engine dies first: a PUSH whose
+        peer is gone blocks until the peer reconnects, which a dead scheduler never does, and
+        the request would then end with the server's shutdown instead of the engine's error."""
+        assert self.process.to_sched is not None
+        send = asyncio.ensure_future(self.process.to_sched.send(frame))
+        died = asyncio.ensure_future(self._died.wait())
+        try:
+            await asyncio.wait({send, died}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            died.cancel()
+        if not send.done():
+            send.cancel()
+            raise EngineError("worker_died", self.dead or "the engine stopped")
+        send.result()
 
     async def stats(self, timeout: float = 5.0) -> Stats:
         if self.dead is not None or self.process.to_sched is None:
@@ -191,6 +207,7 @@ class AsyncEngine:
             problem = self.process.check()
             if problem:
                 self.dead = problem
+                self._died.set()
                 log.error("engine failed: %s", problem)
                 self._fail_all("worker_died", problem)
 

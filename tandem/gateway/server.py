@@ -22,6 +22,8 @@ from tandem.paths import tandem_home
 
 log = logging.getLogger(__name__)
 
+DEAD_ENGINE_GRACE_S = 1.0  # how long the front ends keep answering after the engine died
+
 
 @dataclass
 class ServeConfig:
@@ -81,6 +83,9 @@ class Server:
                     await asyncio.wait_for(self._stop.wait(), 0.5)
                 if self.engine.dead is not None:
                     log.error("engine died: %s", self.engine.dead)
+                    # Requests that arrive meanwhile get the engine's error (503) instead of a
+                    # connection closed under them, then the server exits non-zero.
+                    await asyncio.sleep(DEAD_ENGINE_GRACE_S)
                     break
         finally:
             await self._shutdown()
