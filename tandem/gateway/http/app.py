@@ -13,11 +13,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, Response
 
 from tandem.gateway.async_engine import AsyncEngine
 from tandem.gateway.http import ollama_models, ollama_routes, openai_routes
 from tandem.gateway.http.errors import ApiError, BodyTooLarge, error_response
+from tandem.gateway.http.formats import JSONResponse
 from tandem.gateway.http.middleware import GuardMiddleware, allowed_names
 from tandem.gateway.http.state import Gateway, HttpSettings
 from tandem.gateway.http.streaming import ClientGone

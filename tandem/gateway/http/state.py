@@ -15,6 +15,7 @@ from tandem import __version__
 from tandem.gateway.async_engine import AsyncEngine
 from tandem.gateway.http.errors import ApiError, from_engine_error
 from tandem.gateway.http.metrics import Metrics
+from tandem.gateway.http.params import bad
 from tandem.gateway.local import EngineError
 from tandem.messages import Stats
 from tandem.models.chat_template import ChatTemplateError
@@ -46,6 +47,16 @@ def _canonical(name: str) -> str | None:
         return None
 
 
+def check_name(name: str, param: str = "model") -> None:
+    """400 naming ``param`` when ``name`` cannot be a model name at all (rather than a 404)."""
+    from tandem.models.registry import InvalidModelNameError, canonical_name
+
+    try:
+        canonical_name(name)
+    except InvalidModelNameError as e:
+        raise bad(param, str(e)) from None
+
+
 class Gateway:
     def __init__(self, engine: AsyncEngine, settings: HttpSettings) -> None:
         self.engine = engine
@@ -69,6 +80,7 @@ class Gateway:
             raise ApiError(400, "invalid parameter 'model': must be a string", param="model")
         if self.serves(name):
             return name
+        check_name(name)
         raise self.not_found(name)
 
     def not_found(self, name: str) -> ApiError:
