@@ -30,6 +30,7 @@ _INLINE_TOKENIZE_CHARS = 4096  # longer inputs are tokenized in a thread so the 
 @dataclass
 class HttpSettings:
     allowed_hosts: tuple[str, ...] = ()  # Host header names accepted besides loopback ones
+    origins: tuple[str, ...] = ()  # Origin patterns allowed besides local pages and apps ('*': all)
     max_body_bytes: int = 8 * 2**20
     aliases: tuple[str, ...] = ()  # more names the loaded model answers to
     zmq_endpoints: tuple[str, ...] = ()
