@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -13,6 +14,29 @@ from tandem.commands.options import current_log_level, engine_config, engine_opt
 def _split_host(value: str) -> tuple[str, int | None]:
     host, _, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
     return (host or value), (int(port) if port.isdigit() else None)
+
+
+def _origins(flags: tuple[str, ...]) -> tuple[str, ...]:
+    """--origins and $TANDEM_ORIGINS (comma-separated) together, checked before the model loads."""
+    from tandem.gateway.http.middleware import OriginPolicy
+
+    env = tuple(o.strip() for o in os.environ.get("TANDEM_ORIGINS", "").split(",") if o.strip())
+    try:
+        OriginPolicy((*flags, *env))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--origins' / TANDEM_ORIGINS") from None
+    return (*flags, *env)
+
+
+def _allowed_hosts(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    from tandem.gateway.http.middleware import configured_host
+
+    for v in value:
+        try:
+            configured_host(v)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+    return value
 
 
 @click.command()
@@ -33,7 +57,16 @@ def _split_host(value: str) -> tuple[str, int | None]:
 )
 @click.option("--no-http", is_flag=True, help="Serve only the ZeroMQ protocol.")
 @click.option(
-    "--allowed-host", multiple=True, help="Extra Host header names to accept (DNS rebinding guard)."
+    "--allowed-host",
+    multiple=True,
+    callback=_allowed_hosts,
+    help="Extra Host header names to accept (DNS rebinding guard).",
+)
+@click.option(
+    "--origins",
+    multiple=True,
+    help="Extra web origins allowed to call the server (repeatable; '*' = all, "
+    "https://*.example.com); also $TANDEM_ORIGINS, comma-separated.",
 )
 @click.option(
     "--drain-timeout",
@@ -50,6 +83,7 @@ def serve(
     zmq_port: int | None,
     no_http: bool,
     allowed_host: tuple[str, ...],
+    origins: tuple[str, ...],
     drain_timeout: float,
     **kw: Any,
 ) -> None:
@@ -59,6 +93,7 @@ def serve(
     from tandem.models.store import ensure_model
 
     h, p = _split_host(host)
+    allowed_origins = _origins(origins)
     ref = ensure_model(model, progress=True)
     cfg = ServeConfig(
         engine=engine_config(str(ref.path), ref.name, kw, current_log_level()),
@@ -67,6 +102,7 @@ def serve(
         http=not no_http,
         zmq_tcp_port=zmq_port,
         allowed_hosts=allowed_host,
+        origins=allowed_origins,
         drain_timeout=drain_timeout,
     )
     sys.exit(run(cfg))

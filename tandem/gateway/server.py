@@ -33,6 +33,7 @@ class ServeConfig:
     http: bool = True
     zmq_tcp_port: int | None = None  # also serve the ZeroMQ protocol on tcp://host:PORT
     allowed_hosts: tuple[str, ...] = ()  # extra Host header names accepted besides loopback ones
+    origins: tuple[str, ...] = ()  # extra Origin patterns allowed besides local pages and apps
     max_body_bytes: int = 8 * 2**20
     drain_timeout: float = 30.0
     aliases: tuple[str, ...] = field(default_factory=tuple)
@@ -109,6 +110,7 @@ class Server:
 
             settings = HttpSettings(
                 allowed_hosts=self.cfg.allowed_hosts,
+                origins=self.cfg.origins,
                 max_body_bytes=self.cfg.max_body_bytes,
                 aliases=self.cfg.aliases,
                 zmq_endpoints=tuple(self.zmq_endpoints),

@@ -119,6 +119,9 @@ class ModelRef:
 # --- names -------------------------------------------------------------------------------------
 
 _PART = re.compile(r"[a-z0-9][a-z0-9._-]*")
+# ollama's limit for a name part. Each part becomes a file or folder name in the store, and a
+# longer one could pass the file system's limit (255 bytes), which raises OSError, not our error.
+MAX_NAME_PART = 80
 
 
 def _split(name: str) -> tuple[list[str], str]:
@@ -127,10 +130,16 @@ def _split(name: str) -> tuple[list[str], str]:
     model, colon, tag = last.partition(":")
     parts = [*(head.split("/") if head else []), model]
     tag = tag if colon else "latest"
+    shown = repr(name) if len(name) <= 100 else f"{name[:100]!r}..."
     if len(parts) > 3 or not all(_PART.fullmatch(p) for p in [*parts, tag]):
         raise InvalidModelNameError(
-            f"invalid model name {name!r}: use [host/][namespace/]model[:tag] with lowercase letters, "
+            f"invalid model name {shown}: use [host/][namespace/]model[:tag] with lowercase letters, "
             "digits, '.', '_' and '-'"
+        )
+    if any(len(p) > MAX_NAME_PART for p in [*parts, tag]):
+        raise InvalidModelNameError(
+            f"invalid model name {shown}: each part of [host/][namespace/]model[:tag] has at most "
+            f"{MAX_NAME_PART} characters"
         )
     return parts, tag
 
@@ -148,7 +157,7 @@ def canonical_name(name: str) -> str:
 
 def slug(text: str) -> str:
     """A name part derived from a file or folder name."""
-    return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._") or "model"
+    return re.sub(r"[^a-z0-9._-]+", "-", text.lower())[:MAX_NAME_PART].strip("-._") or "model"
 
 
 def _leaf(name: str) -> tuple[list[str], str]:
@@ -219,7 +228,11 @@ def _parse_manifest(path: Path) -> ModelRef:
 
 def read_manifest(name: str) -> ModelRef | None:
     path = manifest_path(name)
-    return _parse_manifest(path) if path.is_file() else None
+    try:
+        found = path.is_file()
+    except OSError as e:  # is_file() is False for a missing file; EACCES and the like raise
+        raise ModelStoreError(f"cannot read the manifest of {name}: {e}") from e
+    return _parse_manifest(path) if found else None
 
 
 def iter_manifests() -> Iterator[ModelRef]:

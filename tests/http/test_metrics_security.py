@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import httpx
 import pytest
@@ -92,6 +93,61 @@ def test_host_header_guard(tiny_server: Server, host: str, allowed: bool) -> Non
         assert "not allowed" in r.json()["error"]
         r = httpx.post(tiny_server.url + "/v1/chat/completions", headers=headers, json={}, timeout=10)
         assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+
+
+MALFORMED_HOSTS = [
+    "localhost:evil",
+    "localhost:0",
+    "localhost:65536",
+    "localhost:+80",
+    "localhost:80:80",
+    "localhost:",
+    "127.0.0.1:８０",  # fullwidth digits: str.isdigit() says yes
+    "::1",  # IPv6 needs brackets
+    "[::1]x",
+    "[::1",
+    "[localhost]",
+    ":11434",
+    "local host",
+]
+
+
+@pytest.mark.parametrize(
+    ("header", "name"),
+    [
+        ("Example.COM:8080", "example.com"),
+        ("localhost.", "localhost"),
+        ("127.0.0.1:65535", "127.0.0.1"),
+        ("[::1]:1", "::1"),
+        ("[0:0:0:0:0:0:0:1]", "::1"),
+        *((h, None) for h in MALFORMED_HOSTS),
+        (" 127.0.0.1", None),  # no trimming: any whitespace is refused
+        ("127.0.0.1 ", None),
+        ("localhost\t", None),
+        ("", None),
+        (".", None),
+        ("a..localhost", None),
+        ("[fe80::1%25eth0]", None),
+    ],
+)
+def test_host_name_parses_strictly(header: str, name: str | None) -> None:
+    from tandem.gateway.http.middleware import host_allowed, host_name
+
+    assert host_name(header) == name
+    assert host_allowed(header, frozenset({"example.com"})) == (name is not None)
+
+
+@pytest.mark.parametrize("host", [h.encode() for h in MALFORMED_HOSTS if h.isascii()])
+def test_malformed_host_refused_over_a_socket(tiny_server: Server, host: bytes) -> None:
+    """Raw bytes, so that no client library normalises the header on the way."""
+    with socket.create_connection(("127.0.0.1", tiny_server.port), timeout=10) as s:
+        s.sendall(b"GET /api/version HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 403 "), reply
+    assert "not allowed" in json.loads(body)["error"]
 
 
 def test_body_size_limit(tiny_server: Server) -> None:

@@ -528,6 +528,26 @@ def test_bad_names_are_refused(bad: str):
         registry.normalize_name(bad)
 
 
+def test_a_name_part_longer_than_a_file_name_allows_is_a_name_error():
+    with pytest.raises(InvalidModelNameError, match="at most 80 characters"):
+        registry.normalize_name("a" * 300)
+    with pytest.raises(InvalidModelNameError, match="at most 80 characters"):
+        registry.normalize_name("ns/m:" + "t" * 81)
+    assert registry.normalize_name("a" * 80) == "a" * 80 + ":latest"
+    assert len(registry.slug("Model-" * 50)) <= registry.MAX_NAME_PART
+
+
+@pytest.mark.parametrize("ref", ["~no-such-user-here/m", "a" * 300, "a" * 300 + ".gguf"])
+def test_text_that_cannot_be_a_path_or_name_is_a_store_error(ref: str):
+    """Not the OSError or RuntimeError that probing it as a path raises."""
+    with pytest.raises(ModelStoreError):
+        pull_model(ref, progress=False)
+    with pytest.raises(ModelStoreError):
+        resolve_model(ref)
+    with pytest.raises(ModelStoreError):
+        ensure_model(ref)
+
+
 def test_tags_never_nest_inside_another_models_folder():
     assert registry.data_dir("a:b") != registry.data_dir("a/b:c")
     assert registry.data_dir("a/b:c").parent == registry.data_dir("a:b").parent / "a"

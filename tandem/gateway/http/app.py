@@ -13,12 +13,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, Response
 
 from tandem.gateway.async_engine import AsyncEngine
 from tandem.gateway.http import ollama_models, ollama_routes, openai_routes
 from tandem.gateway.http.errors import ApiError, BodyTooLarge, error_response
-from tandem.gateway.http.middleware import GuardMiddleware, allowed_names
+from tandem.gateway.http.formats import JSONResponse
+from tandem.gateway.http.middleware import GuardMiddleware, OriginPolicy, allowed_names
 from tandem.gateway.http.state import Gateway, HttpSettings
 from tandem.gateway.http.streaming import ClientGone
 
@@ -47,6 +48,7 @@ def build_app(engine: AsyncEngine, settings: HttpSettings) -> FastAPI:
     app.add_middleware(
         GuardMiddleware,
         allowed=allowed_names(settings.bind_host, settings.allowed_hosts),
+        origins=OriginPolicy(settings.origins),
         max_body=settings.max_body_bytes,
         metrics=gw.metrics,
         known=known,

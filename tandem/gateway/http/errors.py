@@ -5,13 +5,13 @@ OpenAI's). Engine errors map to statuses here, in one table, so every route agre
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
 
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
+from tandem.gateway.http.formats import JSONResponse, json_text
 from tandem.gateway.local import EngineError
 
 log = logging.getLogger(__name__)
@@ -95,4 +95,4 @@ def error_response(err: ApiError, path: str) -> Response:
 
 def error_bytes(err: ApiError, path: str) -> bytes:
     body = openai_error_body(err) if is_openai_path(path) else ollama_error_body(err)
-    return json.dumps(body).encode()
+    return json_text(body).encode()

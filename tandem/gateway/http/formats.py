@@ -1,13 +1,38 @@
-"""Small shared pieces of the two wire formats: timestamps, token text, logprobs."""
+"""Small shared pieces of the two wire formats: JSON text, timestamps, token text, logprobs."""
 
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any
 
+from starlette import responses
+
 from tandem.messages import TokenDelta
 from tandem.models.tokenizer import Tokenizer
+
+# Characters that json.dumps(ensure_ascii=False) leaves raw but that break clients: NEL, U+2028
+# and U+2029 end a line for str.splitlines (httpx's iter_lines, hence ollama-python, splits NDJSON
+# on them), and a lone surrogate cannot be encoded as UTF-8 at all. Outside strings, JSON text is
+# ASCII, so each occurrence is inside a string, where the \uXXXX escape means the same character.
+_UNSAFE_IN_JSON = re.compile(r"[\u0085\u2028\u2029\ud800-\udfff]")
+
+
+def _escape(m: re.Match[str]) -> str:
+    return f"\\u{ord(m.group()):04x}"
+
+
+def json_text(obj: Any, **kw: Any) -> str:
+    """The one JSON serialiser of every body, stream line and event the server writes."""
+    return _UNSAFE_IN_JSON.sub(_escape, json.dumps(obj, ensure_ascii=False, **kw))
+
+
+class JSONResponse(responses.JSONResponse):
+    """Starlette's JSONResponse, serialised by json_text."""
+
+    def render(self, content: Any) -> bytes:
+        return json_text(content, allow_nan=False, separators=(",", ":")).encode()
 
 
 def rfc3339(ts: datetime | None = None) -> str:
@@ -16,11 +41,11 @@ def rfc3339(ts: datetime | None = None) -> str:
 
 
 def ndjson(obj: dict[str, Any]) -> bytes:
-    return (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+    return (json_text(obj) + "\n").encode()
 
 
 def sse(obj: dict[str, Any] | str) -> bytes:
-    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+    data = obj if isinstance(obj, str) else json_text(obj)
     return f"data: {data}\n\n".encode()
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from tandem.gateway.http.errors import ApiError
-from tandem.gateway.http.formats import ndjson, rfc3339
+from tandem.gateway.http.formats import JSONResponse, ndjson, rfc3339
 from tandem.gateway.http.params import get_bool, read_json
 from tandem.gateway.http.state import gateway_of
 from tandem.gateway.http.streaming import CancellableStream

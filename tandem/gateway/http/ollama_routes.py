@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from tandem.gateway.http.errors import ApiError
-from tandem.gateway.http.formats import delta_logprobs, ndjson, ollama_logprobs, rfc3339
+from tandem.gateway.http.formats import JSONResponse, delta_logprobs, ndjson, ollama_logprobs, rfc3339
 from tandem.gateway.http.inputs import chat_messages, refuse_ollama_features
 from tandem.gateway.http.params import bad, get_bool, get_str, ollama_sampling, read_json
 from tandem.gateway.http.params import ollama_logprobs as logprobs_param

@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from tandem.gateway.http.errors import ApiError, openai_error_body
-from tandem.gateway.http.formats import delta_logprobs, sse
+from tandem.gateway.http.formats import JSONResponse, delta_logprobs, sse
 from tandem.gateway.http.inputs import chat_messages, refuse_openai_features
 from tandem.gateway.http.openai_shapes import Shape, chat_shape, completion_shape
 from tandem.gateway.http.params import bad, get_bool, openai_sampling, read_json

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from typing import Any
 
 from starlette.requests import Request
@@ -17,6 +18,8 @@ from tandem.gateway.http.errors import ApiError
 from tandem.messages import InvalidParameterError, SamplingParams
 
 log = logging.getLogger(__name__)
+
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # json.loads joins valid pairs into one character
 
 # ollama options tandem does not implement; accepted and ignored (they tune ollama's runner).
 _OLLAMA_IGNORED = frozenset(
@@ -37,11 +40,43 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise ApiError(400, "invalid JSON in request body: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}")
+    check_text(body)
     return body
 
 
 def bad(param: str, reason: str) -> ApiError:
     return ApiError(400, f"invalid parameter '{param}': {reason}", param=param, code="invalid_parameter")
+
+
+def _field(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _lone_surrogate(param: str, text: str, what: str = "contains") -> None:
+    if m := _LONE_SURROGATE.search(text):
+        raise bad(param, f"{what} a lone surrogate (\\u{ord(m.group()):04x}), which is not Unicode text")
+
+
+def check_text(body: dict[str, Any]) -> None:
+    """Refuse a lone surrogate anywhere in a request body, naming its field ('messages[0].content').
+
+    JSON can spell one ("\\ud800") and json.loads keeps it, but it cannot be encoded as UTF-8,
+    so it would fail later in the tokenizer, a template or a response. Checking the whole body
+    once covers every string a route reads, including those passed through to chat templates.
+    """
+    stack: list[tuple[str, dict[str, Any] | list[Any]]] = [("", body)]
+    while stack:  # iterative: a body may nest as deep as json.loads allows
+        path, value = stack.pop()
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for k, v in items:
+            if isinstance(k, str):
+                _lone_surrogate(path or "body", k, "has a key that contains")
+            if isinstance(v, str):
+                _lone_surrogate(_field(path, k), v)
+            elif isinstance(v, dict | list):
+                stack.append((_field(path, k), v))
 
 
 def get_str(body: dict[str, Any], name: str, default: str | None = None) -> str | None:

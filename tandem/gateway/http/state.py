@@ -15,6 +15,7 @@ from tandem import __version__
 from tandem.gateway.async_engine import AsyncEngine
 from tandem.gateway.http.errors import ApiError, from_engine_error
 from tandem.gateway.http.metrics import Metrics
+from tandem.gateway.http.params import bad
 from tandem.gateway.local import EngineError
 from tandem.messages import Stats
 from tandem.models.chat_template import ChatTemplateError
@@ -29,6 +30,7 @@ _INLINE_TOKENIZE_CHARS = 4096  # longer inputs are tokenized in a thread so the 
 @dataclass
 class HttpSettings:
     allowed_hosts: tuple[str, ...] = ()  # Host header names accepted besides loopback ones
+    origins: tuple[str, ...] = ()  # Origin patterns allowed besides local pages and apps ('*': all)
     max_body_bytes: int = 8 * 2**20
     aliases: tuple[str, ...] = ()  # more names the loaded model answers to
     zmq_endpoints: tuple[str, ...] = ()
@@ -44,6 +46,16 @@ def _canonical(name: str) -> str | None:
         return canonical_name(name)
     except ModelStoreError:
         return None
+
+
+def check_name(name: str, param: str = "model") -> None:
+    """400 naming ``param`` when ``name`` cannot be a model name at all (rather than a 404)."""
+    from tandem.models.registry import InvalidModelNameError, canonical_name
+
+    try:
+        canonical_name(name)
+    except InvalidModelNameError as e:
+        raise bad(param, str(e)) from None
 
 
 class Gateway:
@@ -69,6 +81,7 @@ class Gateway:
             raise ApiError(400, "invalid parameter 'model': must be a string", param="model")
         if self.serves(name):
             return name
+        check_name(name)
         raise self.not_found(name)
 
     def not_found(self, name: str) -> ApiError:
