@@ -75,6 +75,20 @@ def _allowed_hosts(ctx: click.Context, param: click.Parameter, value: tuple[str,
     show_default=True,
     help="Seconds running requests get to finish after SIGTERM.",
 )
+@click.option(
+    "--send-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds a streamed reply may wait on a client that stopped reading before its request "
+    "is cancelled (its KV blocks freed).",
+)
+@click.option(
+    "--special-tokens-in-messages",
+    is_flag=True,
+    help="Read control-token text in chat messages (<|im_end|>...) as control tokens. By default it "
+    "is plain text, so a user cannot end their turn and write the system's.",
+)
 @engine_options
 def serve(
     model: str | None,
@@ -85,6 +99,8 @@ def serve(
     allowed_host: tuple[str, ...],
     origins: tuple[str, ...],
     drain_timeout: float,
+    send_timeout: float,
+    special_tokens_in_messages: bool,
     **kw: Any,
 ) -> None:
     """Serve a model over HTTP (ollama and OpenAI APIs) and the ZeroMQ protocol."""
@@ -104,5 +120,7 @@ def serve(
         allowed_hosts=allowed_host,
         origins=allowed_origins,
         drain_timeout=drain_timeout,
+        send_timeout=send_timeout,
+        special_in_messages=special_tokens_in_messages,
     )
     sys.exit(run(cfg))

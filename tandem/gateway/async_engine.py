@@ -40,6 +40,9 @@ from tandem.models.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 Event = TokenDelta | Finished
+# Per request, what the gateway holds for a consumer that is behind: beyond it the consumer is
+# taken to have stopped reading. A reader that keeps up holds a handful.
+MAX_BUFFERED_EVENTS = 4096
 
 
 class AsyncEngine:
@@ -53,6 +56,7 @@ class AsyncEngine:
         self._watchdog: asyncio.Task[None] | None = None
         self.dead: str | None = None  # why the engine stopped working, once it has
         self._died = asyncio.Event()  # set together with ``dead``
+        self._cancels: set[asyncio.Future[Any]] = set()  # cancels sent from the (sync) router
         self.started_at = 0.0
         self.load_seconds = 0.0
         self._qid = 0
@@ -177,7 +181,10 @@ class AsyncEngine:
             for d in msg.deltas:
                 q = self._queues.get(d.request_id)
                 if q is not None:
-                    q.put_nowait(d)
+                    if q.qsize() >= MAX_BUFFERED_EVENTS:
+                        self._overflow(d.request_id, q)
+                    else:
+                        q.put_nowait(d)
             for f in msg.finished:
                 q = self._queues.get(f.request_id)
                 if q is not None:
@@ -190,6 +197,21 @@ class AsyncEngine:
             fut = self._stats_waiters.get(msg.query_id)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
+
+    def _overflow(self, rid: str, q: asyncio.Queue[Event | RequestError]) -> None:
+        """A consumer this far behind is not reading: fail the request and cancel it in the
+        scheduler, as for a disconnect, rather than buffer its whole reply here."""
+        del self._queues[rid]
+        q.put_nowait(
+            RequestError(rid, "cancelled", f"the client fell {MAX_BUFFERED_EVENTS} tokens behind the stream")
+        )
+        log.warning("request %s cancelled: its client fell %d tokens behind", rid, MAX_BUFFERED_EVENTS)
+        if self.process.to_sched is not None:
+            task = asyncio.ensure_future(
+                self.process.to_sched.send(encode(CancelRequest(rid, "client too slow")))
+            )
+            self._cancels.add(task)
+            task.add_done_callback(self._cancels.discard)
 
     async def _read_loop(self) -> None:
         sock = self.process.from_sched

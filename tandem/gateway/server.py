@@ -35,6 +35,8 @@ class ServeConfig:
     allowed_hosts: tuple[str, ...] = ()  # extra Host header names accepted besides loopback ones
     origins: tuple[str, ...] = ()  # extra Origin patterns allowed besides local pages and apps
     max_body_bytes: int = 8 * 2**20
+    send_timeout: float = 10.0  # seconds a streamed write may wait on a client that stopped reading
+    special_in_messages: bool = False  # parse control-token text in chat messages (injection)
     drain_timeout: float = 30.0
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
@@ -112,6 +114,8 @@ class Server:
                 allowed_hosts=self.cfg.allowed_hosts,
                 origins=self.cfg.origins,
                 max_body_bytes=self.cfg.max_body_bytes,
+                send_timeout=self.cfg.send_timeout,
+                special_in_messages=self.cfg.special_in_messages,
                 aliases=self.cfg.aliases,
                 zmq_endpoints=tuple(self.zmq_endpoints),
                 bind_host=self.cfg.host,

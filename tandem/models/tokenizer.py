@@ -23,7 +23,9 @@ and end-of-generation detection), `tokenizer_build.py` (GGUF vocab -> backend), 
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -284,6 +286,42 @@ class Tokenizer:
                 ids.insert(0, self._bos_id)
         if add_eos and self._eos_id is not None:
             ids.append(self._eos_id)
+        return ids
+
+    @functools.cached_property
+    def special_pattern(self) -> re.Pattern[str] | None:
+        """What ``encode(parse_special=True)`` reads as control tokens: a regex of their texts,
+        longest first (as the backend matches them), or None when the vocabulary has none."""
+        texts = sorted(
+            {t.content for t in self._backend.get_added_tokens_decoder().values() if t.special and t.content},
+            key=len,
+            reverse=True,
+        )
+        return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+    def encode_with_literals(self, text: str, literal_spans: Sequence[tuple[int, int]]) -> list[int]:
+        """Token ids of ``text`` with control tokens parsed except inside ``literal_spans`` (sorted,
+        disjoint ``(start, end)`` character ranges), whose control-token texts stay plain text. No
+        BOS/EOS. Like the backend, it splits the text at the control tokens it parses and encodes
+        the pieces between them without parsing."""
+        pattern = self.special_pattern
+        if pattern is None or not literal_spans:
+            return self.encode(text, add_bos=False, add_eos=False, parse_special=pattern is not None)
+        spans = iter(literal_spans)
+        span = next(spans, None)
+        ids: list[int] = []
+        pos = 0
+        for m in pattern.finditer(text):
+            while span is not None and span[1] <= m.start():
+                span = next(spans, None)
+            if span is not None and span[0] < m.end():
+                continue  # inside a literal span: plain text of the piece around it
+            if m.start() > pos:
+                ids += self.encode(text[pos : m.start()], add_bos=False, add_eos=False, parse_special=False)
+            ids.append(self._backend.token_to_id(m.group()))
+            pos = m.end()
+        if pos < len(text):
+            ids += self.encode(text[pos:], add_bos=False, add_eos=False, parse_special=False)
         return ids
 
     def pre_tokenize(self, text: str) -> list[str]:

@@ -136,7 +136,12 @@ async def _respond(
     want_lps = gen.params.logprobs is not None
     if stream:
         lines = _lines(gen, chunk, final, want_lps)
-        return CancellableStream(lines, "application/x-ndjson", error_frame=lambda m: ndjson({"error": m}))
+        return CancellableStream(
+            lines,
+            "application/x-ndjson",
+            error_frame=lambda m: ndjson({"error": m}),
+            send_timeout=gw.settings.send_timeout,
+        )
 
     async def collect() -> dict[str, Any]:
         text, lps = await gen.collect()

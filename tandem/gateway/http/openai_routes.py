@@ -92,7 +92,13 @@ async def _respond(
     await run_cancellable(request, gen.start())
     if stream:
         events = _events(gen, shape, include_usage)
-        return CancellableStream(events, "text/event-stream", _SSE_HEADERS, error_frame=_sse_error)
+        return CancellableStream(
+            events,
+            "text/event-stream",
+            _SSE_HEADERS,
+            error_frame=_sse_error,
+            send_timeout=gw.settings.send_timeout,
+        )
 
     async def collect() -> dict[str, Any]:
         text, lps = await gen.collect()

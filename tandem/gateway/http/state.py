@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,10 @@ class HttpSettings:
     allowed_hosts: tuple[str, ...] = ()  # Host header names accepted besides loopback ones
     origins: tuple[str, ...] = ()  # Origin patterns allowed besides local pages and apps ('*': all)
     max_body_bytes: int = 8 * 2**20
+    # Control-token text in chat messages is read as control tokens (the template injection that
+    # most servers allow); off by default, so only the template's own markup yields them.
+    special_in_messages: bool = False
+    send_timeout: float = 10.0  # seconds a streamed write may wait on a client that stopped reading
     aliases: tuple[str, ...] = ()  # more names the loaded model answers to
     zmq_endpoints: tuple[str, ...] = ()
     bind_host: str = "127.0.0.1"  # the address HTTP is bound to: also an accepted Host name
@@ -104,17 +110,19 @@ class Gateway:
     # -- prompts -------------------------------------------------------------------------------
     async def encode_prompt(self, prompt: str, raw: bool, system: str | None) -> list[int]:
         tok = self.engine.tokenizer
-        return await self._off_loop(len(prompt), prompt_ids, tok, prompt, raw, system)
+        special = self.settings.special_in_messages
+        return await self._off_loop(len(prompt), partial(prompt_ids, tok, prompt, raw, system, special))
 
     async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         size = sum(len(str(m.get("content") or "")) for m in messages)
-        return await self._off_loop(size, chat_ids, self.engine.tokenizer, messages)
+        special = self.settings.special_in_messages
+        return await self._off_loop(size, partial(chat_ids, self.engine.tokenizer, messages, special))
 
-    async def _off_loop(self, size: int, fn: Any, *args: Any) -> list[int]:
+    async def _off_loop(self, size: int, fn: Callable[[], list[int]]) -> list[int]:
         try:
             if size > _INLINE_TOKENIZE_CHARS:
-                return await asyncio.to_thread(fn, *args)
-            return fn(*args)
+                return await asyncio.to_thread(fn)
+            return fn()
         except ChatTemplateError as e:
             raise ApiError(400, f"chat template: {e}", param="messages") from None
         except TokenizerError as e:

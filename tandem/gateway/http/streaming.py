@@ -59,7 +59,11 @@ async def run_cancellable(request: Request, aw: Awaitable[T]) -> T:
 
 class CancellableStream(Response):
     """A streaming response whose body iterator is cancelled as soon as the client disconnects,
-    even while it waits for the next token (Starlette only notices at the next write)."""
+    even while it waits for the next token (Starlette only notices at the next write), or when
+    the client stops reading: once the connection's buffers are full (the kernel's, then the
+    server's bounded write buffer), a write that waits longer than ``send_timeout`` cancels the
+    request, which frees its batch slot and KV blocks as a disconnect does, and drops the
+    connection."""
 
     def __init__(
         self,
@@ -67,9 +71,11 @@ class CancellableStream(Response):
         media_type: str,
         headers: dict[str, str] | None = None,
         error_frame: Callable[[str], bytes] | None = None,
+        send_timeout: float | None = None,
     ) -> None:
         self.chunks = chunks
         self.error_frame = error_frame  # the terminal frame to write if the body fails (a bug)
+        self.send_timeout = send_timeout
         self.status_code = 200
         self.media_type = media_type
         self.background = None
@@ -101,7 +107,15 @@ class CancellableStream(Response):
                     chunk = self.error_frame(f"internal error: {type(e).__name__}: {e}")
                     await send({"type": "http.response.body", "body": chunk, "more_body": False})
                     return
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                try:
+                    await asyncio.wait_for(
+                        send({"type": "http.response.body", "body": chunk, "more_body": True}),
+                        self.send_timeout,
+                    )
+                except TimeoutError:
+                    self.disconnected = True
+                    log.warning("client stopped reading for %g s: request cancelled", self.send_timeout)
+                    return  # the server drops a connection whose response never completed
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # ASGI 2.4 servers raise on writes to a closed connection
             self.disconnected = True
