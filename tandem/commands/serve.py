@@ -29,7 +29,13 @@ def _split_host(value: str) -> tuple[str, int | None]:
     "--zmq-port",
     type=click.IntRange(0, 65535),
     default=None,
-    help="Also serve the ZeroMQ protocol on tcp://HOST:PORT (ipc is always on).",
+    help="Also serve the ZeroMQ protocol on tcp://ZMQ_HOST:PORT (ipc is always on).",
+)
+@click.option(
+    "--zmq-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address for --zmq-port, whatever --host is: the ZeroMQ protocol has no authentication.",
 )
 @click.option("--no-http", is_flag=True, help="Serve only the ZeroMQ protocol.")
 @click.option(
@@ -48,12 +54,14 @@ def serve(
     host: str,
     port: int | None,
     zmq_port: int | None,
+    zmq_host: str,
     no_http: bool,
     allowed_host: tuple[str, ...],
     drain_timeout: float,
     **kw: Any,
 ) -> None:
     """Serve a model over HTTP (ollama and OpenAI APIs) and the ZeroMQ protocol."""
+    from tandem.gateway.listen import ServeError
     from tandem.gateway.server import ServeConfig
     from tandem.gateway.server import serve as run
     from tandem.models.store import ensure_model
@@ -66,7 +74,12 @@ def serve(
         port=port if port is not None else (p if p is not None else 11434),
         http=not no_http,
         zmq_tcp_port=zmq_port,
+        zmq_host=zmq_host.strip("[]"),
         allowed_hosts=allowed_host,
         drain_timeout=drain_timeout,
     )
-    sys.exit(run(cfg))
+    try:
+        code = run(cfg)
+    except ServeError as e:  # a port that is taken, an address that is not ours: one line, no traceback
+        raise click.ClickException(str(e)) from None
+    sys.exit(code)
