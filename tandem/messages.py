@@ -565,7 +565,7 @@ class HealthRequest:
 @message(57)
 class Health:
     query_id: int
-    status: str  # "ok" | "dead"
+    status: str  # "ok" | "degraded" (a step is overdue) | "dead"
     model: str
     error: str = ""  # why the engine is dead, when it is
     uptime_s: float = 0.0

@@ -53,7 +53,13 @@ def _allowed_hosts(ctx: click.Context, param: click.Parameter, value: tuple[str,
     "--zmq-port",
     type=click.IntRange(0, 65535),
     default=None,
-    help="Also serve the ZeroMQ protocol on tcp://HOST:PORT (ipc is always on).",
+    help="Also serve the ZeroMQ protocol on tcp://ZMQ_HOST:PORT (ipc is always on).",
+)
+@click.option(
+    "--zmq-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address for --zmq-port, whatever --host is: the ZeroMQ protocol has no authentication.",
 )
 @click.option("--no-http", is_flag=True, help="Serve only the ZeroMQ protocol.")
 @click.option(
@@ -95,6 +101,7 @@ def serve(
     host: str,
     port: int | None,
     zmq_port: int | None,
+    zmq_host: str,
     no_http: bool,
     allowed_host: tuple[str, ...],
     origins: tuple[str, ...],
@@ -104,6 +111,7 @@ def serve(
     **kw: Any,
 ) -> None:
     """Serve a model over HTTP (ollama and OpenAI APIs) and the ZeroMQ protocol."""
+    from tandem.gateway.listen import ServeError
     from tandem.gateway.server import ServeConfig
     from tandem.gateway.server import serve as run
     from tandem.models.store import ensure_model
@@ -117,10 +125,15 @@ def serve(
         port=port if port is not None else (p if p is not None else 11434),
         http=not no_http,
         zmq_tcp_port=zmq_port,
+        zmq_host=zmq_host.strip("[]"),
         allowed_hosts=allowed_host,
         origins=allowed_origins,
         drain_timeout=drain_timeout,
         send_timeout=send_timeout,
         special_in_messages=special_tokens_in_messages,
     )
-    sys.exit(run(cfg))
+    try:
+        code = run(cfg)
+    except ServeError as e:  # a port that is taken, an address that is not ours: one line, no traceback
+        raise click.ClickException(str(e)) from None
+    sys.exit(code)

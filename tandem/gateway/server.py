@@ -1,8 +1,11 @@
 """The `tandem serve` process: one event loop serving ZeroMQ clients and HTTP over one engine.
 
-Shutdown (DESIGN.md section 6): the first SIGTERM or SIGINT stops accepting requests and lets
+Shutdown: the first SIGTERM or SIGINT stops accepting requests and lets
 running ones finish (up to ``drain_timeout``), then ends what is left with an error frame; a
 second SIGINT forces an immediate stop. The exit code is non-zero when the engine died.
+
+Startup claims the HTTP and ZeroMQ ports first: a busy port is a one-line ServeError before the
+scheduler and worker are spawned or any model is loaded.
 """
 
 from __future__ import annotations
@@ -13,16 +16,22 @@ import json
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import zmq
+
 from tandem.config import EngineConfig
 from tandem.gateway.async_engine import AsyncEngine
+from tandem.gateway.listen import ServeError, bind_error, is_loopback, listen_tcp
+from tandem.gateway.zmq_frontend import ZmqFrontend
 from tandem.paths import tandem_home
 
 log = logging.getLogger(__name__)
 
 DEAD_ENGINE_GRACE_S = 1.0  # how long the front ends keep answering after the engine died
+HTTP_SEND_BUFFER = 64 * 2**10  # bytes; the kernel doubles it for its bookkeeping
 
 
 @dataclass
@@ -31,7 +40,8 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 11434
     http: bool = True
-    zmq_tcp_port: int | None = None  # also serve the ZeroMQ protocol on tcp://host:PORT
+    zmq_tcp_port: int | None = None  # also serve the ZeroMQ protocol on tcp://zmq_host:PORT
+    zmq_host: str = "127.0.0.1"  # not `host`: the ZeroMQ protocol has no authentication at all
     allowed_hosts: tuple[str, ...] = ()  # extra Host header names accepted besides loopback ones
     origins: tuple[str, ...] = ()  # extra Origin patterns allowed besides local pages and apps
     max_body_bytes: int = 8 * 2**20
@@ -49,8 +59,9 @@ class Server:
     def __init__(self, cfg: ServeConfig) -> None:
         self.cfg = cfg
         self.engine = AsyncEngine(cfg.engine)
-        self.frontend = None
+        self.frontend: ZmqFrontend | None = None
         self.http_server = None
+        self._http_sock: socket.socket | None = None
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._signals = 0
@@ -70,15 +81,15 @@ class Server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig.name)
-        await self.engine.start()
         try:
+            self._listen()
+            await self.engine.start()
             await self._start_frontends()
             self._write_info()
             log.warning(
-                "tandem serving %s: http://%s:%d, zmq %s",
+                "tandem serving %s: %s, zmq %s",
                 self.cfg.engine.model_name or self.cfg.engine.model_path,
-                self.cfg.host,
-                self.cfg.port,
+                self._http_url() or "no HTTP",
                 " ".join(self.zmq_endpoints),
             )
             while not self._stop.is_set():
@@ -94,17 +105,51 @@ class Server:
             await self._shutdown()
         return 1 if self.engine.dead is not None else 0
 
-    async def _start_frontends(self) -> None:
-        from tandem.gateway.zmq_frontend import ZmqFrontend
-
-        rt = self.engine.process.runtime_dir
-        assert rt is not None
-        endpoints = [f"ipc://{rt}/tandem.sock"]
-        if self.cfg.zmq_tcp_port is not None:
-            endpoints.append(f"tcp://{self.cfg.host}:{self.cfg.zmq_tcp_port}")
-        self.frontend = ZmqFrontend(self.engine, endpoints)
-        await self.frontend.start()
+    def _listen(self) -> None:
+        """Bind every port now; ServeError (one line, nothing started) when one cannot be had."""
+        cfg = self.cfg
+        if cfg.http and cfg.zmq_tcp_port is not None and cfg.zmq_tcp_port == cfg.port != 0:
+            raise ServeError(f"--zmq-port {cfg.port} is the HTTP port too; choose another")
+        if cfg.http:
+            self._http_sock = listen_tcp(cfg.host, cfg.port, "HTTP")
+            # Accepted connections inherit this. A fixed send buffer keeps the kernel from growing
+            # it to megabytes for a client that stopped reading (autotuning does, on loopback),
+            # so such a client's writes block, and --send-timeout cancels its request, within
+            # seconds rather than after minutes of generating into the buffer.
+            self._http_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, HTTP_SEND_BUFFER)
+            cfg.port = self._http_sock.getsockname()[1]  # the one picked, for port 0
+        endpoints = ["ipc://"]  # a fresh 0700 directory of its own
+        if cfg.zmq_tcp_port is not None:
+            endpoints.append(f"tcp://{_url_host(cfg.zmq_host)}:{cfg.zmq_tcp_port}")
+        self.frontend = ZmqFrontend(self.engine, endpoints, special_in_messages=cfg.special_in_messages)
+        try:
+            self.frontend.bind()
+        except zmq.ZMQError as e:
+            raise bind_error("ZeroMQ", cfg.zmq_host, cfg.zmq_tcp_port or 0, e) from None
         self.zmq_endpoints = list(self.frontend.endpoints)
+        self._warn_if_exposed()
+
+    def _warn_if_exposed(self) -> None:
+        cfg = self.cfg
+        if cfg.http and not is_loopback(cfg.host):
+            log.warning(
+                "HTTP on %s can be reached from other machines, and the API is unauthenticated: anyone "
+                "who reaches it can use the model (bind to 127.0.0.1 unless that is what you want)",
+                self._http_url(),
+            )
+        tcp = [ep for ep in self.zmq_endpoints if ep.startswith("tcp://")]
+        if tcp and not is_loopback(cfg.zmq_host):
+            log.warning(
+                "ZeroMQ on %s can be reached from other machines, and the protocol is unauthenticated "
+                "and unencrypted: anyone who reaches it can use the model", tcp[0]
+            )
+
+    def _http_url(self) -> str | None:
+        return f"http://{_url_host(self.cfg.host)}:{self.cfg.port}" if self.cfg.http else None
+
+    async def _start_frontends(self) -> None:
+        assert self.frontend is not None
+        await self.frontend.start()
         if self.cfg.http:
             import uvicorn
 
@@ -121,6 +166,9 @@ class Server:
                 bind_host=self.cfg.host,
             )
             app = build_app(self.engine, settings)
+            undecodable = app.state.gateway.metrics.zmq_undecodable_frames
+            undecodable.inc(self.frontend.undecodable_frames)
+            self.frontend.on_undecodable = undecodable.inc
             config = uvicorn.Config(
                 app,
                 host=self.cfg.host,
@@ -134,10 +182,11 @@ class Server:
             # uvicorn >= 0.29 captures SIGTERM/SIGINT itself and re-raises them when it stops, so
             # one SIGTERM would reach our handler twice and read as "again: force". Ours alone.
             self.http_server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
-            self._http_task = asyncio.create_task(self.http_server.serve(), name="http")
+            serving = self.http_server.serve(sockets=[self._http_sock] if self._http_sock else None)
+            self._http_task = asyncio.create_task(serving, name="http")
             while not self.http_server.started:
                 if self._http_task.done():
-                    self._http_task.result()  # raises why it could not start (port in use...)
+                    self._http_task.result()  # raises why it could not start
                     raise RuntimeError(f"HTTP server on {self.cfg.host}:{self.cfg.port} did not start")
                 await asyncio.sleep(0.02)
 
@@ -146,7 +195,7 @@ class Server:
         path.parent.mkdir(parents=True, exist_ok=True)
         info = {
             "pid": os.getpid(),
-            "http": f"http://{self.cfg.host}:{self.cfg.port}" if self.cfg.http else None,
+            "http": self._http_url(),
             "zmq": self.zmq_endpoints,
             "model": self.cfg.engine.model_name,
         }
@@ -185,6 +234,12 @@ class Server:
         if self.http_server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._http_task, 5)
+        if self._http_sock is not None:
+            self._http_sock.close()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def serve(cfg: ServeConfig) -> int:

@@ -5,7 +5,10 @@ that send REQ-style envelopes; replies to them carry the empty delimiter too). E
 in its own task; the task's done-callback, not its body, sends the terminal frame, so a request
 cancelled before it ever ran still gets exactly one terminal frame. A failed send (ROUTER_MANDATORY
 raises EHOSTUNREACH for a vanished peer) cancels everything that client had in flight; sending and
-noticing vanished clients live in zmq_peers.py.
+noticing vanished clients live in zmq_peers.py, reading frames that do not decode in zmq_frames.py.
+
+Binding is separate from serving (`bind`, then `start`), so that `tandem serve` can claim its
+ports before it spawns the engine: a busy port must fail the server before any model loads.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import zmq
 import zmq.asyncio
+from gguf import TokenType
 
 from tandem import __version__
 from tandem.actors.sockets import (
@@ -37,31 +41,32 @@ from tandem.actors.sockets import (
 )
 from tandem.gateway.async_engine import AsyncEngine
 from tandem.gateway.local import EngineError
+from tandem.gateway.zmq_frames import UnreadableFrame, read_frame, readable_id
 from tandem.gateway.zmq_peers import PROBE_INTERVAL_S, SEND_TIMEOUT_S, Client, ClientRequest, Peers
 from tandem.messages import (
     PROTOCOL_VERSION,
     Accepted,
     Cancel,
+    ChatMessage,
     ClientHello,
     Finished,
     GenerateRequest,
     Health,
     HealthRequest,
     InvalidParameterError,
-    MessageError,
     RequestError,
     ServerHello,
     TokenDelta,
-    decode,
 )
 from tandem.models.chat_template import ChatTemplateError
 from tandem.models.prompt import chat_ids, prompt_ids
-from tandem.models.tokenizer import TokenizerError
+from tandem.models.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
 
 CAPABILITIES = ["stream", "cancel", "chat", "prompt_token_ids", "logprobs", "logits", "health"]
 TERMINAL_LINGER_MS = 500  # time at close for terminal frames still queued to reach their clients
+MAX_ERROR_CHARS = 300  # error messages quote client values: never send back more than this
 
 # Where they were defined before the per-client bookkeeping moved to zmq_peers.py.
 __all__ = ["CAPABILITIES", "PROBE_INTERVAL_S", "SEND_TIMEOUT_S", "TERMINAL_LINGER_MS", "ZmqFrontend"]
@@ -76,6 +81,7 @@ class ZmqFrontend:
         max_msg_size: int = 16 * 2**20,
         max_inflight_per_client: int = 256,
         runtime_dir: Path | None = None,
+        special_in_messages: bool = False,
     ) -> None:
         """``endpoints``: ``ipc://PATH``, ``ipc://`` (a fresh path in a 0700 runtime dir) or
         ``tcp://HOST:PORT`` (port 0 picks a free one). ``.endpoints`` holds what was bound."""
@@ -87,6 +93,7 @@ class ZmqFrontend:
         self.max_msg_size = max_msg_size
         self.max_inflight = max_inflight_per_client
         self.runtime_dir = runtime_dir
+        self.special_in_messages = special_in_messages  # see tandem.models.prompt.chat_ids
         self._own_dir = False
         self._sock: zmq.asyncio.Socket | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -95,20 +102,37 @@ class ZmqFrontend:
         self._loops: list[asyncio.Task[None]] = []
         self._closing = False
         self.started_at = time.time()
+        self.undecodable_frames = 0  # frames answered with an error whose request_id is empty
+        self.on_undecodable: Callable[[], object] | None = None  # called once for each of them
+        self._max_prompt_bytes = 0  # no prompt text longer than this can fit the context (set by start)
 
     # -- lifecycle -----------------------------------------------------------------------
-    async def start(self) -> ZmqFrontend:
+    def bind(self) -> ZmqFrontend:
+        """Bind every endpoint now (clients may connect; their frames wait until `start`).
+
+        Raises zmq.ZMQError or OSError, with nothing left bound, when an endpoint cannot be had.
+        """
+        if self._sock is not None:
+            return self
         sock = make_socket(self._ctx, zmq.ROUTER, linger_ms=DATA_LINGER_MS, max_msg_size=self.max_msg_size)
         self._sock = sock  # type: ignore[assignment]
         self._peers.attach(sock)  # type: ignore[arg-type]
         try:
             for ep in self.requested:
+                if ep.startswith("tcp://["):
+                    sock.setsockopt(zmq.IPV6, 1)
                 sock.bind(self._prepare(ep))
                 self.endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
             self._peers.watch()
         except BaseException:
-            await self.close()
+            self._release()
             raise
+        return self
+
+    async def start(self) -> ZmqFrontend:
+        """Serve (binding first if `bind` was not called); the engine must be started."""
+        self.bind()
+        self._max_prompt_bytes = self.engine.context_length * longest_token_bytes(self.engine.tokenizer)
         self._loops = [
             asyncio.create_task(self._recv_loop(), name="zmq-frontend-recv"),
             asyncio.create_task(self._peers.monitor_loop(), name="zmq-frontend-monitor"),
@@ -154,6 +178,12 @@ class ZmqFrontend:
             await asyncio.wait(list(self._tasks), timeout=max(0.0, deadline - time.monotonic()))
         for t in list(self._tasks):
             t.cancel()
+        self._release()
+        if self._own_ctx:
+            self._ctx.term()
+
+    def _release(self) -> None:
+        """Close the socket and remove the ipc files and the runtime directory this front end made."""
         if self._sock is not None:
             self._peers.detach()
             self._sock.close(linger=TERMINAL_LINGER_MS)
@@ -162,8 +192,7 @@ class ZmqFrontend:
             remove_ipc_file(ep)
         if self._own_dir and self.runtime_dir is not None:
             remove_runtime_dir(self.runtime_dir)
-        if self._own_ctx:
-            self._ctx.term()
+            self.runtime_dir, self._own_dir = None, False
 
     async def __aenter__(self) -> ZmqFrontend:
         return await self.start()
@@ -197,25 +226,40 @@ class ZmqFrontend:
             client = Client(identity)
         client.envelope = envelope
         if not (envelope or len(rest) == 1):
-            self._peers.reply(client, RequestError("", "invalid_request", "expected one payload frame"))
+            self._refuse(client, "", "invalid_request", "expected one payload frame")
             return
         try:
-            msg = decode(rest[-1])
-        except MessageError as e:
-            self._peers.reply(client, RequestError("", "invalid_request", str(e)))
+            msg = read_frame(rest[-1])
+        except UnreadableFrame as e:
+            self._refuse(client, e.request_id, "invalid_request", e.message)
             return
         if isinstance(msg, GenerateRequest):
             self._submit(client, msg)
         elif isinstance(msg, Cancel):
-            req = client.requests.get(msg.request_id) if isinstance(msg.request_id, str) else None
-            if req is not None:
-                req.cancel("cancelled")
+            self._cancel(client, msg)
         elif isinstance(msg, ClientHello):
             self._hello(client, msg)
         elif isinstance(msg, HealthRequest):
-            self._spawn(self._health(client, msg.query_id))
+            if isinstance(msg.query_id, int) and not isinstance(msg.query_id, bool):
+                self._spawn(self._health(client, msg.query_id))
+            else:
+                self._refuse(client, "", "invalid_request", "invalid parameter 'query_id': not an integer")
         else:
-            self._peers.reply(client, RequestError("", "invalid_request", f"unexpected {type(msg).__name__}"))
+            self._refuse(client, "", "invalid_request", f"unexpected {type(msg).__name__}")
+
+    def _cancel(self, client: Client, msg: Cancel) -> None:
+        if not isinstance(msg.request_id, str):
+            self._refuse(client, "", "invalid_request", "invalid parameter 'request_id': must be a string")
+        elif (req := client.requests.get(msg.request_id)) is not None:
+            req.cancel("cancelled")
+
+    def _refuse(self, client: Client, rid: str, code: str, text: str) -> None:
+        """Send an error frame; one with no request id is counted (`undecodable_frames`, /metrics)."""
+        if not rid:
+            self.undecodable_frames += 1
+            if self.on_undecodable is not None:
+                self.on_undecodable()
+        self._peers.reply(client, RequestError(rid, code, _clip(text)))
 
     def _hello(self, client: Client, msg: ClientHello) -> None:
         e = self.engine
@@ -224,33 +268,56 @@ class ZmqFrontend:
             e.tokenizer.vocab_size, self.max_inflight, self.max_msg_size, __version__,
         ))
         if msg.version != PROTOCOL_VERSION:
-            log.warning("client %r speaks protocol v%s, we speak v%d", msg.client_name, msg.version,
-                        PROTOCOL_VERSION)
+            version = _clip(repr(msg.version), 40)
+            log.warning("client %s speaks protocol v%s, we speak v%d", _clip(repr(msg.client_name), 80),
+                        version, PROTOCOL_VERSION)
             self._peers.reply(client, RequestError("", "unsupported_version",
-                                                   f"client speaks protocol v{msg.version}, "
+                                                   f"client speaks protocol v{version}, "
                                                    f"this server speaks v{PROTOCOL_VERSION}"))
 
     def _submit(self, client: Client, msg: GenerateRequest) -> None:
-        rid = msg.request_id if isinstance(msg.request_id, str) else ""
+        rid = readable_id(msg.request_id) or ""
+        if rid in client.requests:
+            # Not this request's terminal frame: the one in flight under this id still gets its own.
+            self._refuse(client, rid, "invalid_request", f"request id {rid!r} is in flight")
+            return
+        # Before validating, which walks every token id: a prompt far over the context costs nothing.
+        too_long = self._over_context(msg)
+        if too_long:
+            self._refuse(client, rid, "context_length", too_long)
+            return
         try:
             msg.validate(self.engine.tokenizer.vocab_size)
         except ValueError as e:
-            self._peers.reply(client, RequestError(rid, "invalid_request", str(e)))
-            return
-        if rid in client.requests:
-            # Not this request's terminal frame: the one in flight under this id still gets its own.
-            clash = RequestError(rid, "invalid_request", f"request id {rid!r} is in flight")
-            self._peers.reply(client, clash)
+            self._refuse(client, rid, "invalid_request", str(e))
             return
         if len(client.requests) >= self.max_inflight:
-            full = RequestError(rid, "busy", f"over {self.max_inflight} requests in flight")
-            self._peers.reply(client, full)
+            self._refuse(client, rid, "busy", f"over {self.max_inflight} requests in flight")
             return
         req = ClientRequest(rid)
         client.requests[rid] = req
         self._clients[client.identity] = client
         req.task = self._spawn(self._run(client, req, msg))
         req.task.add_done_callback(lambda t: self._finish(client, req, t))
+
+    def _over_context(self, msg: GenerateRequest) -> str | None:
+        """Why the prompt cannot fit the context, when its size alone proves it; None otherwise.
+
+        Tokenizing holds the GIL, so megabytes of prompt would stall every client for seconds
+        only to learn that. No token covers more than the vocabulary's longest token, so text
+        longer than context x that many bytes cannot fit, whatever the template adds.
+        """
+        ctx = self.engine.context_length
+        ids = msg.prompt_token_ids
+        if isinstance(ids, list) and len(ids) >= ctx:
+            return (f"prompt is {len(ids)} tokens but the context holds {ctx} "
+                    "(prompt + at least 1 generated token must fit)")
+        size = _text_bytes(msg)
+        if size > self._max_prompt_bytes:
+            per_token = self._max_prompt_bytes // max(ctx, 1)
+            return (f"prompt is {size} bytes of text; a context of {ctx} tokens holds at most "
+                    f"{self._max_prompt_bytes} (no token of this model is longer than {per_token} bytes)")
+        return None
 
     # -- one request ---------------------------------------------------------------------
     async def _run(self, client: Client, req: ClientRequest, msg: GenerateRequest) -> None:
@@ -291,9 +358,10 @@ class ZmqFrontend:
         if msg.messages is not None:
             if not tok.chat_template:
                 raise InvalidParameterError("messages", "this model has no chat template")
-            return chat_ids(tok, [{"role": m.role, "content": m.content} for m in msg.messages])
+            messages = [{"role": m.role, "content": m.content} for m in msg.messages]
+            return chat_ids(tok, messages, self.special_in_messages)
         assert msg.prompt is not None
-        return prompt_ids(tok, msg.prompt, raw=msg.raw, system=msg.system)
+        return prompt_ids(tok, msg.prompt, msg.raw, msg.system, self.special_in_messages)
 
     def _finish(self, client: Client, req: ClientRequest, task: asyncio.Task[None]) -> None:
         client.requests.pop(req.rid, None)
@@ -303,10 +371,10 @@ class ZmqFrontend:
         if task.cancelled() or terminal is None:
             exc = None if task.cancelled() else task.exception()
             if isinstance(exc, InvalidParameterError | ChatTemplateError | TokenizerError):
-                terminal = RequestError(req.rid, "invalid_request", str(exc))
+                terminal = RequestError(req.rid, "invalid_request", _clip(str(exc)))
             elif exc is not None:
                 log.error("request %s failed", req.rid, exc_info=exc)
-                terminal = RequestError(req.rid, "internal", f"{type(exc).__name__}: {exc}")
+                terminal = RequestError(req.rid, "internal", _clip(f"{type(exc).__name__}: {exc}"))
             elif req.cancel_reason == "shutdown":
                 terminal = RequestError(req.rid, "shutting_down", "server is shutting down")
             else:  # cancelled by the client, or a failed send (then nobody is there to tell)
@@ -322,8 +390,9 @@ class ZmqFrontend:
                 stats = await e.stats(timeout=2.0)
             except (TimeoutError, EngineError) as exc:
                 error = f"the scheduler did not answer: {exc or 'timeout'}"
+        status = "dead" if e.dead else "degraded" if stats is not None and stats.step_overdue_s > 0 else "ok"
         await self._peers.send(client, Health(
-            query_id, "dead" if e.dead else "ok", self.model_name, error, time.time() - self.started_at,
+            query_id, status, self.model_name, error, time.time() - self.started_at,
             len(self._clients), self.inflight, stats,
         ))
 
@@ -333,6 +402,30 @@ class ZmqFrontend:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def longest_token_bytes(tokenizer: Tokenizer) -> int:
+    """The most bytes of text one token can stand for: the bytes it decodes to, or for a token that
+    is not NORMAL (control, user-defined: matched in the text as spelled) its spelling, if longer."""
+    longest = 0
+    for i in range(tokenizer.vocab_size):
+        n = len(tokenizer.token_bytes(i))
+        if tokenizer.token_type(i) != TokenType.NORMAL:
+            n = max(n, len(tokenizer.id_to_piece(i).encode("utf-8", "replace")))
+        longest = max(longest, n)
+    return longest
+
+
+def _text_bytes(msg: GenerateRequest) -> int:
+    """UTF-8 bytes of all the text a request asks to tokenize (fields of the wrong type count 0)."""
+    texts = [msg.prompt, msg.system]
+    if isinstance(msg.messages, list):
+        texts += [part for m in msg.messages if isinstance(m, ChatMessage) for part in (m.role, m.content)]
+    return sum(len(t.encode("utf-8")) for t in texts if isinstance(t, str))
+
+
+def _clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 15]}... ({len(text)} chars)"
 
 
 def _merge(rid: str, parts: list[TokenDelta]) -> TokenDelta:

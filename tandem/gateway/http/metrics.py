@@ -127,6 +127,11 @@ class Metrics:
             buckets=_DURATION_BUCKETS,
             registry=r,
         )
+        self.zmq_undecodable_frames = Counter(
+            "tandem_zmq_undecodable_frames",
+            "ZeroMQ frames with no request id that could be read, answered with an error frame",
+            registry=r,
+        )
         self._stats = _StatsCollector()
         r.register(self._stats)
         self.rate = TokenRate()

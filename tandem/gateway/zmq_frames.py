@@ -1,0 +1,138 @@
+"""Reading a client's payload frame, and saying why one cannot be read, under its request id if it has one.
+
+`decode` refuses a whole frame for one bad field: a string that is not UTF-8 (msgpack checks them
+while unpacking), or a nested message of the wrong shape. The protocol still owes such a
+GenerateRequest exactly one terminal frame under its own id, so a second, lenient pass unpacks the
+raw array (invalid UTF-8 kept as surrogate escapes), takes the request id by position and names
+the field at fault. Nothing of the client's data is echoed back but the request id itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import msgpack
+
+from tandem.messages import (
+    ChatMessage,
+    GenerateRequest,
+    InvalidParameterError,
+    MessageError,
+    SamplingParams,
+    decode,
+)
+
+_FIELDS = [f.name for f in dataclasses.fields(GenerateRequest)]
+_SAMPLING_FIELDS = [f.name for f in dataclasses.fields(SamplingParams)]
+_CHAT_FIELDS = [f.name for f in dataclasses.fields(ChatMessage)]
+
+
+class UnreadableFrame(Exception):
+    """A frame that is not a valid message; ``request_id`` is ``""`` when none could be read."""
+
+    def __init__(self, request_id: str, message: str) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.message = message
+
+
+def read_frame(payload: bytes) -> Any:
+    """The message in ``payload``; raise UnreadableFrame when it is not one."""
+    try:
+        return decode(payload)
+    except MessageError as e:
+        raise _explain(payload, str(e)) from None
+
+
+def readable_id(value: Any) -> str | None:
+    """``value`` if it can be sent back as a request id (a str that is valid UTF-8), else None."""
+    return value if isinstance(value, str) and _utf8(value) else None
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # C speed, even for megabytes
+    except UnicodeEncodeError:  # a surrogate escape: the client sent bytes that are not UTF-8
+        return False
+    return True
+
+
+def _explain(payload: bytes, why: str) -> UnreadableFrame:
+    try:
+        arr = msgpack.unpackb(payload, raw=False, unicode_errors="surrogateescape", strict_map_key=False)
+    except Exception:  # not msgpack at all (msgpack raises several unrelated types)
+        return UnreadableFrame("", why)
+    tag = arr[0] if isinstance(arr, list) and arr and type(arr[0]) is int else None
+    if tag == GenerateRequest.TAG and len(arr) > 1:
+        return _explain_request(arr[1:], why)
+    if tag is not None and _not_utf8(arr[1:], "") is not None:
+        return UnreadableFrame("", f"a string in the frame (message tag {tag}) is not valid UTF-8")
+    return UnreadableFrame("", why)
+
+
+def _explain_request(values: list[Any], why: str) -> UnreadableFrame:
+    """Why the GenerateRequest fields ``values`` do not decode, under the request id if it is readable."""
+    rid = readable_id(values[0])
+    if rid is None:
+        reason = "not valid UTF-8" if isinstance(values[0], str) else "must be a string"
+        return UnreadableFrame("", str(InvalidParameterError("request_id", reason)))
+    for name, value in zip(_FIELDS, values, strict=False):
+        where = _not_utf8_in_field(name, value)
+        if where is not None:
+            return UnreadableFrame(rid, str(InvalidParameterError(where[0], f"not valid UTF-8{where[1]}")))
+    return UnreadableFrame(rid, _bad_shape(dict(zip(_FIELDS, values, strict=False))) or why)
+
+
+def _bad_shape(fields: dict[str, Any]) -> str | None:
+    """The nested message that is not an array of its fields (what makes `decode` fail besides UTF-8)."""
+    params = fields.get("params")
+    if params is not None and not isinstance(params, list):
+        return str(InvalidParameterError("params", "must be an array of sampling parameters"))
+    messages = fields.get("messages")
+    if messages is not None:
+        if not isinstance(messages, list):
+            return str(InvalidParameterError("messages", "must be an array of [role, content] messages"))
+        for i, m in enumerate(messages):
+            if not isinstance(m, list) or len(m) < len(_CHAT_FIELDS):
+                return str(InvalidParameterError("messages", f"message {i} is not a [role, content] array"))
+    return None
+
+
+def _not_utf8_in_field(name: str, value: Any) -> tuple[str, str] | None:
+    """(parameter, where within it) of the first string in ``value`` that is not UTF-8."""
+    if name == "params" and isinstance(value, list):
+        for sub, v in zip(_SAMPLING_FIELDS, value, strict=False):
+            where = _not_utf8(v, "")
+            if where is not None:
+                return sub, where
+        return None
+    if name == "messages" and isinstance(value, list):
+        for i, m in enumerate(value):
+            if isinstance(m, list):
+                for sub, v in zip(_CHAT_FIELDS, m, strict=False):
+                    where = _not_utf8(v, "")
+                    if where is not None:
+                        return name, f" (message {i}, {sub}{where})"
+            elif (where := _not_utf8(m, "")) is not None:
+                return name, f" (message {i}{where})"
+        return None
+    where = _not_utf8(value, "")
+    return None if where is None else (name, where)
+
+
+def _not_utf8(value: Any, path: str) -> str | None:
+    """``path`` extended to the first string within ``value`` that is not UTF-8, None if none is."""
+    if isinstance(value, str):
+        return None if _utf8(value) else (f" at {path}" if path else "")
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            where = _not_utf8(v, f"{path}[{i}]")
+            if where is not None:
+                return where
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            where = _not_utf8(k, f"{path}[a map key]") or _not_utf8(v, f"{path}[a map value]")
+            if where is not None:
+                return where
+    return None
