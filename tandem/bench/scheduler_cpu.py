@@ -1,11 +1,10 @@
 """The scheduler's CPU cost per step, in process, with no worker.
 
-It runs the scheduler loop's own code (`EngineCore._admit`, `_try_launch`, `_process_result`) on
-an EngineCore shell that has no sockets, no worker and no actor context: a real ring slot is
-packed every step, the doorbell is encoded and dropped, and a fake StepResult (random ids of real
-text, through the real tokenizer's detokenizer) goes through the msgpack codec and is applied.
-Using the loop's methods rather than a copy of them keeps the number honest as the loop changes;
-if EngineCore grows an attribute these methods need, the shell below fails loudly.
+It drives the scheduler's own pure core (`EngineCore.add`, `launch`, `apply`), which has no
+sockets, worker or actor context: a real ring slot is packed every step, the doorbell is encoded
+and dropped, and a fake StepResult (random ids of real text, through the real tokenizer's
+detokenizer) goes through the msgpack codec and is applied. The scheduler process runs the same
+calls, so the number follows the code as it changes.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +26,8 @@ from tandem.bench.timing import median, summarize
 from tandem.config import EngineConfig
 from tandem.messages import OutputBatch, SamplingParams, StepResult, SubmitRequest, decode, encode
 from tandem.models.model_files import load_tokenizer
-from tandem.scheduler.batch import Packer
-from tandem.scheduler.block_manager import BlockManager
-from tandem.scheduler.loop import EngineCore
-from tandem.scheduler.output import OutputProcessor
-from tandem.scheduler.scheduler import Scheduler, SchedulerLimits
+from tandem.models.tokenizer import Tokenizer
+from tandem.scheduler.core import EngineCore
 from tandem.shm import RingSegment, batch_layout
 
 log = logging.getLogger(__name__)
@@ -53,13 +48,6 @@ class SchedulerSizes:
     profile_steps: int = 100
 
 
-class _Sink:
-    """Stands in for the doorbell socket: the frame is built (that cost is real) and dropped."""
-
-    def send(self, frame: bytes) -> None:
-        pass
-
-
 def _max_steps(s: SchedulerSizes) -> int:
     """Steps any sequence can live through: nothing may finish while it is being measured."""
     prefill = math.ceil(s.num_seqs * s.prompt_len / s.max_num_batched_tokens)
@@ -70,43 +58,27 @@ def _context_length(s: SchedulerSizes) -> int:
     return s.prompt_len + _max_steps(s) + 16
 
 
-def _shell(tokenizer_path: str | Path, s: SchedulerSizes, ring: RingSegment) -> EngineCore:
-    """An EngineCore with only the state its step methods read: no sockets, worker or actor context."""
+def _core(tokenizer_path: str | Path, s: SchedulerSizes, ring: RingSegment) -> EngineCore:
     ctx_len = _context_length(s)
-    blocks = s.num_seqs * math.ceil(ctx_len / s.block_size) + 64
-    core = EngineCore.__new__(EngineCore)
-    core.cfg = EngineConfig(
+    cfg = EngineConfig(
         model_path=str(tokenizer_path),
         max_num_seqs=s.num_seqs,
         max_num_batched_tokens=s.max_num_batched_tokens,
+        max_queue=max(512, s.num_seqs),
         block_size=s.block_size,
         overlap=s.overlap,
     )
-    core.tokenizer = load_tokenizer(str(tokenizer_path))
-    core.context_length = ctx_len
-    limits = SchedulerLimits(s.num_seqs, s.max_num_batched_tokens, max(512, s.num_seqs), ctx_len)
-    core.sched = Scheduler(limits, BlockManager(blocks, s.block_size, enable_prefix_caching=True))
-    core.out = OutputProcessor(core.tokenizer, ctx_len)
-    core.ring = ring
-    core.bells = _Sink()  # type: ignore[assignment]
-    core.inflight = deque()
-    core.free_slots = deque(range(ring.depth))
-    core.packer = Packer()
-    core.step = 0
-    core.seq_ids = count()
-    core.draining = False
-    core.prompt_tokens_total = core.generated_tokens_total = 0
-    core.step_ms_ewma = core.idle_ms_ewma = 0.0
-    return core
+    blocks = s.num_seqs * math.ceil(ctx_len / s.block_size) + 64
+    return EngineCore(cfg, load_tokenizer(str(tokenizer_path)), ctx_len, ring, blocks)
 
 
 class _Driver:
-    """Steps the shell like `EngineCore.run` does: launch, then apply the oldest result when full."""
+    """Steps the core as the scheduler process does: launch, then apply the oldest result when full."""
 
-    def __init__(self, core: EngineCore, seed: int = 0) -> None:
+    def __init__(self, core: EngineCore, tokenizer: Tokenizer, seed: int = 0) -> None:
         self.core = core
         self.rng = np.random.default_rng(seed)
-        self.pool = np.array(core.tokenizer.encode(_TEXT), dtype=np.int64)  # ids of real text
+        self.pool = np.array(tokenizer.encode(_TEXT), dtype=np.int64)  # ids of real text
         self.slots: deque[int] = deque()  # slot of each in-flight step, oldest first
         self.sched_s = [0.0, 0.0]  # (wall, cpu) spent in Scheduler.schedule by the last launch
         real_schedule = core.sched.schedule
@@ -118,10 +90,10 @@ class _Driver:
             return out
 
         core.sched.schedule = timed_schedule  # type: ignore[method-assign]
-        self.max_inflight = core._max_inflight()
+        self.max_inflight = 2 if core.cfg.overlap else 1
 
     def _fake_result(self) -> bytes:
-        batch, _ = self.core.inflight[0]
+        batch = self.core.inflight[0].batch
         n = sum(1 for it in batch.items if it.sample)
         ids = self.rng.choice(self.pool, size=n)
         res = StepResult(batch.step, self.slots[0], n, ids.tobytes(), b"", forward_ms=1.0)
@@ -132,7 +104,10 @@ class _Driver:
         core = self.core
         next_slot = core.free_slots[0] if core.free_slots else -1
         w0, c0 = time.perf_counter(), time.process_time()
-        launched = core._try_launch()
+        bell = core.launch()
+        if bell is not None:
+            encode(bell)  # what goes on the doorbell socket
+        launched = bell is not None
         w1, c1 = time.perf_counter(), time.process_time()
         if launched:
             self.slots.append(next_slot)
@@ -142,9 +117,7 @@ class _Driver:
         if core.inflight and (len(core.inflight) >= self.max_inflight or not launched):
             frame = self._fake_result()
             w2, c2 = time.perf_counter(), time.process_time()
-            out = OutputBatch()
-            core._process_result(decode(frame), out)
-            encode(out)  # what _send puts on the gateway socket
+            encode(core.apply(decode(frame)))  # and what goes to the gateway
             results = (time.perf_counter() - w2, time.process_time() - c2)
             self.slots.popleft()
         if not launched:
@@ -155,14 +128,14 @@ class _Driver:
         return {"schedule": sched, "pack": pack, "results": results, "total": total}
 
 
-def _admit_all(core: EngineCore, s: SchedulerSizes) -> None:
+def _admit_all(core: EngineCore, tokenizer: Tokenizer, s: SchedulerSizes) -> None:
     params = SamplingParams(max_tokens=_max_steps(s), ignore_eos=True)
-    text_ids = core.tokenizer.encode(_TEXT * 4)
+    text_ids = tokenizer.encode(_TEXT * 4)
     out = OutputBatch()
     for i in range(s.num_seqs):
         # A distinct first token per sequence: no two prompts share a cached prefix block.
         ids = [3 + i % 200, *text_ids[i % 32 : i % 32 + s.prompt_len - 1]]
-        core._admit(SubmitRequest(f"bench-{i}", ids, params, time.monotonic()), out)
+        core.add(SubmitRequest(f"bench-{i}", ids, params, time.monotonic()), out)
     if out.errors:
         raise RuntimeError(f"admission failed: {out.errors[0].message}")
 
@@ -203,9 +176,10 @@ def run_scheduler_cpu(
     ctx_len = _context_length(s)
     layout = batch_layout(s.max_num_batched_tokens, s.num_seqs, math.ceil(ctx_len / s.block_size), 2)
     with RingSegment.create(layout, prefix="tandembench") as ring:
-        core = _shell(tokenizer_path, s, ring)
-        driver = _Driver(core)
-        _admit_all(core, s)
+        core = _core(tokenizer_path, s, ring)
+        tokenizer = load_tokenizer(str(tokenizer_path))
+        driver = _Driver(core, tokenizer)
+        _admit_all(core, tokenizer, s)
         # Chunked prefill until every sequence is decoding, then the warm-up steps.
         prefill_steps = 0
         while any(len(q.token_ids) == q.prompt_len for q in core.sched.running) or core.sched.waiting:
@@ -214,7 +188,7 @@ def run_scheduler_cpu(
         for _ in range(s.warmup_steps):
             driver.step()
         samples = [r for r in (driver.step() for _ in range(s.steps)) if r is not None]
-        batch_sizes = {len(b.items) for b, _ in core.inflight}
+        batch_sizes = {len(f.batch.items) for f in core.inflight}
         hot = None
         total_ms = median([r["total"][0] for r in samples]) * 1000
         if profile or (profile is None and total_ms > target_ms):

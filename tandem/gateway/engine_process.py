@@ -17,7 +17,7 @@ from tandem.actors.sockets import ipc_address, make_runtime_dir, make_socket, re
 from tandem.config import EngineConfig
 from tandem.models.model_files import load_tokenizer
 from tandem.models.tokenizer import Tokenizer
-from tandem.scheduler.loop import SchedulerBoot
+from tandem.scheduler.process import SchedulerBoot
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class EngineProcess:
             self.tokenizer = load_tokenizer(cfg.model_path)
             spec = ActorSpec(
                 "scheduler",
-                "tandem.scheduler.loop:scheduler_main",
+                "tandem.scheduler.process:scheduler_main",
                 SchedulerBoot(cfg, self._req_addr, self._out_addr),
                 self.runtime_dir,
                 log_level=cfg.log_level,

@@ -90,7 +90,7 @@ def test_requests_arriving_after_a_scheduler_crash_get_worker_died(
     from tandem.client import TandemClient, TandemError
 
     server = Server(tiny_home(tmp_path_factory, tiny_gguf)).start()
-    zmq_url = json.loads((server.home / "run" / "server.json").read_text())["zmq"][0]
+    zmq_url = server.ps()["zmq"][0]
     http: list[tuple[int, str]] = []
     zmq: list[str] = []
     stop = threading.Event()

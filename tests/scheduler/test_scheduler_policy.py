@@ -1,12 +1,13 @@
-"""Scheduling policy driven the way EngineCore drives it, against a fake paged-KV worker.
+"""The scheduler's real core (EngineCore) against a fake paged-KV worker that reads the ring.
 
-No processes: a `Sim` plays the scheduler loop (schedule, "send", apply results one or two steps
-later) and a `FakeWorker` plays the GPU. The worker keeps a real paged KV store indexed by the
-block tables it is given, resolves `-(1 + row)` references from its previous step's samples, and
-samples a token that is a hash of (seed, sample index, every context token read back from its KV).
-So any wrong block table, prefix-cache hit on the wrong block, skipped or doubled position, or
-misrouted reference changes the output, and outputs can be checked against `reference()`, which
-unrolls the same function with no scheduler at all.
+No processes: a `Sim` calls the core as the scheduler process does (add, cancel, launch, apply
+the results one or two steps later), and a `FakeWorker` plays the GPU from the packed ring slot
+alone: it keeps a real paged KV store indexed by the slot's block tables, resolves `-(1 + row)`
+references from its previous step's samples, and samples a token that is a hash of (seed, sample
+index, every context token read back from its KV). So any wrong block table, prefix-cache hit on
+the wrong block, skipped or doubled position, misrouted reference, stale result applied after a
+preemption or ignored max_tokens changes the output, and outputs are checked against
+`reference()`, which unrolls the same function with no scheduler at all.
 
 Run: python -m pytest tests/scheduler/test_scheduler_policy.py -q
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import struct
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -26,13 +26,17 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tandem.messages import SamplingParams
+from tandem.config import EngineConfig
+from tandem.messages import Doorbell, OutputBatch, RequestError, SamplingParams, StepResult, SubmitRequest
 from tandem.models.tiny import write_tiny_gguf
 from tandem.models.tokenizer import Tokenizer
 from tandem.scheduler.block_manager import BlockManager
-from tandem.scheduler.output import OutputProcessor
+from tandem.scheduler.core import EngineCore
 from tandem.scheduler.scheduler import AdmissionError, ScheduledBatch, Scheduler, SchedulerLimits
 from tandem.scheduler.sequence import SeqStatus, Sequence
+from tandem.shm import batch_layout
+from tandem.shm.layout import RingLayout
+from tandem.shm.slot import SlotView
 
 EOS = 2  # <|im_end|> in the tiny vocabulary (its eos ids are 0 and 2)
 FIRST_BYTE_TOKEN = 3  # byte b is token 3 + b in the tiny vocabulary
@@ -66,43 +70,58 @@ class TokenFn:
 
 
 class FakeWorker:
-    """Executes steps in order against a paged KV store, like the GPU worker does."""
+    """Executes steps in order from the ring slot alone, against a paged KV store, as the GPU
+    worker does."""
 
     def __init__(self, num_blocks: int, block_size: int, fn: TokenFn) -> None:
         self.bs = block_size
         self.kv = np.full((num_blocks, block_size), -1, dtype=np.int64)
         self.fn = fn
-        self.prev: dict[int, tuple[int, int]] = {}  # row -> (seq_id, token) sampled by the last step
+        self.prev: dict[int, tuple[int, int]] = {}  # row -> (worker slot, token) sampled by the last step
         self.last_step = -1
 
-    def execute(self, batch: ScheduledBatch, tables: dict[int, list[int]]) -> list[int]:
-        assert batch.step == self.last_step + 1, "steps must reach the worker in order"
+    def execute(self, slot: SlotView, bell: Doorbell) -> StepResult:
+        assert bell.step == self.last_step + 1, "steps must reach the worker in order"
+        n_seq = bell.num_seqs
+        cu = slot.cu_seqlens[: n_seq + 1].tolist()
         sampled: dict[int, tuple[int, int]] = {}
         tokens: list[int] = []
-        for row, it in enumerate(batch.items):
-            seq = it.seq
+        for row in range(n_seq):
+            wslot = int(slot.seq_slots[row])
             ids = []
-            for t in it.input_ids:
+            for t in slot.input_ids[cu[row] : cu[row + 1]].tolist():
                 if t < 0:
                     # The real worker would silently read whatever its buffer holds; be strict.
-                    ref_seq, ref_tok = self.prev[-1 - t]
-                    assert ref_seq == seq.seq_id, "reference to another sequence's sample"
+                    ref_slot, ref_tok = self.prev[-1 - t]
+                    assert ref_slot == wslot, "reference to another sequence's sample"
                     ids.append(ref_tok)
                 else:
                     ids.append(t)
-            table = np.asarray(tables[seq.seq_id], dtype=np.int64)
-            pos = np.arange(it.start, it.start + len(ids))
+            table = slot.block_tables[row].astype(np.int64)
+            pos = slot.positions[cu[row] : cu[row + 1]].astype(np.int64)
             self.kv[table[pos // self.bs], pos % self.bs] = ids
-            if it.sample:
-                ctx_pos = np.arange(it.start + len(ids))
+            if slot.sample_mask[row]:
+                ctx_pos = np.arange(int(slot.context_lens[row]))
                 context = self.kv[table[ctx_pos // self.bs], ctx_pos % self.bs]
                 assert (context >= 0).all(), "attention would read KV that no step wrote"
-                t = self.fn(seq.seed, len(context) - seq.prompt_len, context)
-                sampled[row] = (seq.seq_id, t)
+                t = self.fn(int(slot.seed[row]), int(slot.sample_step[row]), context)
+                sampled[len(tokens)] = (wslot, t)
                 tokens.append(t)
         self.prev = sampled
-        self.last_step = batch.step
-        return tokens
+        self.last_step = bell.step
+        ids_bytes = np.asarray(tokens, dtype=np.int64).tobytes()
+        return StepResult(bell.step, bell.slot, len(tokens), ids_bytes, b"")
+
+
+class HeapRing:
+    """The ring's slots over ordinary memory: the core packs them exactly as it packs shm."""
+
+    def __init__(self, layout: RingLayout) -> None:
+        self._buf = memoryview(bytearray(layout.total_size))
+        self._slots = [SlotView(k, self._buf, layout) for k in range(layout.depth)]
+
+    def slot(self, k: int) -> SlotView:
+        return self._slots[k]
 
 
 # -- requests and the reference --------------------------------------------------------------------
@@ -173,7 +192,7 @@ class Item:
 
 
 class Sim:
-    """EngineCore's bookkeeping without processes; ``depth`` is 1 (sync) or 2 (overlap)."""
+    """The real EngineCore, driven tick by tick; ``depth`` is 1 (sync) or 2 (overlap)."""
 
     def __init__(
         self,
@@ -190,92 +209,100 @@ class Sim:
         prefix_caching: bool = True,
     ) -> None:
         self.fn = fn or TokenFn()
-        self.limits = SchedulerLimits(max_num_seqs, max_num_batched_tokens, max_queue, context_length)
-        self.sched = Scheduler(self.limits, BlockManager(num_blocks, block_size, prefix_caching))
-        self.out = OutputProcessor(tok, context_length)
+        cfg = EngineConfig(
+            model_path="",
+            block_size=block_size,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_queue=max_queue,
+            overlap=depth == 2,
+            enable_prefix_caching=prefix_caching,
+        )
+        blocks_per_seq = -(-context_length // block_size)
+        ring = HeapRing(batch_layout(max_num_batched_tokens, max_num_seqs, blocks_per_seq, cfg.ring_depth))
+        self.ring = ring
+        self.core = EngineCore(cfg, tok, context_length, ring, num_blocks, clock=self._clock)
+        self.limits = self.core.sched.limits
         self.worker = FakeWorker(num_blocks, block_size, self.fn)
         self.depth = depth
-        self.inflight: deque[tuple[ScheduledBatch, list[int]]] = deque()
-        self.step = 0
-        self.seq_ids = itertools.count()
+        self.results: deque[StepResult] = deque()  # what the worker answered, oldest first
         self.seqs: dict[str, Sequence] = {}
         self.outcomes: dict[str, Outcome] = {}
-        self.rejected: dict[str, AdmissionError] = {}
+        self.rejected: dict[str, RequestError] = {}
         self.log: list[list[Item]] = []
         self.discarded = 0  # results that came back for sequences no longer there to take them
         self._last_end: dict[str, tuple[int, int]] = {}  # rid -> (epoch, end of its last chunk)
+        self._now = 0.0
+
+    def _clock(self) -> float:
+        self._now += 0.001
+        return self._now
+
+    @property
+    def sched(self) -> Scheduler:
+        return self.core.sched
+
+    @property
+    def step(self) -> int:
+        return self.core.step
 
     # -- requests ------------------------------------------------------------------------
     def submit(self, req: Req) -> Sequence:
-        """Admission as EngineCore._admit does it (raises AdmissionError)."""
-        n = len(req.prompt)
-        params = req.params()
-        self.sched.check_feasible(n, params.max_tokens)
-        seq = Sequence(
-            seq_id=next(self.seq_ids),
-            request_id=req.rid,
-            prompt_len=n,
-            token_ids=list(req.prompt),
-            params=params,
-            seed=req.seed,
-            max_tokens=params.max_tokens or (self.limits.context_length - n),
-        )
-        self.sched.add(seq)
+        """core.add; raises AdmissionError with the code of a refusal."""
+        out = self.core.add(SubmitRequest(req.rid, list(req.prompt), req.params(), self._clock()))
+        if out.errors:
+            err = out.errors[0]
+            raise AdmissionError(err.code, err.message)
+        seq = self.sched.by_request[req.rid]
         self.seqs[req.rid] = seq
         self.outcomes[req.rid] = Outcome()
         return seq
 
     def try_submit(self, req: Req) -> None:
-        try:
-            self.submit(req)
-        except AdmissionError as e:
-            self.rejected[req.rid] = e
+        out = self.core.add(SubmitRequest(req.rid, list(req.prompt), req.params(), self._clock()))
+        if out.errors:
+            self.rejected[req.rid] = out.errors[0]
+        else:
+            self.seqs[req.rid] = self.sched.by_request[req.rid]
+            self.outcomes[req.rid] = Outcome()
 
     def cancel(self, rid: str) -> None:
-        seq = self.sched.by_request.get(rid)
-        if seq is not None:  # a cancel for a request that already ended is a no-op
-            self._end(seq, "cancelled", None)
+        self._take(self.core.cancel(rid))
 
-    def _end(self, seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
-        self.sched.finish(seq, reason, stop_reason)
-        self.out.release(seq)
-        o = self.outcomes[seq.request_id]
-        o.reason, o.stop_reason, o.num_cached = reason, stop_reason, seq.num_cached
-        o.ends += 1
+    def _take(self, out: OutputBatch) -> None:
+        for d in out.deltas:
+            o = self.outcomes[d.request_id]
+            assert o.ends == 0, f"a delta after {d.request_id}'s terminal frame"
+            o.tokens += d.token_ids
+            o.text += d.text
+        for f in out.finished:
+            o = self.outcomes[f.request_id]
+            o.reason, o.stop_reason, o.num_cached = f.finish_reason, f.stop_reason, f.cached_tokens
+            o.ends += 1
+        for e in out.errors:
+            o = self.outcomes[e.request_id]
+            o.reason = f"error: {e.code}"
+            o.ends += 1
 
     # -- the pipeline --------------------------------------------------------------------
     def launch(self) -> bool:
-        if len(self.inflight) >= self.depth:
+        bell = self.core.launch()
+        if bell is None:
             return False
-        batch = self.sched.schedule(self.step)
-        if batch is None:
-            return False
+        batch = self.core.inflight[-1].batch
         self.check_batch(batch)
-        # Copies: the block manager's lists change later, the worker saw them as they were.
-        tables = {it.seq.seq_id: list(self.sched.blocks.block_table(it.seq.seq_id)) for it in batch.items}
-        self.inflight.append((batch, self.worker.execute(batch, tables)))
-        self.step += 1
+        self.results.append(self.worker.execute(self.ring.slot(bell.slot), bell))
         return True
 
     def apply_oldest(self) -> None:
-        """EngineCore._process_result for the oldest step in flight."""
-        batch, tokens = self.inflight.popleft()
-        sampled = [it for it in batch.items if it.sample]
-        assert len(sampled) == len(tokens)
-        for it, t in zip(sampled, tokens, strict=True):
-            seq = it.seq
-            if seq.status is not SeqStatus.RUNNING or seq.epoch != it.epoch:
-                self.discarded += 1
-                continue
-            pstep, _ = seq.pending.popleft()
-            assert pstep == batch.step
-            seq.token_ids.append(t)
-            ev = self.out.on_token(seq, t)
-            o = self.outcomes[seq.request_id]
-            o.tokens.append(t)
-            o.text += ev.text
-            if ev.finish_reason:
-                self._end(seq, ev.finish_reason, ev.stop_reason)
+        """core.apply for the oldest step in flight (and count the tokens it must drop)."""
+        batch = self.core.inflight[0].batch
+        self.discarded += sum(
+            1
+            for it in batch.items
+            if it.sample and (it.seq.status is not SeqStatus.RUNNING or it.seq.epoch != it.epoch)
+        )
+        self._take(self.core.apply(self.results.popleft()))
 
     def tick(self, t: int, reqs: tuple[Req, ...] | list[Req] = ()) -> None:
         for r in reqs:
@@ -286,13 +313,13 @@ class Sim:
                 self.cancel(r.rid)
         while self.launch():
             pass
-        if self.inflight:
+        if self.core.inflight:
             self.apply_oldest()
         self.check_state()
 
     @property
     def idle(self) -> bool:
-        return not (self.inflight or self.sched.waiting or self.sched.running)
+        return self.core.idle
 
     def finish_all(self, first_tick: int = 0, max_ticks: int = 3000) -> Sim:
         """Tick until nothing is left (requests submitted by hand), then check nothing leaked."""
@@ -664,7 +691,7 @@ def test_cancel_mid_prefill_frees_blocks_at_once_and_ignores_late_results(tok: T
     assert seq.status is SeqStatus.FINISHED and seq.seq_id not in sim.sched.blocks
     assert sim.sched.blocks.num_free_blocks == free_before + held
     assert sim.outcomes["a"].reason == "cancelled"
-    while sim.inflight:  # the steps that carried a's chunks come back: nothing happens to it
+    while sim.core.inflight:  # the steps that carried a's chunks come back: nothing happens to it
         sim.apply_oldest()
     assert sim.outcomes["a"].tokens == [] and seq.output_ids == []
     sim.finish_all()
@@ -681,14 +708,14 @@ def test_cancel_mid_decode_with_two_steps_in_flight(tok: Tokenizer) -> None:
         sim.tick(t)
     while sim.launch():
         pass
-    assert len(sim.inflight) == 2 and len(seq.pending) == 2  # both in-flight steps sample for it
+    assert len(sim.core.inflight) == 2 and len(seq.pending) == 2  # both in-flight steps sample for it
     got = list(sim.outcomes["a"].tokens)
     assert got == reference(sim.fn, req, 64)[0][: len(got)] and len(got) >= 3
     sim.cancel("a")
     assert seq.seq_id not in sim.sched.blocks and sim.sched.blocks.num_free_blocks == 256
     assert not seq.pending
     sim.cancel("a")  # a second cancel (client retry) changes nothing
-    while sim.inflight:
+    while sim.core.inflight:
         sim.apply_oldest()
     assert sim.discarded == 2 and sim.outcomes["a"].tokens == got
     assert sim.sched.schedule(sim.step) is None
