@@ -9,6 +9,7 @@ shared-memory ring, never as lists of floats.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import operator
 import types
@@ -220,6 +221,28 @@ class Stop:
 # --------------------------------------------------------------------------------------
 # Requests and their results (client <-> gateway <-> scheduler)
 # --------------------------------------------------------------------------------------
+class ErrorCode(enum.StrEnum):
+    """`RequestError.code`: why a request ended without finishing (PROTOCOL.md, section 5)."""
+
+    INVALID_REQUEST = "invalid_request"
+    CONTEXT_LENGTH = "context_length"
+    BUSY = "busy"
+    WORKER_DIED = "worker_died"
+    SHUTTING_DOWN = "shutting_down"
+    CANCELLED = "cancelled"  # by the server: its client stopped reading
+    TIMEOUT = "timeout"  # client side: no reply in time
+    INTERNAL = "internal"
+
+
+class FinishReason(enum.StrEnum):
+    """`Finished.finish_reason`."""
+
+    STOP = "stop"  # EOS, a stop string or a stop token
+    LENGTH = "length"  # max_tokens
+    CONTEXT = "context"  # the context (or the KV pool) is full
+    CANCELLED = "cancelled"
+
+
 class InvalidParameterError(ValueError):
     def __init__(self, param: str, reason: str) -> None:
         super().__init__(f"invalid parameter '{param}': {reason}")
@@ -365,7 +388,7 @@ class TokenDelta:
 @message(14)
 class Finished:
     request_id: str
-    finish_reason: str  # "stop" | "length" | "cancelled" | "context"
+    finish_reason: str  # a FinishReason
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
@@ -378,7 +401,7 @@ class Finished:
 @message(15)
 class RequestError:
     request_id: str
-    code: str  # "invalid_request" | "busy" | "context_length" | "worker_died" | "internal" | ...
+    code: str  # an ErrorCode
     message: str
     retry_after_s: float = 0.0  # busy: the scheduler's estimate of the wait until the queue has room
 

@@ -21,7 +21,7 @@ from tandem.bench.timing import median, ratio, summarize
 from tandem.config import EngineConfig
 from tandem.gateway.engine_process import EngineProcess
 from tandem.gateway.local import EngineError, query_stats
-from tandem.messages import OutputBatch, SamplingParams, SubmitRequest, decode, encode
+from tandem.messages import ErrorCode, OutputBatch, SamplingParams, SubmitRequest, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,9 @@ def run_batch(
         if not engine.from_sched.poll(250):
             problem = engine.check()
             if problem:
-                raise EngineError("engine_died", problem)
+                raise EngineError(ErrorCode.WORKER_DIED, problem)
             if time.perf_counter() - t0 > timeout_s:
-                raise EngineError("timeout", f"benchmark run did not finish within {timeout_s} s")
+                raise EngineError(ErrorCode.TIMEOUT, f"benchmark run did not finish within {timeout_s} s")
             continue
         msg = decode(engine.from_sched.recv())
         now = time.perf_counter()

@@ -37,6 +37,7 @@ from tandem.messages import (
     Accepted,
     Cancel,
     ClientHello,
+    ErrorCode,
     Finished,
     GenerateRequest,
     Health,
@@ -94,7 +95,8 @@ class AsyncTandemClient:
                     hello = await asyncio.wait_for(self._hello, self.connect_timeout)
                 except TimeoutError:
                     raise TandemTimeout(
-                        "timeout", f"no tandem server answered at {self.url} within {self.connect_timeout} s"
+                        ErrorCode.TIMEOUT,
+                        f"no tandem server answered at {self.url} within {self.connect_timeout} s",
                     ) from None
                 self.server = check_hello(hello, self.url)
             except BaseException:
@@ -178,7 +180,9 @@ class AsyncTandemClient:
             await self._sock.send(encode(HealthRequest(qid)))
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
-            raise TandemTimeout("timeout", f"no health reply from {self.url} within {timeout} s") from None
+            raise TandemTimeout(
+                ErrorCode.TIMEOUT, f"no health reply from {self.url} within {timeout} s"
+            ) from None
         finally:
             self._health.pop(qid, None)
 
@@ -221,8 +225,9 @@ class AsyncTandemClient:
 class AsyncStream:
     """One request's TokenDelta frames; sent on first iteration. Leaving it early cancels the request."""
 
-    def __init__(self, client: AsyncTandemClient, req: GenerateRequest, state: RequestState,
-                 timeout: float | None) -> None:
+    def __init__(
+        self, client: AsyncTandemClient, req: GenerateRequest, state: RequestState, timeout: float | None
+    ) -> None:
         self._client = client
         self._req: GenerateRequest | None = req
         self.state = state

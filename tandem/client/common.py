@@ -17,6 +17,7 @@ from tandem.messages import (
     PROTOCOL_VERSION,
     Accepted,
     ChatMessage,
+    ErrorCode,
     Finished,
     GenerateRequest,
     RequestError,
@@ -79,12 +80,12 @@ class ProtocolVersionError(TandemError):
 
 
 _BY_CODE: dict[str, type[TandemError]] = {
-    "invalid_request": InvalidRequestError,
-    "busy": ServerBusyError,
-    "context_length": ContextLengthError,
-    "worker_died": WorkerDiedError,
-    "shutting_down": ShuttingDownError,
-    "timeout": TandemTimeout,
+    ErrorCode.INVALID_REQUEST: InvalidRequestError,
+    ErrorCode.BUSY: ServerBusyError,
+    ErrorCode.CONTEXT_LENGTH: ContextLengthError,
+    ErrorCode.WORKER_DIED: WorkerDiedError,
+    ErrorCode.SHUTTING_DOWN: ShuttingDownError,
+    ErrorCode.TIMEOUT: TandemTimeout,
     "disconnected": TandemConnectionError,
     "unsupported_version": ProtocolVersionError,
 }
@@ -146,8 +147,14 @@ def build_request(
     if messages is not None:
         msgs = [m if isinstance(m, ChatMessage) else ChatMessage(m["role"], m["content"]) for m in messages]
     return GenerateRequest(
-        request_id, prompt, list(prompt_token_ids) if prompt_token_ids is not None else None,
-        msgs, raw, system, params, stream,
+        request_id,
+        prompt,
+        list(prompt_token_ids) if prompt_token_ids is not None else None,
+        msgs,
+        raw,
+        system,
+        params,
+        stream,
     )
 
 
@@ -200,8 +207,9 @@ class RequestState:
 
 
 def timeout_error(request_id: str, timeout: float) -> TandemTimeout:
-    return TandemTimeout("timeout", f"no reply for request {request_id} within {timeout} s (cancelled)",
-                         request_id)
+    return TandemTimeout(
+        ErrorCode.TIMEOUT, f"no reply for request {request_id} within {timeout} s (cancelled)", request_id
+    )
 
 
 def disconnected(request_id: str, url: str) -> RequestError:

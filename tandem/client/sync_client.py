@@ -37,6 +37,7 @@ from tandem.messages import (
     Accepted,
     Cancel,
     ClientHello,
+    ErrorCode,
     Finished,
     GenerateRequest,
     Health,
@@ -83,7 +84,8 @@ class TandemClient:
             while self.server is None:
                 if not self._pump(deadline):
                     raise TandemTimeout(
-                        "timeout", f"no tandem server answered at {self.url} within {connect_timeout} s"
+                        ErrorCode.TIMEOUT,
+                        f"no tandem server answered at {self.url} within {connect_timeout} s",
                     )
             check_hello(self.server, self.url)
         except BaseException:
@@ -125,8 +127,9 @@ class TandemClient:
     ) -> Stream:
         """An iterator of TokenDelta; ``.finished`` holds the Finished frame once it is exhausted."""
         rid = request_id or new_request_id()
-        return self._open(build_request(rid, prompt, prompt_token_ids, messages, raw, system, True, sampling),
-                          timeout)
+        return self._open(
+            build_request(rid, prompt, prompt_token_ids, messages, raw, system, True, sampling), timeout
+        )
 
     def cancel(self, request_id: str) -> None:
         """Ask the server to stop a request; its stream then ends with finish_reason 'cancelled'."""
@@ -138,7 +141,7 @@ class TandemClient:
         deadline = time.monotonic() + timeout
         while qid not in self._health:
             if not self._pump(deadline):
-                raise TandemTimeout("timeout", f"no health reply from {self.url} within {timeout} s")
+                raise TandemTimeout(ErrorCode.TIMEOUT, f"no health reply from {self.url} within {timeout} s")
         return self._health.pop(qid)
 
     def close(self) -> None:

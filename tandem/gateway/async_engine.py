@@ -24,6 +24,7 @@ from tandem.gateway.engine_process import EngineProcess
 from tandem.gateway.local import EngineError
 from tandem.messages import (
     CancelRequest,
+    ErrorCode,
     Finished,
     OutputBatch,
     RequestError,
@@ -104,7 +105,7 @@ class AsyncEngine:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        self._fail_all("shutting_down", "server is shutting down")
+        self._fail_all(ErrorCode.SHUTTING_DOWN, "server is shutting down")
         self._closed = True
         code = await asyncio.to_thread(self.process.close)
         self._zctx.term()
@@ -119,10 +120,10 @@ class AsyncEngine:
         Closing the iterator early (the consumer went away) cancels the request.
         """
         if self.dead is not None:
-            raise EngineError("worker_died", self.dead)
+            raise EngineError(ErrorCode.WORKER_DIED, self.dead)
         rid = request_id or uuid.uuid4().hex
         if rid in self._queues:
-            raise EngineError("invalid_request", f"request id {rid!r} is already in use")
+            raise EngineError(ErrorCode.INVALID_REQUEST, f"request id {rid!r} is already in use")
         queue: asyncio.Queue[Event | RequestError] = asyncio.Queue()
         self._queues[rid] = queue
         finished = False
@@ -159,12 +160,12 @@ class AsyncEngine:
             died.cancel()
         if not send.done():
             send.cancel()
-            raise EngineError("worker_died", self.dead or "the engine stopped")
+            raise EngineError(ErrorCode.WORKER_DIED, self.dead or "the engine stopped")
         send.result()
 
     async def stats(self, timeout: float = 5.0) -> Stats:
         if self.dead is not None or self.process.to_sched is None:
-            raise EngineError("worker_died", self.dead or "engine not running")
+            raise EngineError(ErrorCode.WORKER_DIED, self.dead or "engine not running")
         self._qid += 1
         qid = self._qid
         fut: asyncio.Future[Stats] = asyncio.get_running_loop().create_future()
@@ -203,7 +204,9 @@ class AsyncEngine:
         scheduler, as for a disconnect, rather than buffer its whole reply here."""
         del self._queues[rid]
         q.put_nowait(
-            RequestError(rid, "cancelled", f"the client fell {MAX_BUFFERED_EVENTS} tokens behind the stream")
+            RequestError(
+                rid, ErrorCode.CANCELLED, f"the client fell {MAX_BUFFERED_EVENTS} tokens behind the stream"
+            )
         )
         log.warning("request %s cancelled: its client fell %d tokens behind", rid, MAX_BUFFERED_EVENTS)
         if self.process.to_sched is not None:
@@ -231,7 +234,7 @@ class AsyncEngine:
                 self.dead = problem
                 self._died.set()
                 log.error("engine failed: %s", problem)
-                self._fail_all("worker_died", problem)
+                self._fail_all(ErrorCode.WORKER_DIED, problem)
 
     def _fail_all(self, code: str, message: str) -> None:
         for rid, q in list(self._queues.items()):

@@ -12,6 +12,7 @@ import zmq
 from tandem.gateway.engine_process import EngineProcess
 from tandem.messages import (
     CancelRequest,
+    ErrorCode,
     Finished,
     OutputBatch,
     RequestError,
@@ -61,7 +62,7 @@ def stream(
             if not engine.from_sched.poll(int(health_interval * 1000)):
                 problem = engine.check()
                 if problem:
-                    raise EngineError("engine_died", problem)
+                    raise EngineError(ErrorCode.WORKER_DIED, problem)
                 continue
             msg = decode(engine.from_sched.recv())
             if not isinstance(msg, OutputBatch):
@@ -116,7 +117,7 @@ def query_stats(engine: EngineProcess, timeout: float = 5.0) -> Stats:
             msg = decode(engine.from_sched.recv())
             if isinstance(msg, Stats) and msg.query_id == qid:
                 return msg
-    raise EngineError("timeout", f"no stats from the scheduler within {timeout} s")
+    raise EngineError(ErrorCode.TIMEOUT, f"no stats from the scheduler within {timeout} s")
 
 
 __all__ = ["Completion", "EngineError", "RequestError", "complete", "query_stats", "stream"]

@@ -49,7 +49,9 @@ from tandem.messages import (
     Cancel,
     ChatMessage,
     ClientHello,
+    ErrorCode,
     Finished,
+    FinishReason,
     GenerateRequest,
     Health,
     HealthRequest,
@@ -226,12 +228,12 @@ class ZmqFrontend:
             client = Client(identity)
         client.envelope = envelope
         if not (envelope or len(rest) == 1):
-            self._refuse(client, "", "invalid_request", "expected one payload frame")
+            self._refuse(client, "", ErrorCode.INVALID_REQUEST, "expected one payload frame")
             return
         try:
             msg = read_frame(rest[-1])
         except UnreadableFrame as e:
-            self._refuse(client, e.request_id, "invalid_request", e.message)
+            self._refuse(client, e.request_id, ErrorCode.INVALID_REQUEST, e.message)
             return
         if isinstance(msg, GenerateRequest):
             self._submit(client, msg)
@@ -243,13 +245,17 @@ class ZmqFrontend:
             if isinstance(msg.query_id, int) and not isinstance(msg.query_id, bool):
                 self._spawn(self._health(client, msg.query_id))
             else:
-                self._refuse(client, "", "invalid_request", "invalid parameter 'query_id': not an integer")
+                self._refuse(
+                    client, "", ErrorCode.INVALID_REQUEST, "invalid parameter 'query_id': not an integer"
+                )
         else:
-            self._refuse(client, "", "invalid_request", f"unexpected {type(msg).__name__}")
+            self._refuse(client, "", ErrorCode.INVALID_REQUEST, f"unexpected {type(msg).__name__}")
 
     def _cancel(self, client: Client, msg: Cancel) -> None:
         if not isinstance(msg.request_id, str):
-            self._refuse(client, "", "invalid_request", "invalid parameter 'request_id': must be a string")
+            self._refuse(
+                client, "", ErrorCode.INVALID_REQUEST, "invalid parameter 'request_id': must be a string"
+            )
         elif (req := client.requests.get(msg.request_id)) is not None:
             req.cancel("cancelled")
 
@@ -263,36 +269,54 @@ class ZmqFrontend:
 
     def _hello(self, client: Client, msg: ClientHello) -> None:
         e = self.engine
-        self._peers.reply(client, ServerHello(
-            PROTOCOL_VERSION, self.model_name, e.context_length, list(CAPABILITIES),
-            e.tokenizer.vocab_size, self.max_inflight, self.max_msg_size, __version__,
-        ))
+        self._peers.reply(
+            client,
+            ServerHello(
+                PROTOCOL_VERSION,
+                self.model_name,
+                e.context_length,
+                list(CAPABILITIES),
+                e.tokenizer.vocab_size,
+                self.max_inflight,
+                self.max_msg_size,
+                __version__,
+            ),
+        )
         if msg.version != PROTOCOL_VERSION:
             version = _clip(repr(msg.version), 40)
-            log.warning("client %s speaks protocol v%s, we speak v%d", _clip(repr(msg.client_name), 80),
-                        version, PROTOCOL_VERSION)
-            self._peers.reply(client, RequestError("", "unsupported_version",
-                                                   f"client speaks protocol v{version}, "
-                                                   f"this server speaks v{PROTOCOL_VERSION}"))
+            log.warning(
+                "client %s speaks protocol v%s, we speak v%d",
+                _clip(repr(msg.client_name), 80),
+                version,
+                PROTOCOL_VERSION,
+            )
+            self._peers.reply(
+                client,
+                RequestError(
+                    "",
+                    "unsupported_version",
+                    f"client speaks protocol v{version}, this server speaks v{PROTOCOL_VERSION}",
+                ),
+            )
 
     def _submit(self, client: Client, msg: GenerateRequest) -> None:
         rid = readable_id(msg.request_id) or ""
         if rid in client.requests:
             # Not this request's terminal frame: the one in flight under this id still gets its own.
-            self._refuse(client, rid, "invalid_request", f"request id {rid!r} is in flight")
+            self._refuse(client, rid, ErrorCode.INVALID_REQUEST, f"request id {rid!r} is in flight")
             return
         # Before validating, which walks every token id: a prompt far over the context costs nothing.
         too_long = self._over_context(msg)
         if too_long:
-            self._refuse(client, rid, "context_length", too_long)
+            self._refuse(client, rid, ErrorCode.CONTEXT_LENGTH, too_long)
             return
         try:
             msg.validate(self.engine.tokenizer.vocab_size)
         except ValueError as e:
-            self._refuse(client, rid, "invalid_request", str(e))
+            self._refuse(client, rid, ErrorCode.INVALID_REQUEST, str(e))
             return
         if len(client.requests) >= self.max_inflight:
-            self._refuse(client, rid, "busy", f"over {self.max_inflight} requests in flight")
+            self._refuse(client, rid, ErrorCode.BUSY, f"over {self.max_inflight} requests in flight")
             return
         req = ClientRequest(rid)
         client.requests[rid] = req
@@ -310,20 +334,24 @@ class ZmqFrontend:
         ctx = self.engine.context_length
         ids = msg.prompt_token_ids
         if isinstance(ids, list) and len(ids) >= ctx:
-            return (f"prompt is {len(ids)} tokens but the context holds {ctx} "
-                    "(prompt + at least 1 generated token must fit)")
+            return (
+                f"prompt is {len(ids)} tokens but the context holds {ctx} "
+                "(prompt + at least 1 generated token must fit)"
+            )
         size = _text_bytes(msg)
         if size > self._max_prompt_bytes:
             per_token = self._max_prompt_bytes // max(ctx, 1)
-            return (f"prompt is {size} bytes of text; a context of {ctx} tokens holds at most "
-                    f"{self._max_prompt_bytes} (no token of this model is longer than {per_token} bytes)")
+            return (
+                f"prompt is {size} bytes of text; a context of {ctx} tokens holds at most "
+                f"{self._max_prompt_bytes} (no token of this model is longer than {per_token} bytes)"
+            )
         return None
 
     # -- one request ---------------------------------------------------------------------
     async def _run(self, client: Client, req: ClientRequest, msg: GenerateRequest) -> None:
         ids = await asyncio.to_thread(self._tokenize, msg)
         if not ids:
-            req.terminal = RequestError(req.rid, "invalid_request", "the prompt is empty")
+            req.terminal = RequestError(req.rid, ErrorCode.INVALID_REQUEST, "the prompt is empty")
             return
         req.prompt_tokens = len(ids)
         if not await self._peers.send(client, Accepted(req.rid, len(ids), ids)):
@@ -371,14 +399,14 @@ class ZmqFrontend:
         if task.cancelled() or terminal is None:
             exc = None if task.cancelled() else task.exception()
             if isinstance(exc, InvalidParameterError | ChatTemplateError | TokenizerError):
-                terminal = RequestError(req.rid, "invalid_request", _clip(str(exc)))
+                terminal = RequestError(req.rid, ErrorCode.INVALID_REQUEST, _clip(str(exc)))
             elif exc is not None:
                 log.error("request %s failed", req.rid, exc_info=exc)
-                terminal = RequestError(req.rid, "internal", _clip(f"{type(exc).__name__}: {exc}"))
+                terminal = RequestError(req.rid, ErrorCode.INTERNAL, _clip(f"{type(exc).__name__}: {exc}"))
             elif req.cancel_reason == "shutdown":
-                terminal = RequestError(req.rid, "shutting_down", "server is shutting down")
+                terminal = RequestError(req.rid, ErrorCode.SHUTTING_DOWN, "server is shutting down")
             else:  # cancelled by the client, or a failed send (then nobody is there to tell)
-                terminal = Finished(req.rid, "cancelled", req.prompt_tokens, req.completion_tokens)
+                terminal = Finished(req.rid, FinishReason.CANCELLED, req.prompt_tokens, req.completion_tokens)
         if not client.gone:
             self._spawn(self._peers.send(client, terminal))
 
@@ -391,10 +419,19 @@ class ZmqFrontend:
             except (TimeoutError, EngineError) as exc:
                 error = f"the scheduler did not answer: {exc or 'timeout'}"
         status = "dead" if e.dead else "degraded" if stats is not None and stats.step_overdue_s > 0 else "ok"
-        await self._peers.send(client, Health(
-            query_id, status, self.model_name, error, time.time() - self.started_at,
-            len(self._clients), self.inflight, stats,
-        ))
+        await self._peers.send(
+            client,
+            Health(
+                query_id,
+                status,
+                self.model_name,
+                error,
+                time.time() - self.started_at,
+                len(self._clients),
+                self.inflight,
+                stats,
+            ),
+        )
 
     # -- tasks ---------------------------------------------------------------------------
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:

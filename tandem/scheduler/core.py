@@ -38,7 +38,9 @@ import numpy as np
 from tandem.config import EngineConfig
 from tandem.messages import (
     Doorbell,
+    ErrorCode,
     Finished,
+    FinishReason,
     OutputBatch,
     RequestError,
     Stats,
@@ -118,22 +120,24 @@ class EngineCore:
         """Queue a request, or append the error that refuses it."""
         out = OutputBatch() if out is None else out
         if not self.admitting:
-            out.errors.append(RequestError(req.request_id, "shutting_down", "server is shutting down"))
+            out.errors.append(
+                RequestError(req.request_id, ErrorCode.SHUTTING_DOWN, "server is shutting down")
+            )
             return out
         try:
             seq = self._sequence(req)
             self.packer.check_params(seq, self.ring.slot(0))
             self.sched.add(seq)
         except AdmissionError as e:
-            retry = self.queue_wait_s() if e.code == "busy" else 0.0
+            retry = self.queue_wait_s() if e.code == ErrorCode.BUSY else 0.0
             out.errors.append(RequestError(req.request_id, e.code, str(e), retry))
         except ValueError as e:  # InvalidParameterError, and values the ring cannot hold
-            out.errors.append(RequestError(req.request_id, "invalid_request", str(e)))
+            out.errors.append(RequestError(req.request_id, ErrorCode.INVALID_REQUEST, str(e)))
         return out
 
     def _sequence(self, req: SubmitRequest) -> Sequence:
         if not isinstance(req.request_id, str) or not isinstance(req.prompt_token_ids, list):
-            raise AdmissionError("invalid_request", "malformed request")
+            raise AdmissionError(ErrorCode.INVALID_REQUEST, "malformed request")
         req.params.validate()
         vocab = self.vocab_size
         bad = next(
@@ -146,7 +150,8 @@ class EngineCore:
         )
         if bad is not None:
             raise AdmissionError(
-                "invalid_request", f"prompt token id {bad!r} is outside the vocabulary (0..{vocab - 1})"
+                ErrorCode.INVALID_REQUEST,
+                f"prompt token id {bad!r} is outside the vocabulary (0..{vocab - 1})",
             )
         n = len(req.prompt_token_ids)
         params = req.params
@@ -165,7 +170,7 @@ class EngineCore:
         out = OutputBatch() if out is None else out
         seq = self.sched.by_request.get(request_id)
         if seq is not None:  # a cancel for a request that already ended is a no-op
-            self._finish(seq, "cancelled", None, out)
+            self._finish(seq, FinishReason.CANCELLED, None, out)
         return out
 
     def fail(self, seq: Sequence, code: str, message: str, out: OutputBatch) -> None:
@@ -233,7 +238,7 @@ class EngineCore:
         log.exception("could not pack step %d; failing its %d requests", batch.step, len(batch.items))
         why = f"the scheduler could not pack the step: {type(error).__name__}: {error}"
         for it in batch.items:
-            self.fail(it.seq, "internal", why, out)
+            self.fail(it.seq, ErrorCode.INTERNAL, why, out)
         self.sched.blocks.reset_prefix_cache()
         self.packer.forget()
 
@@ -260,7 +265,7 @@ class EngineCore:
         if res.error:
             for it in sampled:
                 if it.seq.status is _RUNNING and it.seq.epoch == it.epoch:
-                    self.fail(it.seq, "internal", f"step failed on the worker: {res.error}", out)
+                    self.fail(it.seq, ErrorCode.INTERNAL, f"step failed on the worker: {res.error}", out)
             return out
         self._take_tokens(res, batch.step, sampled, now, out)
         return out
@@ -319,7 +324,7 @@ class EngineCore:
         first = seq.first_token_time or now
         admitted = seq.admitted_time or now
         completion = len(seq.token_ids) - seq.prompt_len
-        if reason != "cancelled":
+        if reason != FinishReason.CANCELLED:
             m = self.mean_completion_tokens
             self.mean_completion_tokens = completion if m == 0 else 0.8 * m + 0.2 * completion
         out.finished.append(
@@ -357,7 +362,7 @@ class EngineCore:
         stay queued for the next worker (`worker_ready`)."""
         out = OutputBatch() if out is None else out
         for seq in list(self.sched.running):
-            self.fail(seq, "worker_died", reason, out)
+            self.fail(seq, ErrorCode.WORKER_DIED, reason, out)
         self.inflight.clear()
         self.free_slots = deque(range(self.cfg.ring_depth))
         self.packer.forget()  # the slots' rows are rewritten in full from here

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tandem.messages import FinishReason
 from tandem.models.detokenizer import IncrementalDetokenizer
 from tandem.models.tokenizer import Tokenizer
 from tandem.scheduler.sequence import Sequence
@@ -79,12 +80,12 @@ class OutputProcessor:
         if st is None:
             st = self._stream(seq)
         if token in st.stop_ids:
-            return self._drain(st), "stop", token
+            return self._drain(st), FinishReason.STOP, token
         n = len(seq.token_ids)
         if not st.stops:  # nothing is ever held back
             text = st.detok.push(token)
             if n - seq.prompt_len >= seq.max_tokens or n >= self.context_length:
-                return text + st.detok.flush(), "length", None
+                return text + st.detok.flush(), FinishReason.LENGTH, None
             return text, None, None
         before = len(st.held)
         st.held += st.detok.push(token)
@@ -97,9 +98,9 @@ class OutputProcessor:
             idx, s = min(hits)
             text = st.held[:idx]
             st.held = ""
-            return text, "stop", s
+            return text, FinishReason.STOP, s
         if n - seq.prompt_len >= seq.max_tokens or n >= self.context_length:
-            return self._drain(st, final=True), "length", None
+            return self._drain(st, final=True), FinishReason.LENGTH, None
         keep = _holdback(st.held, st.stops)
         text = st.held[: len(st.held) - keep]
         st.held = st.held[len(st.held) - keep :]

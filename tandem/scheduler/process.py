@@ -21,6 +21,7 @@ from tandem.actors.sockets import drain, ipc_address, make_socket, remove_ipc_fi
 from tandem.config import EngineConfig, WorkerConfig
 from tandem.messages import (
     CancelRequest,
+    ErrorCode,
     OutputBatch,
     RequestError,
     Stats,
@@ -153,9 +154,9 @@ class SchedulerProcess:
                 why = f"scheduler could not take the request: {type(e).__name__}: {e}"
                 seq = self.core.sched.by_request.get(rid)
                 if seq is not None:
-                    self.core.fail(seq, "internal", why, out)
+                    self.core.fail(seq, ErrorCode.INTERNAL, why, out)
                 else:
-                    out.errors.append(RequestError(rid, "internal", why))
+                    out.errors.append(RequestError(rid, ErrorCode.INTERNAL, why))
 
     def _launch(self) -> bool:
         out = OutputBatch()
@@ -210,7 +211,7 @@ class SchedulerProcess:
             log.info("draining %d running and %d waiting requests", len(s.running), len(s.waiting))
 
     def _shutdown(self) -> None:
-        self._send(self.core.fail_all("shutting_down", "server is shutting down"))
+        self._send(self.core.fail_all(ErrorCode.SHUTTING_DOWN, "server is shutting down"))
         if self.worker is not None:
             self.worker.stop(timeout=5.0)
 
@@ -236,7 +237,7 @@ class SchedulerProcess:
         while self.deaths and self.deaths[0] < now - self.cfg.worker_death_window:
             self.deaths.popleft()
         if len(self.deaths) >= self.cfg.max_worker_deaths:
-            self._send(self.core.fail_all("worker_died", problem))
+            self._send(self.core.fail_all(ErrorCode.WORKER_DIED, problem))
             raise RuntimeError(
                 f"giving up: the worker died {len(self.deaths)} times within "
                 f"{self.cfg.worker_death_window:g} s; last: {problem}"
@@ -251,7 +252,7 @@ class SchedulerProcess:
         try:
             self._start_worker()
         except ActorStartError as e:
-            self._send(self.core.fail_all("worker_died", f"{problem}; restart failed: {e}"))
+            self._send(self.core.fail_all(ErrorCode.WORKER_DIED, f"{problem}; restart failed: {e}"))
             raise
         self.core.worker_ready(int(self.memory_plan["kv_blocks"]))
 

@@ -11,6 +11,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
+from tandem.messages import ErrorCode
 from tandem.scheduler.block_manager import BlockManager, NoFreeBlocksError
 from tandem.scheduler.sequence import SeqStatus, Sequence
 
@@ -64,16 +65,16 @@ class Scheduler:
         """Refuse now what could never run, instead of queueing it forever."""
         ctx = self.limits.context_length
         if prompt_len < 1:
-            raise AdmissionError("invalid_request", "the prompt is empty (0 tokens)")
+            raise AdmissionError(ErrorCode.INVALID_REQUEST, "the prompt is empty (0 tokens)")
         if prompt_len >= ctx:
             raise AdmissionError(
-                "context_length",
+                ErrorCode.CONTEXT_LENGTH,
                 f"prompt is {prompt_len} tokens but the context holds {ctx} "
                 f"(prompt + at least 1 generated token must fit)",
             )
         if max_tokens is not None and prompt_len + max_tokens > ctx:
             raise AdmissionError(
-                "context_length",
+                ErrorCode.CONTEXT_LENGTH,
                 f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {prompt_len + max_tokens} "
                 f"exceeds the context of {ctx} tokens",
             )
@@ -81,7 +82,7 @@ class Scheduler:
         pool = self.blocks.num_blocks * self.blocks.block_size
         if total > pool:
             raise AdmissionError(
-                "context_length",
+                ErrorCode.CONTEXT_LENGTH,
                 f"request needs {total} tokens of KV cache (prompt {prompt_len}) but the whole pool "
                 f"holds {pool} tokens",
             )
@@ -91,10 +92,13 @@ class Scheduler:
         self.check_feasible(seq.prompt_len, seq.params.max_tokens)
         if len(self.waiting) >= self.limits.max_queue:
             raise AdmissionError(
-                "busy", f"server busy: {len(self.waiting)} requests queued (max {self.limits.max_queue})"
+                ErrorCode.BUSY,
+                f"server busy: {len(self.waiting)} requests queued (max {self.limits.max_queue})",
             )
         if seq.request_id in self.by_request:
-            raise AdmissionError("invalid_request", f"request id {seq.request_id!r} is already in use")
+            raise AdmissionError(
+                ErrorCode.INVALID_REQUEST, f"request id {seq.request_id!r} is already in use"
+            )
         # No sequence can outgrow the whole KV pool: one without max_tokens (resolved to the rest
         # of the context, which may be larger) would fill it, preempt itself, and then wait forever
         # for blocks. It ends with "length" at the pool's size instead, as check_feasible assumes.

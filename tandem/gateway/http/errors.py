@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from tandem.gateway.http.formats import JSONResponse, json_text
 from tandem.gateway.local import EngineError
+from tandem.messages import ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -37,27 +38,29 @@ class BodyTooLarge(Exception):
         self.limit = limit
 
 
-# EngineError code -> (HTTP status, OpenAI error code)
-_ENGINE_STATUS: dict[str, tuple[int, str]] = {
-    "invalid_request": (400, "invalid_request"),
-    "context_length": (400, "context_length_exceeded"),
-    "busy": (503, "server_busy"),
-    "worker_died": (503, "worker_died"),
-    "engine_died": (503, "worker_died"),
-    "shutting_down": (503, "shutting_down"),
+# Every ErrorCode -> (HTTP status, OpenAI error code): the one place codes become statuses.
+_ENGINE_STATUS: dict[ErrorCode, tuple[int, str]] = {
+    ErrorCode.INVALID_REQUEST: (400, "invalid_request"),
+    ErrorCode.CONTEXT_LENGTH: (400, "context_length_exceeded"),
+    ErrorCode.BUSY: (503, "server_busy"),
+    ErrorCode.WORKER_DIED: (503, "worker_died"),
+    ErrorCode.SHUTTING_DOWN: (503, "shutting_down"),
+    ErrorCode.CANCELLED: (499, "cancelled"),
+    ErrorCode.TIMEOUT: (504, "timeout"),
+    ErrorCode.INTERNAL: (500, "internal_error"),
 }
 
 
 def from_engine_error(e: EngineError) -> ApiError:
-    status, code = _ENGINE_STATUS.get(e.code, (500, "internal_error"))
+    status, code = _ENGINE_STATUS.get(e.code, _ENGINE_STATUS[ErrorCode.INTERNAL])
     message = str(e)
-    if e.code == "busy" and "server busy" not in message:
+    if e.code == ErrorCode.BUSY and "server busy" not in message:
         message = f"server busy: {message}"
     if status == 500:
         log.error("engine error %s: %s", e.code, message)
     # Whole seconds (RFC 9110), rounded up, never 0: a client that retries at once would only
     # be refused again.
-    headers = {"Retry-After": str(max(1, math.ceil(e.retry_after_s)))} if e.code == "busy" else {}
+    headers = {"Retry-After": str(max(1, math.ceil(e.retry_after_s)))} if e.code == ErrorCode.BUSY else {}
     return ApiError(status, message, code=code, headers=headers)
 
 

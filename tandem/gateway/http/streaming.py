@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 from tandem.gateway.http.formats import delta_logprobs
 from tandem.gateway.http.state import Gateway
 from tandem.gateway.local import EngineError
-from tandem.messages import Finished, SamplingParams, TokenDelta
+from tandem.messages import Finished, FinishReason, SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -236,5 +236,7 @@ class Generation:
 
 def finish_reason(f: Finished | None) -> str:
     if f is None:
-        return "stop"
-    return "length" if f.finish_reason in ("length", "context") else f.finish_reason
+        return FinishReason.STOP
+    if f.finish_reason in (FinishReason.LENGTH, FinishReason.CONTEXT):
+        return FinishReason.LENGTH
+    return f.finish_reason
