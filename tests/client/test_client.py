@@ -15,13 +15,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from procs import descendants, running, wait_until
 
 import tandem.client.common as common
 from tandem.actors.sockets import ipc_path
@@ -63,34 +64,7 @@ CONTEXT = 4096
 LONG = {"max_tokens": CONTEXT - 100, "temperature": 0.0, "ignore_eos": True}
 
 
-def _descendants(root: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {p for p, pp in parents.items() if pp in frontier} - found
-        found |= frontier
-    return found
 
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")  # a zombie has exited; whoever inherited it reaps it
-
-
-def wait_until(cond: Callable[[], Any], timeout: float, step: float = 0.02) -> None:
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout, f"condition not met within {timeout} s"
-        time.sleep(step)
 
 
 @dataclass
@@ -122,13 +96,13 @@ def _start(model: Path) -> Server:
     info = json.loads(proc.stdout.readline())  # type: ignore[union-attr]
     ipc, tcp = info["endpoints"]
     srv = Server(proc, ipc, tcp, [ipc_path(ipc).parent, Path(info["engine_dir"])])  # type: ignore[union-attr]
-    srv.pids = _descendants(proc.pid) | {proc.pid}
+    srv.pids = descendants(proc.pid) | {proc.pid}
     assert len(srv.pids) >= 3, "server, scheduler and worker processes"
     return srv
 
 
 def _check_nothing_left(srv: Server, killed: bool = False) -> None:
-    wait_until(lambda: not any(_running(p) for p in srv.pids), 5.0)
+    wait_until(lambda: not any(running(p) for p in srv.pids), 5.0)
     assert not any(list_segments(pid=p) for p in srv.pids), "shared-memory segments left behind"
     if killed:  # a SIGKILLed server cannot remove its runtime directories; only its next start could
         for d in srv.dirs:

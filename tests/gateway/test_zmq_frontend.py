@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from procs import descendants, wait_until
 
 from tandem.actors.sockets import ipc_path
 from tandem.client import AsyncTandemClient, InvalidRequestError, ShuttingDownError, TandemClient
@@ -58,31 +59,6 @@ CONTEXT = 4096
 LONG = SamplingParams(max_tokens=CONTEXT - 100, temperature=0.0, ignore_eos=True)
 
 
-def _descendants(root: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                cmd = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"resource_tracker" not in cmd:  # multiprocessing's own long-lived helper
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {p for p, pp in parents.items() if pp in frontier} - found
-        found |= frontier
-    return found
-
-
-def wait_until(cond: Callable[[], Any], timeout: float, step: float = 0.02) -> float:
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(step)
-    return time.monotonic() - t0
 
 
 class ServerThread:
@@ -139,7 +115,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     model = write_tiny_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf", TinySpec(context=CONTEXT))
     cfg = EngineConfig(model_path=str(model), kv_cache_memory=64 * 2**20, model_name="tiny")
     srv = ServerThread(cfg, ["ipc://", "tcp://127.0.0.1:0"]).start()
-    kids = _descendants(os.getpid())
+    kids = descendants(os.getpid())
     assert kids, "the engine's processes should be running"
     # Other test runs may share /dev/shm: look only at segments named after our processes.
     ours = lambda: {s for p in kids | {os.getpid()} for s in list_segments(pid=p)}  # noqa: E731
@@ -149,7 +125,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     assert ipc_dir.stat().st_mode & 0o777 == 0o700
     yield srv
     srv.stop()
-    wait_until(lambda: not (kids & _descendants(os.getpid())), 5.0)
+    wait_until(lambda: not (kids & descendants(os.getpid())), 5.0)
     assert not ours(), "shared-memory segments left behind"
     assert not ipc_dir.exists() and engine_dir is not None and not engine_dir.exists()
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from procs import descendants, running
 
 TINY_CONTEXT = 4096
 LONG = {"num_predict": 3000, "ignore_eos": True}  # a generation that runs for seconds
@@ -30,28 +31,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (from /proc: no psutil needed)."""
-    parent_of: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = (entry / "stat").read_text()
-                parent_of[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {p for p, pp in parent_of.items() if pp in frontier} - found
-        found |= frontier
-    return found
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 @contextlib.contextmanager
@@ -136,9 +115,9 @@ class Server:
                 self.proc.wait(10)
                 pytest.fail(f"tandem serve ignored SIGTERM for 30 s:\n{self.log.read_text()[-3000:]}")
         deadline = time.monotonic() + 10
-        while any(pid_alive(p) for p in self.children) and time.monotonic() < deadline:
+        while any(running(p) for p in self.children) and time.monotonic() < deadline:
             time.sleep(0.1)
-        left = [p for p in self.children if pid_alive(p)]
+        left = [p for p in self.children if running(p)]
         for p in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)

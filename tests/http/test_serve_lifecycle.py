@@ -11,7 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_server import Server, descendants, pid_alive, tiny_home
+from live_server import Server, tiny_home
+from procs import descendants, running
 
 from tandem.shm import list_segments
 
@@ -63,9 +64,9 @@ def test_shutdown(
             assert elapsed < 15
             assert "error" in last or last.get("done_reason") != "length", last
         deadline = time.monotonic() + 10
-        while any(pid_alive(p) for p in children) and time.monotonic() < deadline:
+        while any(running(p) for p in children) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [p for p in children if pid_alive(p)], "processes left behind"
+        assert not [p for p in children if running(p)], "processes left behind"
         assert _no_segments_of(children), "shared-memory segments left behind"
     finally:
         server.stop()

@@ -20,7 +20,8 @@ import httpx
 import msgpack
 import pytest
 import zmq
-from live_server import Server, descendants, free_port, tiny_home
+from live_server import Server, free_port, tiny_home
+from procs import descendants
 
 from tandem.client import TandemClient
 from tandem.gateway.listen import ServeError, listen_tcp, port_owner

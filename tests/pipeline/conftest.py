@@ -10,29 +10,11 @@ from pathlib import Path
 
 import pytest
 from pipeline_driver import make_engine
+from procs import children
 
 from tandem.gateway.engine_process import EngineProcess
 from tandem.models.tiny import TinySpec, write_tiny_gguf
 from tandem.shm import list_segments
-
-
-def child_pids() -> set[int]:
-    me = str(os.getpid())
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # fields after the parenthesized command: state, ppid, ...
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[1] == me and fields[0] != "Z":
-            # multiprocessing's resource tracker is a per-interpreter singleton, not ours to stop.
-            if b"resource_tracker" not in (entry / "cmdline").read_bytes():
-                found.add(int(entry.name))
-    return found
 
 
 @pytest.fixture(scope="session")
@@ -43,15 +25,15 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def no_leaks() -> Iterator[None]:
     """Whatever the test started must be gone when it ends: processes, shm segments, ipc files."""
-    before_children = child_pids()
+    before_children = children(os.getpid())
     before_segments = set(list_segments())
     yield
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and (
-        child_pids() - before_children or multiprocessing.active_children()
+        children(os.getpid()) - before_children or multiprocessing.active_children()
     ):
         time.sleep(0.05)
-    left = child_pids() - before_children
+    left = children(os.getpid()) - before_children
     assert left == set(), "child processes left behind: " + "; ".join(
         Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200] for p in left
     )
