@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -36,6 +37,22 @@ def _split_host(value: str) -> tuple[str, int | None]:
     "--allowed-host", multiple=True, help="Extra Host header names to accept (DNS rebinding guard)."
 )
 @click.option(
+    "--allow-local-models",
+    "local_model_dirs",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    metavar="DIR",
+    help="Let HTTP clients pull local model files, by absolute path, from DIR (repeatable). "
+    "Without it /api/pull takes only catalogue, ollama and hf:// models.",
+)
+@click.option(
+    "--store-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds /api/tags, /api/show, /api/ps and /api/delete may spend on model files before a 504.",
+)
+@click.option(
     "--drain-timeout",
     type=float,
     default=30.0,
@@ -50,6 +67,8 @@ def serve(
     zmq_port: int | None,
     no_http: bool,
     allowed_host: tuple[str, ...],
+    local_model_dirs: tuple[Path, ...],
+    store_timeout: float,
     drain_timeout: float,
     **kw: Any,
 ) -> None:
@@ -67,6 +86,8 @@ def serve(
         http=not no_http,
         zmq_tcp_port=zmq_port,
         allowed_hosts=allowed_host,
+        local_model_dirs=local_model_dirs,
+        store_timeout=store_timeout,
         drain_timeout=drain_timeout,
     )
     sys.exit(run(cfg))

@@ -31,6 +31,8 @@ class ServeConfig:
     http: bool = True
     zmq_tcp_port: int | None = None  # also serve the ZeroMQ protocol on tcp://host:PORT
     allowed_hosts: tuple[str, ...] = ()  # extra Host header names accepted besides loopback ones
+    local_model_dirs: tuple[Path, ...] = ()  # folders /api/pull may register local files from
+    store_timeout: float = 30.0  # seconds a model-store read or delete may take over HTTP
     max_body_bytes: int = 8 * 2**20
     drain_timeout: float = 30.0
     aliases: tuple[str, ...] = field(default_factory=tuple)
@@ -101,9 +103,12 @@ class Server:
             import uvicorn
 
             from tandem.gateway.http.app import HttpSettings, build_app
+            from tandem.models.local_paths import allowed_roots
 
             settings = HttpSettings(
                 allowed_hosts=self.cfg.allowed_hosts,
+                local_model_dirs=allowed_roots(self.cfg.local_model_dirs),
+                store_timeout=self.cfg.store_timeout,
                 max_body_bytes=self.cfg.max_body_bytes,
                 aliases=self.cfg.aliases,
                 zmq_endpoints=tuple(self.zmq_endpoints),
