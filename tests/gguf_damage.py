@@ -67,10 +67,20 @@ BROKEN: dict[str, tuple[Damage, str]] = {
     "too_many_dims": (_set_field(LAST, "n_dims", 9), "has 9 dimensions"),
 }
 
+def _set_u32_metadata(key: str, value: int) -> Damage:
+    def damage(data: bytes) -> bytes:
+        entry = struct.pack("<Q", len(key)) + key.encode() + struct.pack("<I", 4)  # 4: GGUF's UINT32
+        return _put(data, data.index(entry) + len(entry), "<I", value)
+
+    return damage
+
+
 # Sound structure, wrong model: ffn_up's two dimensions swapped (same byte count). Only the load-time
 # check against the config finds it.
 SWAPPED = "blk.0.ffn_up.weight"
 swap_ffn_up: Damage = _set_dims(SWAPPED, (128, 64))
+# A layer count of billions: must fail at the first missing layer, not try to list them all.
+huge_block_count: Damage = _set_u32_metadata("llama.block_count", 2**31)
 
 
 def tiny_bytes(folder: Path) -> bytes:
@@ -78,7 +88,7 @@ def tiny_bytes(folder: Path) -> bytes:
 
 
 def write_broken(folder: Path, name: str, valid: bytes) -> Path:
-    damage = swap_ffn_up if name == "swapped" else BROKEN[name][0]
+    damage = {"swapped": swap_ffn_up, "huge_block_count": huge_block_count}.get(name) or BROKEN[name][0]
     path = folder / f"{name}.gguf"
     path.write_bytes(damage(valid))
     return path

@@ -9,11 +9,12 @@ the file and the problem (the tensor and both shapes, for a shape).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -170,16 +171,21 @@ def safetensors_config(folder: Path) -> ModelConfig:
     return config
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, Shape]:
-    """Every tensor the llama-family model reads, with the shape (rows, cols) its config implies."""
+def expected_shapes(cfg: ModelConfig) -> Iterator[tuple[str, Shape]]:
+    """Every tensor the llama-family model reads, with the shape (rows, cols) its config implies.
+
+    Lazily, layer by layer: a corrupt layer count of billions must fail at the first missing
+    layer, not build billions of entries first.
+    """
     h, v, ffn = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    shapes: dict[str, Shape] = {"token_embd.weight": (v, h), "output_norm.weight": (h,)}
+    yield "token_embd.weight", (v, h)
+    yield "output_norm.weight", (h,)
     if not cfg.tie_word_embeddings:
-        shapes["output.weight"] = (v, h)
+        yield "output.weight", (v, h)
     for i in range(cfg.num_layers):
         p = f"blk.{i}"
-        shapes |= {
+        yield from {
             f"{p}.attn_norm.weight": (h,),
             f"{p}.ffn_norm.weight": (h,),
             f"{p}.attn_q.weight": (q, h),
@@ -189,22 +195,23 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, Shape]:
             f"{p}.ffn_gate.weight": (ffn, h),
             f"{p}.ffn_up.weight": (ffn, h),
             f"{p}.ffn_down.weight": (h, ffn),
-        }
+        }.items()
         if cfg.attention_bias:
-            shapes |= {f"{p}.attn_q.bias": (q,), f"{p}.attn_k.bias": (kv,), f"{p}.attn_v.bias": (kv,)}
-    return shapes
+            yield from {
+                f"{p}.attn_q.bias": (q,),
+                f"{p}.attn_k.bias": (kv,),
+                f"{p}.attn_v.bias": (kv,),
+            }.items()
 
 
 def check_tensor_shapes(cfg: ModelConfig, shapes: Mapping[str, Shape], source: str | Path) -> None:
     """ModelFileError naming the first tensor that is missing or whose shape the config does not imply."""
     expected = expected_shapes(cfg)
     if "rope_freqs.weight" in shapes:  # optional: llama3 rope scaling baked into the file
-        expected["rope_freqs.weight"] = (cfg.head_dim // 2,)
-    missing = [name for name in expected if name not in shapes]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ModelFileError(source, f"lacks the tensor {missing[0]}{more} that its config needs")
-    for name, want in expected.items():
+        expected = itertools.chain(expected, [("rope_freqs.weight", (cfg.head_dim // 2,))])
+    for name, want in expected:
+        if name not in shapes:
+            raise ModelFileError(source, f"lacks the tensor {name} that its config ({_summary(cfg)}) needs")
         got = tuple(shapes[name])
         if got != want:
             raise ModelFileError(
@@ -216,6 +223,6 @@ def check_tensor_shapes(cfg: ModelConfig, shapes: Mapping[str, Shape], source: s
 
 def _summary(cfg: ModelConfig) -> str:
     return (
-        f"hidden {cfg.hidden_size}, {cfg.num_heads} heads ({cfg.num_kv_heads} KV) of {cfg.head_dim}, "
-        f"ffn {cfg.intermediate_size}, vocab {cfg.vocab_size}"
+        f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads ({cfg.num_kv_heads} KV) "
+        f"of {cfg.head_dim}, ffn {cfg.intermediate_size}, vocab {cfg.vocab_size}"
     )

@@ -161,6 +161,15 @@ def test_a_wrong_tensor_shape_is_found_at_load_naming_tensor_and_shapes(tmp_path
         assert_one_line(str(err.value), f"tensor {SWAPPED} has shape [64, 128]", "needs [128, 64]")
 
 
+def test_a_corrupt_layer_count_fails_at_the_first_missing_layer(tmp_path: Path, valid: bytes):
+    path = write_broken(tmp_path, "huge_block_count", valid)
+    pull_model(str(path), progress=False)  # the metadata value is well-formed; only loading needs it
+
+    error = _finishes(lambda: read_config_and_tokenizer(path))
+    assert isinstance(error, ModelFileError), error
+    assert_one_line(str(error), "lacks the tensor blk.2.attn_norm.weight", "2147483648 layers")
+
+
 def test_a_safetensors_tensor_of_the_wrong_shape_is_found_at_load(tmp_path: Path):
     from safetensors.numpy import save_file
 
