@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -75,6 +76,22 @@ def _allowed_hosts(ctx: click.Context, param: click.Parameter, value: tuple[str,
     "https://*.example.com); also $TANDEM_ORIGINS, comma-separated.",
 )
 @click.option(
+    "--allow-local-models",
+    "local_model_dirs",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    metavar="DIR",
+    help="Let HTTP clients pull local model files, by absolute path, from DIR (repeatable). "
+    "Without it /api/pull takes only catalogue, ollama and hf:// models.",
+)
+@click.option(
+    "--store-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds /api/tags, /api/show, /api/ps and /api/delete may spend on model files before a 504.",
+)
+@click.option(
     "--drain-timeout",
     type=float,
     default=30.0,
@@ -105,6 +122,8 @@ def serve(
     no_http: bool,
     allowed_host: tuple[str, ...],
     origins: tuple[str, ...],
+    local_model_dirs: tuple[Path, ...],
+    store_timeout: float,
     drain_timeout: float,
     send_timeout: float,
     special_tokens_in_messages: bool,
@@ -128,6 +147,8 @@ def serve(
         zmq_host=zmq_host.strip("[]"),
         allowed_hosts=allowed_host,
         origins=allowed_origins,
+        local_model_dirs=local_model_dirs,
+        store_timeout=store_timeout,
         drain_timeout=drain_timeout,
         send_timeout=send_timeout,
         special_in_messages=special_tokens_in_messages,

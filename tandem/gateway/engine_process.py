@@ -15,7 +15,7 @@ import zmq
 from tandem.actors import ActorHandle, ActorSpec
 from tandem.actors.sockets import ipc_address, make_runtime_dir, make_socket, remove_runtime_dir
 from tandem.config import EngineConfig
-from tandem.models.model_files import load_tokenizer
+from tandem.models.model_files import read_config_and_tokenizer
 from tandem.models.tokenizer import Tokenizer
 from tandem.scheduler.process import SchedulerBoot
 
@@ -61,7 +61,8 @@ class EngineProcess:
         cfg = self.cfg
         assert self.runtime_dir is not None, "bind() first"
         try:
-            self.tokenizer = load_tokenizer(cfg.model_path)
+            # Validates the file too, so a bad one fails here, in one line, before any child starts.
+            self.tokenizer = read_config_and_tokenizer(cfg.model_path)[1]
             spec = ActorSpec(
                 "scheduler",
                 "tandem.scheduler.process:scheduler_main",

@@ -44,6 +44,8 @@ class ServeConfig:
     zmq_host: str = "127.0.0.1"  # not `host`: the ZeroMQ protocol has no authentication at all
     allowed_hosts: tuple[str, ...] = ()  # extra Host header names accepted besides loopback ones
     origins: tuple[str, ...] = ()  # extra Origin patterns allowed besides local pages and apps
+    local_model_dirs: tuple[Path, ...] = ()  # folders /api/pull may register local files from
+    store_timeout: float = 30.0  # seconds a model-store read or delete may take over HTTP
     max_body_bytes: int = 8 * 2**20
     send_timeout: float = 10.0  # seconds a streamed write may wait on a client that stopped reading
     special_in_messages: bool = False  # parse control-token text in chat messages (injection)
@@ -154,10 +156,13 @@ class Server:
             import uvicorn
 
             from tandem.gateway.http.app import HttpSettings, build_app
+            from tandem.models.local_paths import allowed_roots
 
             settings = HttpSettings(
                 allowed_hosts=self.cfg.allowed_hosts,
                 origins=self.cfg.origins,
+                local_model_dirs=allowed_roots(self.cfg.local_model_dirs),
+                store_timeout=self.cfg.store_timeout,
                 max_body_bytes=self.cfg.max_body_bytes,
                 send_timeout=self.cfg.send_timeout,
                 special_in_messages=self.cfg.special_in_messages,

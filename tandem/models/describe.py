@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tandem.models.registry import ModelRef, ModelStoreError
+from tandem.models.file_access import read_regular_text
+from tandem.models.registry import ModelFileError, ModelRef, ModelStoreError
 
 
 def describe_model(model: ModelRef | str) -> dict[str, Any]:
@@ -37,12 +37,12 @@ def describe_model(model: ModelRef | str) -> dict[str, Any]:
 def _describe_gguf(path: Path) -> dict[str, Any]:
     import gguf
 
-    from tandem.models.gguf_file import GGUFFile, GGUFFormatError
+    from tandem.models.gguf_file import GGUFFile
 
     try:
         gf = GGUFFile(path)  # header only: tensor data stays memory-mapped and unread
-    except (GGUFFormatError, ValueError, OSError) as e:
-        raise ModelStoreError(f"cannot read GGUF file {path}: {e}") from e
+    except OSError as e:
+        raise ModelStoreError(f"cannot read GGUF file {path}: {e.strerror}") from e
     meta = gf.metadata
 
     def get(key: str) -> Any:
@@ -71,11 +71,13 @@ def _describe_gguf(path: Path) -> dict[str, Any]:
 
 
 def _describe_safetensors(path: Path) -> dict[str, Any]:
-    config = _read_json(path / "config.json")
+    from tandem.models.model_check import read_hf_config_json, safetensors_header
+
+    config = read_hf_config_json(path)
     dtypes: Counter[str] = Counter()
     params = 0
     for shard in sorted(path.glob("*.safetensors")):
-        for tensor, meta in _safetensors_header(shard).items():
+        for tensor, meta in safetensors_header(shard).items():
             if tensor != "__metadata__":
                 dtypes[meta["dtype"]] += 1
                 params += math.prod(meta["shape"])
@@ -107,22 +109,9 @@ def _summary(*, parameters: int, quantization: Counter[str], chat_template: str 
     }
 
 
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    # Layout: u64 little-endian header length, then that many bytes of JSON.
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-        if not 0 < n <= 100_000_000:
-            raise ModelStoreError(f"{path} is not a safetensors file (header length {n})")
-        try:
-            return json.loads(f.read(n))
-        except ValueError as e:
-            raise ModelStoreError(f"{path} has a corrupt safetensors header: {e}") from e
-
-
 def _hf_chat_template(path: Path) -> str | None:
     if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text()
+        return read_regular_text(path / "chat_template.jinja")
     if not (path / "tokenizer_config.json").is_file():
         return None
     template = _read_json(path / "tokenizer_config.json").get("chat_template")
@@ -133,9 +122,12 @@ def _hf_chat_template(path: Path) -> str | None:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelStoreError(f"cannot read {path}: {e}") from e
+        body = json.loads(read_regular_text(path))
+    except ValueError:
+        raise ModelFileError(path, "is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ModelFileError(path, "is not a JSON object")
+    return body
 
 
 def _plain(value: Any) -> Any:

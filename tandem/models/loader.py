@@ -7,9 +7,7 @@ serves both. Loading needs no device: the worker moves the tensors where they be
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,30 +17,10 @@ import torch
 from tandem.models.config import ModelConfig, UnsupportedModelError
 from tandem.models.dequant import SUPPORTED_TYPES, dequantize
 from tandem.models.gguf_file import GGUFFile
-from tandem.models.model_config import config_from_gguf, config_from_hf
+from tandem.models.model_check import check_tensor_shapes, gguf_config, hf_to_gguf_name, read_hf_config_json
+from tandem.models.model_config import config_from_hf
 
 log = logging.getLogger(__name__)
-
-_HF_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_HF_GLOBAL_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 @dataclass
@@ -62,7 +40,7 @@ def _unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
     start = time.perf_counter()
     gf = GGUFFile(path)
-    config = config_from_gguf(gf.metadata, set(gf.tensors))
+    config = gguf_config(gf)  # every tensor the config needs is there, with its shape
     bad = sorted({t.ggml_type.name for t in gf.tensors.values() if t.ggml_type not in SUPPORTED_TYPES})
     if bad:
         raise UnsupportedModelError(f"{gf.path.name}: unsupported GGUF tensor type(s) {', '.join(bad)}")
@@ -85,10 +63,9 @@ def load_safetensors_dir(path: str | Path, dtype: torch.dtype = torch.float32) -
 
     start = time.perf_counter()
     folder = Path(path)
-    cfg_path = folder / "config.json"
-    if not cfg_path.exists():
+    if not (folder / "config.json").exists():
         raise UnsupportedModelError(f"{folder} has no config.json")
-    config = config_from_hf(json.loads(cfg_path.read_text()))
+    config = config_from_hf(read_hf_config_json(folder), folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UnsupportedModelError(f"{folder} has no *.safetensors files")
@@ -96,24 +73,16 @@ def load_safetensors_dir(path: str | Path, dtype: torch.dtype = torch.float32) -
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for hf_name in f.keys():
-                name = _hf_to_gguf_name(hf_name)
+                name = hf_to_gguf_name(hf_name)
                 if name is None:
                     log.debug("skipping tensor %s", hf_name)
                     continue
                 tensors[name] = f.get_tensor(hf_name).to(dtype)
     if config.tie_word_embeddings:
         tensors.pop("output.weight", None)
+    check_tensor_shapes(config, {name: tuple(t.shape) for name, t in tensors.items()}, folder)
     elapsed = time.perf_counter() - start
     return LoadedModel(config, tensors, elapsed, folder)
-
-
-def _hf_to_gguf_name(hf_name: str) -> str | None:
-    if hf_name in _HF_GLOBAL_NAMES:
-        return _HF_GLOBAL_NAMES[hf_name]
-    m = _HF_LAYER_RE.match(hf_name)
-    if m and m.group(2) in _HF_LAYER_NAMES:
-        return f"blk.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}"
-    return None
 
 
 def load_model_weights(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:

@@ -1,10 +1,16 @@
-"""Build a ModelConfig from GGUF metadata or a Hugging Face config.json; nothing is guessed."""
+"""Build a ModelConfig from GGUF metadata or a Hugging Face config.json; nothing is guessed.
+
+What a file does not say raises UnsupportedModelError; what it says wrongly (a count that is not a
+positive integer, a missing config.json key) raises ModelFileError naming the file and the key.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from tandem.models.config import ModelConfig, RopeScaling, UnsupportedModelError
+from tandem.models.registry import ModelFileError, quoted
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 _HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "llama"}
@@ -16,21 +22,35 @@ def _require(meta: dict[str, Any], key: str) -> Any:
     return meta[key]
 
 
-def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+def _count(meta: dict[str, Any], key: str, source: str | Path, default: Any = None) -> int:
+    value = _require(meta, key) if default is None else meta.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ModelFileError(source, f"metadata {key} is not a positive integer")
+    return value
+
+
+def _number(meta: dict[str, Any], key: str, source: str | Path, default: float) -> float:
+    value = meta.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ModelFileError(source, f"metadata {key} is not a number")
+    return float(value)
+
+
+def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str | Path) -> ModelConfig:
     arch = str(meta.get("general.architecture", ""))
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
-            f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            f"unsupported architecture {quoted(arch)} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    hidden = int(_require(meta, f"{arch}.embedding_length"))
-    n_heads = int(_require(meta, f"{arch}.attention.head_count"))
-    n_kv = int(meta.get(f"{arch}.attention.head_count_kv", n_heads))
-    head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // n_heads))
+    hidden = _count(meta, f"{arch}.embedding_length", source)
+    n_heads = _count(meta, f"{arch}.attention.head_count", source)
+    n_kv = _count(meta, f"{arch}.attention.head_count_kv", source, n_heads)
+    head_dim = _count(meta, f"{arch}.attention.key_length", source, max(1, hidden // n_heads))
     tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = int(meta.get(f"{arch}.vocab_size", len(tokens) if tokens else 0))
-    if vocab <= 0:
+    if f"{arch}.vocab_size" not in meta and not tokens:
         raise UnsupportedModelError("GGUF metadata gives no vocabulary size")
-    rope_dims = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
+    vocab = _count(meta, f"{arch}.vocab_size", source, len(tokens) if isinstance(tokens, list) else 0)
+    rope_dims = _count(meta, f"{arch}.rope.dimension_count", source, head_dim)
     if rope_dims != head_dim:
         raise UnsupportedModelError(
             f"partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported"
@@ -39,33 +59,55 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfi
     scaling_type = meta.get(f"{arch}.rope.scaling.type")
     if scaling_type not in (None, "none"):
         # Llama 3.x GGUFs bake the llama3 scaling into a rope_freqs tensor instead; linear/yarn differ.
-        raise UnsupportedModelError(f"rope scaling type {scaling_type!r} is not supported")
-    eos = meta.get("tokenizer.ggml.eos_token_id")
-    eot = meta.get("tokenizer.ggml.eot_token_id")
-    eos_ids = tuple(dict.fromkeys(int(i) for i in (eos, eot) if i is not None))
-    bos = meta.get("tokenizer.ggml.bos_token_id")
+        raise UnsupportedModelError(f"rope scaling type {quoted(str(scaling_type))} is not supported")
+    eos_ids = tuple(
+        dict.fromkeys(_token_id(meta, f"tokenizer.ggml.{k}_token_id", source) for k in ("eos", "eot"))
+    )
+    bos = _token_id(meta, "tokenizer.ggml.bos_token_id", source)
     return ModelConfig(
         architecture=arch,
-        num_layers=int(_require(meta, f"{arch}.block_count")),
+        num_layers=_count(meta, f"{arch}.block_count", source),
         hidden_size=hidden,
-        intermediate_size=int(_require(meta, f"{arch}.feed_forward_length")),
+        intermediate_size=_count(meta, f"{arch}.feed_forward_length", source),
         num_heads=n_heads,
         num_kv_heads=n_kv,
         head_dim=head_dim,
         vocab_size=vocab,
-        context_length=int(meta.get(f"{arch}.context_length", 2048)),
-        rms_norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        context_length=_count(meta, f"{arch}.context_length", source, 2048),
+        rms_norm_eps=_number(meta, f"{arch}.attention.layer_norm_rms_epsilon", source, 1e-5),
+        rope_theta=_number(meta, f"{arch}.rope.freq_base", source, 10000.0),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         rope_scaling=scaling,
-        bos_token_id=int(bos) if bos is not None else None,
-        eos_token_ids=eos_ids,
+        bos_token_id=bos,
+        eos_token_ids=tuple(i for i in eos_ids if i is not None),
         name=str(meta.get("general.name", "")),
     )
 
 
-def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
+def _token_id(meta: dict[str, Any], key: str, source: str | Path) -> int | None:
+    value = meta.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ModelFileError(source, f"metadata {key} is not a token id")
+    return value
+
+
+def config_from_hf(cfg: dict[str, Any], source: str | Path) -> ModelConfig:
+    """source: the folder, for errors."""
+    try:
+        return _config_from_hf(cfg)
+    except UnsupportedModelError:
+        raise
+    except KeyError as e:
+        raise ModelFileError(source, f"config.json lacks the key {str(e.args[0])[:64]!r}") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError):
+        # No detail: the exception's text would quote the file's values.
+        raise ModelFileError(source, "config.json has a value of the wrong type") from None
+
+
+def _config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     archs = cfg.get("architectures") or []
     arch = next((_HF_ARCHITECTURES[a] for a in archs if a in _HF_ARCHITECTURES), None)
     if arch is None:

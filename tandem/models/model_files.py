@@ -1,28 +1,51 @@
 """Read what the CPU-side processes need from a model file (config, tokenizer), without torch.
 
 One header parse serves both: the scheduler needs the tokenizer and the context length, the
-gateway and `tandem tokenize` only the tokenizer.
+gateway and `tandem tokenize` only the tokenizer. The file is validated on the way (model_check),
+so an engine never starts on a file its worker would fail to load.
 """
 
 from __future__ import annotations
 
-import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from tandem.models.config import ModelConfig
 from tandem.models.gguf_file import GGUFFile
-from tandem.models.model_config import config_from_gguf, config_from_hf
-from tandem.models.tokenizer import Tokenizer
+from tandem.models.model_check import gguf_config, safetensors_config
+from tandem.models.registry import ModelFileError
+from tandem.models.tokenizer import Tokenizer, TokenizerError
+
+log = logging.getLogger(__name__)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     p = Path(path)
-    return Tokenizer.from_hf_dir(p) if p.is_dir() else Tokenizer.from_gguf(p)
+    if p.is_dir():
+        return _tokenizer(p, lambda: Tokenizer.from_hf_dir(p))
+    return _tokenizer(p, lambda: Tokenizer.from_gguf(p))
 
 
 def read_config_and_tokenizer(path: str | Path) -> tuple[ModelConfig, Tokenizer]:
+    """The model's config and tokenizer; ModelFileError if the file is not fit to load."""
     p = Path(path)
     if p.is_dir():
-        return config_from_hf(json.loads((p / "config.json").read_text())), Tokenizer.from_hf_dir(p)
+        return safetensors_config(p), _tokenizer(p, lambda: Tokenizer.from_hf_dir(p))
     gf = GGUFFile(p)
-    return config_from_gguf(gf.metadata, set(gf.tensors)), Tokenizer.from_gguf_metadata(gf.metadata)
+    return gguf_config(gf), _tokenizer(p, lambda: Tokenizer.from_gguf_metadata(gf.metadata))
+
+
+def _tokenizer(path: Path, build: Callable[[], Tokenizer]) -> Tokenizer:
+    try:
+        return build()
+    except (ModelFileError, OSError):
+        raise
+    except TokenizerError as e:
+        raise ModelFileError(path, f"its tokenizer cannot be built: {e}") from None
+    except Exception:
+        # The vocabulary is the file's own data (the tokenizers library raises plain Exception for a
+        # bad tokenizer.json): whatever breaks on it is a bad file, said without quoting it. The
+        # traceback stays in the debug log in case it is ours.
+        log.debug("building the tokenizer of %s failed", path, exc_info=True)
+        raise ModelFileError(path, "its tokenizer data is malformed") from None

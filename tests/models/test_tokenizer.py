@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tandem.models.gguf_metadata import GGUFMetadataError, metadata_from_reader, read_gguf_metadata
+from tandem.models.gguf_metadata import metadata_from_reader, read_gguf_metadata
+from tandem.models.registry import ModelFileError
 from tandem.models.tokenizer import SPM_SPACE, Tokenizer, TokenizerError, bytes_to_unicode
 
 # Hard strings without digits: transformers' GGUF converter has no "smollm" entry and drops the
@@ -455,7 +456,7 @@ def test_metadata_reader_matches_gguf_reader(spm_path: Path) -> None:
 def test_metadata_reader_rejects_other_files(tmp_path: Path) -> None:
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"not a gguf file at all, definitely not")
-    with pytest.raises(GGUFMetadataError):
+    with pytest.raises(ModelFileError):
         read_gguf_metadata(bad)
 
 

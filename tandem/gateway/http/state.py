@@ -18,6 +18,7 @@ from tandem.gateway.async_engine import AsyncEngine
 from tandem.gateway.http.errors import ApiError, from_engine_error
 from tandem.gateway.http.metrics import Metrics
 from tandem.gateway.http.params import bad
+from tandem.gateway.http.store_calls import StoreLane
 from tandem.gateway.local import EngineError
 from tandem.messages import Stats
 from tandem.models.chat_template import ChatTemplateError
@@ -41,6 +42,9 @@ class HttpSettings:
     aliases: tuple[str, ...] = ()  # more names the loaded model answers to
     zmq_endpoints: tuple[str, ...] = ()
     bind_host: str = "127.0.0.1"  # the address HTTP is bound to: also an accepted Host name
+    local_model_dirs: tuple[Path, ...] = ()  # the only folders /api/pull may take local files from
+    store_timeout: float = 30.0  # seconds a store read or delete may take before the client gets a 504
+    pull_timeout: float = 3600.0  # the same for a pull, which may download gigabytes
     version: str = __version__
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -69,6 +73,10 @@ class Gateway:
         self.engine = engine
         self.settings = settings
         self.metrics = Metrics()
+        # Separate lanes: pulls (minutes long, and waiting on each other's locks) never hold up the
+        # reads behind /api/tags and /api/show.
+        self.store_reads = StoreLane("store-read", 4)
+        self.store_writes = StoreLane("store-write", 2)
         cfg = engine.cfg
         self.model_name = cfg.model_name or Path(cfg.model_path).stem
         names = {self.model_name, *settings.aliases}
