@@ -385,6 +385,17 @@ class TokenDelta:
     logits: list[bytes] | None = None  # per token: float32 row of the vocabulary
 
 
+def merge_delta(into: Any, d: TokenDelta) -> None:
+    """Append delta ``d`` to ``into`` (a TokenDelta, or a reply with the same five fields): the
+    one merge of deltas that every non-streaming reply is built with."""
+    into.token_ids += d.token_ids
+    into.text += d.text
+    for name in ("logprobs", "top_logprobs", "logits"):
+        extra = getattr(d, name)
+        if extra is not None:
+            setattr(into, name, (getattr(into, name) or []) + extra)
+
+
 @message(14)
 class Finished:
     request_id: str

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -19,9 +18,10 @@ from typing import Any
 
 from tandem.bench.timing import median, ratio, summarize
 from tandem.config import EngineConfig
-from tandem.gateway.engine_process import EngineProcess
-from tandem.gateway.local import EngineError, query_stats
-from tandem.messages import ErrorCode, OutputBatch, SamplingParams, SubmitRequest, decode, encode
+from tandem.engine.process import EngineProcess
+from tandem.engine.router import EngineError
+from tandem.engine.sync import SyncEngine
+from tandem.messages import ErrorCode, RequestError, SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)
 
@@ -86,41 +86,29 @@ def run_batch(
     engine: EngineProcess, prompts: list[list[int]], max_tokens: int, timeout_s: float
 ) -> RunResult:
     """Submit every prompt at once and read outputs until each request has its Finished."""
-    assert engine.to_sched is not None and engine.from_sched is not None
-    steps_before = query_stats(engine).steps
+    client = SyncEngine(engine)
+    steps_before = client.stats().steps
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    rids = [uuid.uuid4().hex for _ in prompts]
     arrivals: list[tuple[float, int]] = []  # (time, tokens) of every delta
     first: dict[str, float] = {}
     done: dict[str, float] = {}
     t0 = time.perf_counter()
-    for rid, ids in zip(rids, prompts, strict=True):
-        engine.to_sched.send(encode(SubmitRequest(rid, ids, params, time.monotonic())))
-    wanted = set(rids)
+    rids = [client.submit(ids, params) for ids in prompts]
     while len(done) < len(rids):
-        if not engine.from_sched.poll(250):
-            problem = engine.check()
-            if problem:
-                raise EngineError(ErrorCode.WORKER_DIED, problem)
-            if time.perf_counter() - t0 > timeout_s:
-                raise EngineError(ErrorCode.TIMEOUT, f"benchmark run did not finish within {timeout_s} s")
-            continue
-        msg = decode(engine.from_sched.recv())
+        if time.perf_counter() - t0 > timeout_s:
+            raise EngineError(ErrorCode.TIMEOUT, f"benchmark run did not finish within {timeout_s} s")
+        events = client.next_events(0.25)
         now = time.perf_counter()
-        if not isinstance(msg, OutputBatch):
-            continue
-        for err in msg.errors:
-            if err.request_id in wanted:
-                raise EngineError(err.code, err.message)
-        for d in msg.deltas:
-            if d.request_id in wanted:
-                first.setdefault(d.request_id, now)
-                arrivals.append((now, len(d.token_ids)))
-        for f in msg.finished:
-            if f.request_id in wanted:
-                done[f.request_id] = now
+        for rid, ev in events:
+            if isinstance(ev, RequestError):
+                raise EngineError.of(ev)
+            if isinstance(ev, TokenDelta):
+                first.setdefault(rid, now)
+                arrivals.append((now, len(ev.token_ids)))
+            else:
+                done[rid] = now
     t_first, t_last = max(first.values()), max(done.values())
-    stats = query_stats(engine)
+    stats = client.stats()
     return RunResult(
         batch=len(prompts),
         tokens=sum(n for _, n in arrivals),

@@ -24,6 +24,7 @@ from tandem.messages import (
     SamplingParams,
     ServerHello,
     TokenDelta,
+    merge_delta,
 )
 
 DEFAULT_TIMEOUT = 60.0
@@ -180,12 +181,7 @@ class RequestState:
             self.completion.prompt_token_ids = list(msg.prompt_token_ids)
         elif isinstance(msg, TokenDelta):
             if self.collect:
-                c = self.completion
-                c.token_ids += msg.token_ids
-                c.text += msg.text
-                for name in ("logprobs", "top_logprobs", "logits"):
-                    if getattr(msg, name) is not None:
-                        setattr(c, name, (getattr(c, name) or []) + getattr(msg, name))
+                merge_delta(self.completion, msg)
             return msg
         elif isinstance(msg, Finished):
             self.done = True

@@ -77,8 +77,9 @@ def generate(
 
         generate_remote(url, prompt, model, raw, system, params, as_json)
         return
-    from tandem.gateway.engine_process import EngineProcess
-    from tandem.gateway.local import EngineError, complete
+    from tandem.engine.process import EngineProcess
+    from tandem.engine.router import EngineError
+    from tandem.engine.sync import SyncEngine
     from tandem.models.prompt import prompt_ids
     from tandem.models.store import ensure_model
 
@@ -101,7 +102,7 @@ def generate(
             sys.stdout.flush()
 
         try:
-            c = complete(engine, ids, params, on_text=None if as_json else write)
+            c = SyncEngine(engine).complete(ids, params, on_text=None if as_json else write)
         except EngineError as e:
             raise click.ClickException(str(e)) from None
     finally:

@@ -23,7 +23,7 @@ from pathlib import Path
 import zmq
 
 from tandem.config import EngineConfig
-from tandem.gateway.async_engine import AsyncEngine
+from tandem.engine.aio import AsyncEngine
 from tandem.gateway.listen import ServeError, bind_error, is_loopback, listen_tcp
 from tandem.gateway.zmq_frontend import ZmqFrontend
 from tandem.paths import tandem_home

@@ -39,8 +39,8 @@ from tandem.actors.sockets import (
     remove_ipc_file,
     remove_runtime_dir,
 )
-from tandem.gateway.async_engine import AsyncEngine
-from tandem.gateway.local import EngineError
+from tandem.engine.aio import AsyncEngine
+from tandem.engine.router import EngineError
 from tandem.gateway.zmq_frames import UnreadableFrame, read_frame, readable_id
 from tandem.gateway.zmq_peers import PROBE_INTERVAL_S, SEND_TIMEOUT_S, Client, ClientRequest, Peers
 from tandem.messages import (
@@ -59,6 +59,7 @@ from tandem.messages import (
     RequestError,
     ServerHello,
     TokenDelta,
+    merge_delta,
 )
 from tandem.models.chat_template import ChatTemplateError
 from tandem.models.prompt import chat_ids, prompt_ids
@@ -469,9 +470,5 @@ def _merge(rid: str, parts: list[TokenDelta]) -> TokenDelta:
     """A non-streaming request's one TokenDelta: every part, in order."""
     out = TokenDelta(rid, [], "")
     for p in parts:
-        out.token_ids += p.token_ids
-        out.text += p.text
-        for name in ("logprobs", "top_logprobs", "logits"):
-            if getattr(p, name) is not None:
-                setattr(out, name, (getattr(out, name) or []) + getattr(p, name))
+        merge_delta(out, p)
     return out

@@ -187,22 +187,26 @@ class EngineCore:
     def queue_wait_s(self) -> float:
         """Seconds until the full queue has room again. A queued request leaves the queue when
         it is admitted, which (the batch being full) happens when a running request finishes:
-        the soonest of those is expected after its remaining tokens times the measured step
-        time. A request that may stop at EOS is expected to end near the mean length of recent
-        replies (or, past it, within a quarter of it more)."""
+        the soonest of those is expected after its remaining tokens at the rate it has been
+        generating so far (the measured step time, before it has a few tokens). A request that
+        may stop at EOS is expected to end near the mean length of recent replies (or, past it,
+        within a quarter of it more)."""
         step_s = (self.watchdog.ms_per_step or 50.0) / 1000
         running = self.sched.running
         if len(running) < self.cfg.max_num_seqs:
             return step_s  # the batch has room: the queue moves as soon as KV blocks free up
         mean = self.mean_completion_tokens
+        now = self.clock()
 
-        def tokens_left(seq: Sequence) -> float:
+        def seconds_left(seq: Sequence) -> float:
             left = float(seq.max_tokens - seq.num_outputs)
             if not seq.params.ignore_eos and mean > 0:
                 left = min(left, max(mean - seq.num_outputs, mean / 4))
-            return max(1.0, left)
+            produced = len(seq.token_ids) - seq.prompt_len
+            per_token = (now - seq.first_token_time) / produced if produced >= 8 else step_s
+            return max(1.0, left) * per_token
 
-        return min(map(tokens_left, running)) * step_s
+        return min(map(seconds_left, running))
 
     # -- the pipeline --------------------------------------------------------------------
     def launch(self, out: OutputBatch | None = None) -> Doorbell | None:

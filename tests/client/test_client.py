@@ -42,7 +42,7 @@ from tandem.shm import list_segments
 SERVER = r'''
 import asyncio, json, signal, sys
 from tandem.config import EngineConfig
-from tandem.gateway.async_engine import AsyncEngine
+from tandem.engine.aio import AsyncEngine
 from tandem.gateway.zmq_frontend import ZmqFrontend
 
 async def main(model: str) -> int:

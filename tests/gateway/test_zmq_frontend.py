@@ -28,7 +28,7 @@ from procs import descendants, wait_until
 from tandem.actors.sockets import ipc_path
 from tandem.client import AsyncTandemClient, InvalidRequestError, ShuttingDownError, TandemClient
 from tandem.config import EngineConfig
-from tandem.gateway.async_engine import AsyncEngine
+from tandem.engine.aio import AsyncEngine
 from tandem.gateway.zmq_frontend import ZmqFrontend, longest_token_bytes
 from tandem.messages import (
     PROTOCOL_VERSION,

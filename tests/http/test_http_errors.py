@@ -304,7 +304,7 @@ def dead_engine_server(tiny_gguf: Path) -> Iterator[tuple[str, dict]]:
     import uvicorn
 
     from tandem.config import EngineConfig
-    from tandem.gateway.async_engine import AsyncEngine
+    from tandem.engine.aio import AsyncEngine
     from tandem.gateway.http import HttpSettings, build_app
 
     port = free_port()

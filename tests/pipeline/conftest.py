@@ -12,7 +12,7 @@ import pytest
 from pipeline_driver import make_engine
 from procs import children
 
-from tandem.gateway.engine_process import EngineProcess
+from tandem.engine.process import EngineProcess
 from tandem.models.tiny import TinySpec, write_tiny_gguf
 from tandem.shm import list_segments
 

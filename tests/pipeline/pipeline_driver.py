@@ -1,4 +1,9 @@
-"""Drive many requests through an EngineProcess at once, as a gateway would."""
+"""Drive many requests through an EngineProcess at once, reading the scheduler's raw frames.
+
+Unlike the engine client (tandem.engine), which forgets a request at its terminal frame, this
+harness keeps counting what arrives for every request, so a second terminal frame or a delta
+after one fails the test instead of being dropped quietly.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tandem.config import EngineConfig
-from tandem.gateway.engine_process import EngineProcess
+from tandem.engine.process import EngineProcess
 from tandem.messages import (
     CancelRequest,
     Finished,

@@ -224,7 +224,7 @@ def test_worker_killed_mid_stream_fails_requests_then_recovers(tiny_gguf: Path) 
 
 def test_scheduler_never_imports_torch() -> None:
     code = (
-        "import sys, tandem.scheduler.process, tandem.gateway.engine_process, tandem.gateway.local;"
+        "import sys, tandem.scheduler.process, tandem.engine.process, tandem.engine.sync;"
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

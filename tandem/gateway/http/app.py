@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import PlainTextResponse, Response
 
-from tandem.gateway.async_engine import AsyncEngine
+from tandem.engine.aio import AsyncEngine
 from tandem.gateway.http import ollama_models, ollama_routes, openai_routes
 from tandem.gateway.http.errors import ApiError, BodyTooLarge, error_response
 from tandem.gateway.http.formats import JSONResponse

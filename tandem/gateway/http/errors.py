@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from starlette.responses import Response
 
+from tandem.engine.router import EngineError
 from tandem.gateway.http.formats import JSONResponse, json_text
-from tandem.gateway.local import EngineError
 from tandem.messages import ErrorCode
 
 log = logging.getLogger(__name__)

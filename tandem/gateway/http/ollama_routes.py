@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from tandem.engine.router import EngineError
 from tandem.gateway.http.errors import ApiError
 from tandem.gateway.http.formats import JSONResponse, delta_logprobs, ndjson, ollama_logprobs, rfc3339
 from tandem.gateway.http.inputs import chat_messages, refuse_ollama_features
@@ -17,7 +18,6 @@ from tandem.gateway.http.params import bad, get_bool, get_str, ollama_sampling, 
 from tandem.gateway.http.params import ollama_logprobs as logprobs_param
 from tandem.gateway.http.state import Gateway, gateway_of
 from tandem.gateway.http.streaming import CancellableStream, Generation, finish_reason, run_cancellable
-from tandem.gateway.local import EngineError
 from tandem.messages import SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)

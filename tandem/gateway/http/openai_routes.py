@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from tandem.engine.router import EngineError
 from tandem.gateway.http.errors import ApiError, openai_error_body
 from tandem.gateway.http.formats import JSONResponse, delta_logprobs, sse
 from tandem.gateway.http.inputs import chat_messages, refuse_openai_features
@@ -22,7 +23,6 @@ from tandem.gateway.http.openai_shapes import Shape, chat_shape, completion_shap
 from tandem.gateway.http.params import bad, get_bool, openai_sampling, read_json
 from tandem.gateway.http.state import Gateway, gateway_of
 from tandem.gateway.http.streaming import CancellableStream, Generation, run_cancellable
-from tandem.gateway.local import EngineError
 from tandem.messages import TokenDelta
 
 log = logging.getLogger(__name__)

@@ -14,12 +14,12 @@ from typing import Any
 from starlette.requests import Request
 
 from tandem import __version__
-from tandem.gateway.async_engine import AsyncEngine
+from tandem.engine.aio import AsyncEngine
+from tandem.engine.router import EngineError
 from tandem.gateway.http.errors import ApiError, from_engine_error
 from tandem.gateway.http.metrics import Metrics
 from tandem.gateway.http.params import bad
 from tandem.gateway.http.store_calls import StoreLane
-from tandem.gateway.local import EngineError
 from tandem.messages import Stats
 from tandem.models.chat_template import ChatTemplateError
 from tandem.models.prompt import chat_ids, prompt_ids

@@ -19,10 +19,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from tandem.engine.router import EngineError
 from tandem.gateway.http.formats import delta_logprobs
 from tandem.gateway.http.state import Gateway
-from tandem.gateway.local import EngineError
-from tandem.messages import Finished, FinishReason, SamplingParams, TokenDelta
+from tandem.messages import Finished, FinishReason, SamplingParams, TokenDelta, merge_delta
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -175,18 +175,15 @@ class Generation:
     async def collect(self) -> tuple[str, list[dict[str, Any]] | None]:
         """A non-streaming reply's whole text and, when asked for, its per-token logprobs (in
         OpenAI's shape; ollama's routes map them); an engine error becomes the API's error."""
-        texts: list[str] = []
-        lps: list[dict[str, Any]] | None = [] if self.params.logprobs is not None else None
-        tok = self.gw.engine.tokenizer
+        whole = TokenDelta("", [], "")
         try:
             async for ev in self.events():
                 if isinstance(ev, TokenDelta):
-                    texts.append(ev.text)
-                    if lps is not None:
-                        lps += delta_logprobs(tok, ev)
+                    merge_delta(whole, ev)
         except EngineError as e:
             raise await self.gw.api_error(e) from None
-        return "".join(texts), lps
+        lps = delta_logprobs(self.gw.engine.tokenizer, whole) if self.params.logprobs is not None else None
+        return whole.text, lps
 
     async def aclose(self) -> None:
         await self._it.aclose()  # type: ignore[attr-defined]

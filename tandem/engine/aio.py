@@ -1,8 +1,8 @@
-"""The engine as the gateway's asyncio code sees it: submit, stream, cancel, stats.
+"""The engine client for asyncio code (the gateway): submit, stream, cancel, stats.
 
-One reader task takes every frame the scheduler sends and routes it to the queue of the
-request it belongs to, so any number of front ends (ZeroMQ clients, HTTP) share one pair of
-sockets. A request whose consumer goes away (client disconnect, task cancelled) is cancelled
+One reader task feeds every frame the scheduler sends to the router, and puts each request's
+events on its consumer's queue, so any number of front ends (ZeroMQ clients, HTTP) share one
+pair of sockets. A request whose consumer goes away (client disconnect, task cancelled) is cancelled
 in the scheduler, which frees its batch slot and KV blocks within a step.
 """
 
@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,22 +19,9 @@ import zmq
 import zmq.asyncio
 
 from tandem.config import EngineConfig
-from tandem.gateway.engine_process import EngineProcess
-from tandem.gateway.local import EngineError
-from tandem.messages import (
-    CancelRequest,
-    ErrorCode,
-    Finished,
-    OutputBatch,
-    RequestError,
-    SamplingParams,
-    Stats,
-    StatsRequest,
-    SubmitRequest,
-    TokenDelta,
-    decode,
-    encode,
-)
+from tandem.engine.process import EngineProcess
+from tandem.engine.router import EngineError, Router
+from tandem.messages import ErrorCode, Finished, RequestError, SamplingParams, Stats, TokenDelta
 from tandem.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -51,6 +37,7 @@ class AsyncEngine:
         self.cfg = cfg
         self._zctx = zmq.asyncio.Context()
         self.process = EngineProcess(cfg, self._zctx)  # type: ignore[arg-type]
+        self.router = Router()
         self._queues: dict[str, asyncio.Queue[Event | RequestError]] = {}
         self._stats_waiters: dict[int, asyncio.Future[Stats]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -60,7 +47,6 @@ class AsyncEngine:
         self._cancels: set[asyncio.Future[Any]] = set()  # cancels sent from the (sync) router
         self.started_at = 0.0
         self.load_seconds = 0.0
-        self._qid = 0
         self._closed = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -121,21 +107,17 @@ class AsyncEngine:
         """
         if self.dead is not None:
             raise EngineError(ErrorCode.WORKER_DIED, self.dead)
-        rid = request_id or uuid.uuid4().hex
-        if rid in self._queues:
-            raise EngineError(ErrorCode.INVALID_REQUEST, f"request id {rid!r} is already in use")
+        rid, frame = self.router.submit(prompt_ids, params, request_id)
         queue: asyncio.Queue[Event | RequestError] = asyncio.Queue()
         self._queues[rid] = queue
         finished = False
         try:
-            await self._send_unless_dead(
-                encode(SubmitRequest(rid, list(prompt_ids), params, time.monotonic()))
-            )
+            await self._send_unless_dead(frame)
             while True:
                 ev = await queue.get()
                 if isinstance(ev, RequestError):
                     finished = True
-                    raise EngineError(ev.code, ev.message, ev.retry_after_s)
+                    raise EngineError.of(ev)
                 if isinstance(ev, Finished):
                     finished = True
                 yield ev
@@ -143,9 +125,10 @@ class AsyncEngine:
                     return
         finally:
             self._queues.pop(rid, None)
-            if not finished and self.dead is None and self.process.to_sched is not None:
+            cancel = self.router.cancel(rid, "client went away")  # None once it has ended
+            if cancel is not None and self.dead is None and self.process.to_sched is not None:
                 with contextlib.suppress(Exception):
-                    await self.process.to_sched.send(encode(CancelRequest(rid, "client went away")))
+                    await self.process.to_sched.send(cancel)
 
     async def _send_unless_dead(self, frame: bytes) -> None:
         """Send to the scheduler, or raise worker_died if the engine dies first: a PUSH whose
@@ -166,38 +149,30 @@ class AsyncEngine:
     async def stats(self, timeout: float = 5.0) -> Stats:
         if self.dead is not None or self.process.to_sched is None:
             raise EngineError(ErrorCode.WORKER_DIED, self.dead or "engine not running")
-        self._qid += 1
-        qid = self._qid
+        qid, frame = self.router.stats_query()
         fut: asyncio.Future[Stats] = asyncio.get_running_loop().create_future()
         self._stats_waiters[qid] = fut
         try:
-            await self.process.to_sched.send(encode(StatsRequest(qid)))
+            await self.process.to_sched.send(frame)
             return await asyncio.wait_for(fut, timeout)
         finally:
             self._stats_waiters.pop(qid, None)
 
     # -- plumbing ------------------------------------------------------------------------
-    def _route(self, msg: object) -> None:
-        if isinstance(msg, OutputBatch):
-            for d in msg.deltas:
-                q = self._queues.get(d.request_id)
-                if q is not None:
-                    if q.qsize() >= MAX_BUFFERED_EVENTS:
-                        self._overflow(d.request_id, q)
-                    else:
-                        q.put_nowait(d)
-            for f in msg.finished:
-                q = self._queues.get(f.request_id)
-                if q is not None:
-                    q.put_nowait(f)
-            for e in msg.errors:
-                q = self._queues.get(e.request_id)
-                if q is not None:
-                    q.put_nowait(e)
-        elif isinstance(msg, Stats):
-            fut = self._stats_waiters.get(msg.query_id)
+    def _route(self, frame: bytes) -> None:
+        routed = self.router.feed(frame)
+        for rid, ev in routed.events:
+            q = self._queues.get(rid)
+            if q is None:
+                continue
+            if isinstance(ev, TokenDelta) and q.qsize() >= MAX_BUFFERED_EVENTS:
+                self._overflow(rid, q)
+            else:
+                q.put_nowait(ev)
+        for stats in routed.stats:
+            fut = self._stats_waiters.get(stats.query_id)
             if fut is not None and not fut.done():
-                fut.set_result(msg)
+                fut.set_result(stats)
 
     def _overflow(self, rid: str, q: asyncio.Queue[Event | RequestError]) -> None:
         """A consumer this far behind is not reading: fail the request and cancel it in the
@@ -209,10 +184,9 @@ class AsyncEngine:
             )
         )
         log.warning("request %s cancelled: its client fell %d tokens behind", rid, MAX_BUFFERED_EVENTS)
-        if self.process.to_sched is not None:
-            task = asyncio.ensure_future(
-                self.process.to_sched.send(encode(CancelRequest(rid, "client too slow")))
-            )
+        cancel = self.router.cancel(rid, "client too slow")
+        if cancel is not None and self.process.to_sched is not None:
+            task = asyncio.ensure_future(self.process.to_sched.send(cancel))
             self._cancels.add(task)
             task.add_done_callback(self._cancels.discard)
 
@@ -222,7 +196,7 @@ class AsyncEngine:
         while True:
             frame = await sock.recv()
             try:
-                self._route(decode(frame))
+                self._route(frame)
             except Exception:
                 log.exception("dropping a frame from the scheduler that did not decode")
 
