@@ -37,7 +37,7 @@ def parse_bytes(text: str) -> int:
 
 def engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
-        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+        click.option("--device", default=EngineConfig.device, show_default=True, help="cpu, cuda or cuda:N."),
         click.option(
             "--dtype",
             default="auto",
@@ -53,21 +53,21 @@ def engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--max-num-seqs",
-            default=64,
+            default=EngineConfig.max_num_seqs,
             show_default=True,
             type=click.IntRange(1),
             help="Most sequences in one step.",
         ),
         click.option(
             "--max-num-batched-tokens",
-            default=512,
+            default=EngineConfig.max_num_batched_tokens,
             show_default=True,
             type=click.IntRange(1),
             help="Most tokens in one step (prefill chunk budget).",
         ),
         click.option(
             "--max-queue",
-            default=512,
+            default=EngineConfig.max_queue,
             show_default=True,
             type=click.IntRange(1),
             help="Requests waiting beyond this are refused as busy.",
