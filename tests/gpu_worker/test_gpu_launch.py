@@ -59,7 +59,12 @@ def test_two_overlapped_steps_launch_without_host_syncs(
     gpu, cpu, ring = runners
     assert gpu._graphs is not None, "decode graphs are captured on a GPU unless --enforce-eager"
     rng = random.Random(2)
-    seqs = {r: [Seq(i, [3 * i, 3 * i + 1, 3 * i + 2], prompt_len=5 + 7 * i) for i in range(3)] for r in "gc"}
+    # Row 2 asks for its token's logprob: its steps take the sampling graph, still greedy.
+    seqs = {
+        r: [Seq(i, [3 * i, 3 * i + 1, 3 * i + 2], prompt_len=5 + 7 * i, num_logprobs=0 if i == 2 else -1)
+            for i in range(3)]
+        for r in "gc"
+    }
     prompts = [[rng.randrange(200) for _ in range(s.prompt_len)] for s in seqs["g"]]
     refs = [[-1 - i] for i in range(3)]
     steps = [

@@ -23,4 +23,4 @@ def test_kernel_matches_sdpa_under_the_interpreter() -> None:
         [sys.executable, str(CASES), "cpu"], env=env, capture_output=True, text=True, timeout=240
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "ok 5 cases" in proc.stdout, proc.stdout
+    assert "ok 6 cases" in proc.stdout, proc.stdout

@@ -9,6 +9,8 @@ test_gpu_launch.py calls the same functions with the compiled kernel.
 from __future__ import annotations
 
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -110,12 +112,58 @@ def check_model_decode_path(device: str = "cpu") -> None:
     assert err < 1e-5, f"paged vs chunked step: {err:.3g}"
 
 
+def check_worker_paths_with_kernel(tmp: Path) -> None:
+    """The worker's two kernel paths on the CPU: an eager launch planned for the paged kernel, and
+    the decode-graph step body (padding rows on the scratch block), against the chunked path."""
+    from step_driver import Seq, make_runner, tokens_of, write_step
+
+    from tandem.gpu_worker.cuda_graphs import DecodeGraphs
+    from tandem.gpu_worker.runner import ModelRunner
+    from tandem.models.tiny import TinySpec, write_tiny_gguf
+
+    model = write_tiny_gguf(tmp / "k.gguf", TinySpec(seed=7))
+    (ref, ring), (paged, other) = make_runner(model), make_runner(model)
+    other.unlink()
+    try:
+        paged._paged_kernel = True
+        width = -(-paged.cfg.context_length // 16)
+        graphs = DecodeGraphs(paged, [4], width, paged_kernel=True, capture=False)
+        slot = ring.slot(0)
+        seqs = {r: [Seq(i, [2 * i + 1, 2 * i + 2], prompt_len=3 + 5 * i) for i in range(3)] for r in "rp"}
+        prompts = [list(range(10, 10 + s.prompt_len)) for s in seqs["r"]]
+
+        def launch(runner: ModelRunner, r: str, step: int, inputs: list[list[int]]) -> list[int]:
+            bell = write_step(slot, step, list(zip(seqs[r], inputs, strict=True)))
+            return tokens_of(runner, runner.launch(slot, bell, 0.0))
+
+        launch(ref, "r", 0, prompts)
+        launch(paged, "p", 0, prompts)
+        refs = [[-1 - i] for i in range(3)]
+        for step in range(1, 6):
+            want = launch(ref, "r", step, refs)
+            bell = write_step(slot, step, list(zip(seqs["p"], refs, strict=True)))
+            if step % 2:  # alternate the eager paged launch and the graph body
+                got = tokens_of(paged, paged.launch(slot, bell, 0.0))
+            else:
+                out = graphs.try_launch(slot.prefixes(bell.num_tokens, bell.num_seqs), bell)
+                assert out is not None
+                got = out[0].tolist()
+            assert got == want, (step, got, want)
+    finally:
+        ring.unlink()
+
+
 def run_all(device: str = "cpu") -> int:
     cases = CASES + (GPU_CASES if device.startswith("cuda") else [])
     for case in cases:
         check_kernel_matches_sdpa(*case, device=device)
     check_model_decode_path(device)
-    return len(cases) + 1
+    n = len(cases) + 1
+    if device == "cpu":
+        with tempfile.TemporaryDirectory() as tmp:
+            check_worker_paths_with_kernel(Path(tmp))
+        n += 1
+    return n
 
 
 if __name__ == "__main__":
