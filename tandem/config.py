@@ -34,6 +34,8 @@ class EngineConfig:
     max_worker_deaths: int = 3
     worker_death_window: float = 60.0
     threads: int | None = None  # torch intra-op threads in the worker (CPU)
+    # GPU only: run decode steps eagerly instead of replaying captured CUDA graphs (never used on CPU).
+    enforce_eager: bool = False
     inject_fault: str = ""  # test hook for the fault tests: see gpu_worker/faults.py
     log_level: int = logging.WARNING
     runtime_dir: Path | None = None  # set by whoever starts the engine
@@ -68,4 +70,5 @@ class WorkerConfig:
     results_endpoint: str
     max_num_batched_tokens: int = 512
     threads: int | None = None
+    enforce_eager: bool = False
     inject_fault: str = ""

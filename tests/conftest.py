@@ -9,6 +9,18 @@ import pytest
 DEFAULT_MODEL = "smollm2:135m"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` need a CUDA device: skipped, and said so, where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="marked gpu: needs a CUDA device (benchmarks/gpu_check.sh runs these)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     """The real SmolLM2-135M-Instruct GGUF, pulled into the user's cache on first use."""

@@ -82,6 +82,12 @@ def engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--no-overlap", is_flag=True, help="Wait for each step before preparing the next."),
         click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads of the worker."),
         click.option(
+            "--enforce-eager",
+            is_flag=True,
+            help="GPU: run decode steps eagerly instead of replaying CUDA graphs (the CPU never "
+            "uses graphs).",
+        ),
+        click.option(
             "--step-timeout",
             type=click.FloatRange(0, min_open=True),
             default=EngineConfig.step_timeout,
@@ -110,6 +116,7 @@ def engine_config(model_path: str, model_name: str, kw: dict[str, Any], log_leve
         context_length=kw["context_length"],
         overlap=not kw["no_overlap"],
         threads=kw["threads"],
+        enforce_eager=kw["enforce_eager"],
         step_timeout=kw["step_timeout"],
         inject_fault=kw["inject_fault"],
         log_level=log_level,

@@ -28,6 +28,7 @@ def worker_main(ctx: ActorContext) -> None:
     ring = RingSegment.from_handle(cfg.ring)
     ctx.add_cleanup(ring.close)
     runner = ModelRunner(cfg)
+    runner.prepare_launch(enforce_eager=cfg.enforce_eager)
     faults = FaultPlan(cfg.inject_fault)
     bells = ctx.zmq_ctx.socket(zmq.PULL)
     bells.setsockopt(zmq.LINGER, 0)

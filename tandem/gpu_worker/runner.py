@@ -11,14 +11,16 @@ import os
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from tandem.config import WorkerConfig
+from tandem.gpu_worker.cuda_graphs import DecodeGraphs
 from tandem.gpu_worker.kv_cache import KVCache
-from tandem.gpu_worker.model.attention import AttentionMetadata
 from tandem.gpu_worker.model.llama import LlamaModel
+from tandem.gpu_worker.model.triton_attention import triton_available
 from tandem.gpu_worker.sampler import SamplingTensors, sample
+from tandem.gpu_worker.staging import StepStaging
+from tandem.gpu_worker.step_plan import SAMPLING_FIELDS, plan_step, resolve_refs
 from tandem.messages import Doorbell, StepResult
 from tandem.models.loader import load_model_weights
 from tandem.shm.slot import SlotView
@@ -120,100 +122,99 @@ class ModelRunner:
             "load_seconds": round(self.load_seconds, 3),
         }
 
-    def _to_device(self, arr: np.ndarray) -> torch.Tensor:
-        # The slot is handed back right after this copy, so the tensor must own its memory.
-        t = torch.from_numpy(arr.copy())
-        if self.device.type == "cpu":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+    # Set up after __init__ by prepare_launch(); a runner used without it plans eagerly.
+    _staging: StepStaging | None = None
+    _graphs: DecodeGraphs | None = None
+    _paged_kernel: bool = False
 
-    def _update_penalty_state(
-        self, rows: np.ndarray, a: dict[str, np.ndarray], input_ids: torch.Tensor, positions: torch.Tensor
-    ) -> None:
-        """Fold this step's inputs of penalized sequences into their per-slot state.
+    def prepare_launch(self, enforce_eager: bool = False) -> None:
+        """Staging buffers, the decode kernel choice and, on a GPU, the captured decode graphs."""
+        self._staging = StepStaging(self.device)
+        self._paged_kernel = self.device.type == "cuda" and triton_available()
+        if self.device.type == "cuda" and not self._paged_kernel:
+            log.warning("triton is not installed: GPU decode attention runs the portable matmul path")
+        if self.device.type == "cuda" and not enforce_eager and self._paged_kernel:
+            self._graphs = DecodeGraphs.capture(self, self.cfg.max_num_seqs, self.cfg.context_length)
 
-        Every token reaches the worker as an input exactly once (prompt chunks, then each
-        generated token as the next step's input), so counting inputs before sampling sees
-        exactly the history up to the token being sampled, recomputation included.
-        """
+    @property
+    def staging(self) -> StepStaging:
+        if self._staging is None:
+            self._staging = StepStaging(self.device)
+        return self._staging
+
+    def _update_penalty_state(self, dev: dict[str, torch.Tensor], input_ids: torch.Tensor) -> None:
+        """Fold this step's inputs of penalized sequences into their per-slot state (no host reads)."""
         if self.prompt_mask is None:
             shape = (self.cfg.max_num_seqs, self.config.vocab_size)
             self.prompt_mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
             self.output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
         assert self.output_counts is not None
-        cu = a["cu_seqlens"]
-        for i in rows:
-            slot = int(a["seq_slots"][i])
-            lo, hi = int(cu[i]), int(cu[i + 1])
-            if int(a["context_lens"][i]) - (hi - lo) == 0:  # starts from position 0: a new occupant
-                self.prompt_mask[slot].zero_()
-                self.output_counts[slot].zero_()
-            ids = input_ids[lo:hi]
-            is_prompt = positions[lo:hi] < int(a["prompt_lens"][i])
-            self.prompt_mask[slot, ids[is_prompt]] = True
-            self.output_counts[slot].index_add_(
-                0, ids[~is_prompt], torch.ones_like(ids[~is_prompt], dtype=torch.int32)
-            )
+        vocab = self.config.vocab_size
+        self.prompt_mask.index_fill_(0, dev["pen_reset"], False)
+        self.output_counts.index_fill_(0, dev["pen_reset"], 0)
+        flat = dev["pen_prompt_slots"] * vocab + input_ids.index_select(0, dev["pen_prompt_rows"])
+        self.prompt_mask.view(-1).index_fill_(0, flat, True)
+        flat = dev["pen_output_slots"] * vocab + input_ids.index_select(0, dev["pen_output_rows"])
+        self.output_counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+
+    def _sampling_tensors(self, dev: dict[str, torch.Tensor]) -> SamplingTensors:
+        return SamplingTensors(**{name: dev[f"p_{name}"] for name in SAMPLING_FIELDS}, step=dev["p_step"])
 
     @torch.inference_mode()
     def launch(self, slot: SlotView, bell: Doorbell, idle_ms: float) -> PendingResult:
+        """Enqueue the step. Between here and the return nothing reads a device value on the host:
+        all indices come from the slot through numpy and reach the device in one staged copy."""
         t0 = time.perf_counter()
         a = slot.prefixes(bell.num_tokens, bell.num_seqs)
-        input_ids = self._to_device(a["input_ids"])
-        positions = self._to_device(a["positions"])
-        block_tables = self._to_device(a["block_tables"])
-        # Resolve "token sampled at the previous step, row r" references on the device.
-        refs = (-input_ids - 1).clamp(min=0, max=self.prev_sampled.shape[0] - 1)
-        input_ids = torch.where(input_ids < 0, self.prev_sampled[refs], input_ids)
+        if self._graphs is not None:
+            launched = self._graphs.try_launch(a, bell)
+            if launched is not None:
+                tokens, out_logprobs = launched
+                return self._pending(bell, tokens, out_logprobs, None, None, None, t0, idle_ms)
+        plan = plan_step(a, bell, self.kv.block_size, paged_kernel=self._paged_kernel)
+        dev = self.staging.upload(plan.arrays)
+        input_ids = resolve_refs(dev["input_ids"], self.prev_sampled)
+        meta = plan.attention.bind(dev)
+        if plan.update_penalties:
+            self._update_penalty_state(dev, input_ids)
 
-        qlens = a["query_lens"].tolist()
-        meta = AttentionMetadata.build(
-            positions, qlens, a["context_lens"].tolist(), block_tables, self.kv.block_size
-        )
-        sample_rows = np.flatnonzero(a["sample_mask"])
-        logits_rows = torch.from_numpy(a["cu_seqlens"][sample_rows + 1].astype(np.int64) - 1).to(self.device)
-
-        penalized = (
-            (a["repetition_penalty"] != 1.0)
-            | (a["presence_penalty"] != 0.0)
-            | (a["frequency_penalty"] != 0.0)
-        )
-        if penalized.any():
-            self._update_penalty_state(np.flatnonzero(penalized), a, input_ids, positions)
-
-        logits = self.model(input_ids, positions, self.kv, meta, logits_rows)
+        logits = self.model(input_ids, dev["positions"], self.kv, meta, dev["logits_rows"])
         out_logprobs = top_ids = top_lps = None
-        if len(sample_rows) == 0:
+        if plan.num_sampled == 0:
             tokens = torch.empty(0, dtype=torch.long, device=self.device)
-        elif bell.all_greedy and not bell.any_penalties:
+        elif not plan.sampling:
             tokens = logits.argmax(dim=-1)
         else:
-            params = SamplingTensors(
-                temperature=self._to_device(a["temperature"][sample_rows]),
-                top_k=self._to_device(a["top_k"][sample_rows]),
-                top_p=self._to_device(a["top_p"][sample_rows]),
-                min_p=self._to_device(a["min_p"][sample_rows]),
-                repetition_penalty=self._to_device(a["repetition_penalty"][sample_rows]),
-                presence_penalty=self._to_device(a["presence_penalty"][sample_rows]),
-                frequency_penalty=self._to_device(a["frequency_penalty"][sample_rows]),
-                seed=self._to_device(a["seed"][sample_rows]),
-                step=self._to_device(a["sample_step"][sample_rows]),
-                num_logprobs=self._to_device(a["num_logprobs"][sample_rows]),
-            )
             state = None
             if bell.any_penalties and self.prompt_mask is not None:
-                slots = torch.from_numpy(a["seq_slots"][sample_rows].astype(np.int64)).to(self.device)
                 assert self.output_counts is not None
+                slots = dev["sample_slots"]
                 state = (self.prompt_mask[slots], self.output_counts[slots])
-            out = sample(logits, params, max_top_logprobs=max(bell.max_top_logprobs, 0), penalty_state=state)
+            out = sample(
+                logits,
+                self._sampling_tensors(dev),
+                max_top_logprobs=max(bell.max_top_logprobs, 0),
+                penalty_state=state,
+            )
             tokens = out.token_ids
             out_logprobs, top_ids, top_lps = out.logprobs, out.top_ids, out.top_logprobs
-        if len(sample_rows):
-            rows = torch.from_numpy(sample_rows.astype(np.int64)).to(self.device)
-            self.prev_sampled[rows] = tokens
-
-        event = None
+        if plan.num_sampled:
+            self.prev_sampled.index_copy_(0, dev["sample_rows"], tokens)
         keep_logits = logits if bell.want_logits else None
+        return self._pending(bell, tokens, out_logprobs, top_ids, top_lps, keep_logits, t0, idle_ms)
+
+    def _pending(
+        self,
+        bell: Doorbell,
+        tokens: torch.Tensor,
+        logprobs: torch.Tensor | None,
+        top_ids: torch.Tensor | None,
+        top_lps: torch.Tensor | None,
+        logits: torch.Tensor | None,
+        t0: float,
+        idle_ms: float,
+    ) -> PendingResult:
+        event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
@@ -221,10 +222,10 @@ class ModelRunner:
             bell.step,
             bell.slot,
             tokens,
-            out_logprobs,
+            logprobs,
             top_ids,
             top_lps,
-            keep_logits,
+            logits,
             event,
             (time.perf_counter() - t0) * 1000,
             idle_ms,

@@ -118,6 +118,7 @@ class SchedulerProcess:
             results_endpoint=self.results_addr,
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             threads=cfg.threads,
+            enforce_eager=cfg.enforce_eager,
             inject_fault=cfg.inject_fault,
         )
         assert cfg.runtime_dir is not None

@@ -1,23 +1,40 @@
-"""Paged attention over a mixed batch of prefill chunks and decode tokens (torch SDPA path).
+"""Paged attention over a mixed batch of prefill chunks and decode tokens.
 
 The batch is flat: the tokens of every sequence back to back, ``cu_seqlens`` marking where
 each sequence's new tokens start. Every sequence's keys and values live in the paged pool;
 this step's new ones are written there first, then read back through the block table, so a
 prefill chunk that continues a cached prefix and a decode step take the same path.
 
-Decode rows (one new token) are gathered into one padded SDPA call; prefill rows are few and
-long, so each gets its own call instead of padding every decode row to the longest prompt.
-This is the portable path; a paged decode kernel on GPU goes beside it, not instead.
+Metadata is built once per step on the host, in numpy, from the slot's arrays, and reaches the
+device in the step's single upload (see ``gpu_worker/staging.py``): ``AttentionPlan.make`` adds
+its arrays to the step's dict and ``bind`` turns the uploaded tensors into ``AttentionMetadata``.
+
+Decode rows read only the blocks they own, one of two ways:
+- chunks (CPU, and a GPU without Triton): decode sequences are grouped by block count (powers
+  of two); each group's blocks are gathered whole into a reused workspace and attended with two
+  batched matmuls, GQA-aware (each KV head against its group of query heads). A step reads at
+  most twice the visible keys, never ``batch x max_ctx``, in a number of groups that does not
+  grow with the batch.
+- paged (CUDA with Triton): one kernel reads the block table itself
+  (``model/triton_attention.py``); its shapes stay fixed, so CUDA graphs capture it.
+Prefill chunks are few and long: each goes through SDPA on its own gathered context.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from tandem.gpu_worker.kv_cache import KVCache
+
+log = logging.getLogger(__name__)
+
+# A decode group's gather is split so one chunk stays under this many keys (bounds the workspace).
+DEFAULT_MAX_CHUNK_KEYS = 1 << 16
 
 
 @dataclass
@@ -29,95 +46,301 @@ class PrefillSeq:
 
 
 @dataclass
+class DecodeChunk:
+    """Decode sequences of about the same block count `width`, attended in one pair of matmuls."""
+
+    rows: torch.Tensor | None  # (n,) token rows; None when they are rows [0, n) in order
+    block_ids: torch.Tensor  # (n * width,) blocks to gather, sequence-major (unowned ones are 0)
+    hidden: torch.Tensor | None  # (n, 1, width * block_size) True where a key is not visible
+    n: int
+    width: int
+
+
+@dataclass
+class PagedDecode:
+    """Inputs of the paged decode kernel: it reads block tables and lengths on the device."""
+
+    rows: torch.Tensor | None  # (n,) token rows; None when they are rows [0, n) in order
+    block_tables: torch.Tensor  # (n, max_blocks) int32
+    context_lens: torch.Tensor  # (n,) int32
+    n: int
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) where each new token's K/V is written
-    decode_token_rows: torch.Tensor  # (Bd,) token rows of single-token sequences
-    decode_kv_slots: torch.Tensor  # (Bd, max_ctx) flat slot ids, padded with 0
-    decode_mask: torch.Tensor  # (Bd, 1, 1, max_ctx) True where the key is visible
+    decode_chunks: list[DecodeChunk]
+    paged: PagedDecode | None
     prefills: list[PrefillSeq]
     num_tokens: int
+    block_size: int
 
     @classmethod
     def build(
         cls,
-        positions: torch.Tensor,
-        query_lens: list[int],
-        context_lens: list[int],
-        block_tables: torch.Tensor,
+        positions: torch.Tensor | np.ndarray,
+        query_lens: list[int] | np.ndarray,
+        context_lens: list[int] | np.ndarray,
+        block_tables: torch.Tensor | np.ndarray,
         block_size: int,
+        device: torch.device | str = "cpu",
+        paged_kernel: bool = False,
+        max_chunk_keys: int = DEFAULT_MAX_CHUNK_KEYS,
     ) -> AttentionMetadata:
-        """Host-side index arithmetic done once per step and shared by every layer."""
-        device = positions.device
-        num_seqs = len(query_lens)
-        qlens = torch.tensor(query_lens, dtype=torch.long, device=device)
-        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), qlens)
-        bt = block_tables[:num_seqs].long()
-        slot_mapping = bt[seq_of_token, positions // block_size] * block_size + positions % block_size
+        """Plan and upload in one go (tests, benchmarks); the worker plans into its staging."""
+        arrays: dict[str, np.ndarray] = {}
+        plan = AttentionPlan.make(
+            arrays,
+            np.asarray(positions),
+            np.asarray(query_lens),
+            np.asarray(context_lens),
+            np.asarray(block_tables),
+            block_size,
+            paged_kernel=paged_kernel,
+            max_chunk_keys=max_chunk_keys,
+        )
+        return plan.bind({k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()})
 
-        starts = [0]
-        for q in query_lens:
-            starts.append(starts[-1] + q)
-        decode = [i for i, q in enumerate(query_lens) if q == 1]
-        if decode:
-            d_idx = torch.tensor(decode, dtype=torch.long, device=device)
-            d_ctx = torch.tensor([context_lens[i] for i in decode], dtype=torch.long, device=device)
-            max_ctx = int(d_ctx.max())
-            j = torch.arange(max_ctx, device=device)
-            visible = j.unsqueeze(0) < d_ctx.unsqueeze(1)
-            blocks = bt[d_idx][:, j // block_size]
-            d_slots = torch.where(visible, blocks * block_size + j % block_size, 0)
-            d_rows = torch.tensor([starts[i] for i in decode], dtype=torch.long, device=device)
-            d_mask = visible[:, None, None, :]
-        else:
-            d_rows = torch.empty(0, dtype=torch.long, device=device)
-            d_slots = torch.empty(0, 0, dtype=torch.long, device=device)
-            d_mask = torch.empty(0, 1, 1, 0, dtype=torch.bool, device=device)
 
-        prefills: list[PrefillSeq] = []
-        for i, q in enumerate(query_lens):
-            if q == 1:
-                continue
-            ctx = context_lens[i]
-            j = torch.arange(ctx, device=device)
-            kv_slots = bt[i, j // block_size] * block_size + j % block_size
-            mask = None
-            if ctx != q:  # a chunk after a cached prefix: query r sees keys up to ctx - q + r
-                rows = torch.arange(q, device=device).unsqueeze(1)
-                mask = j.unsqueeze(0) <= rows + (ctx - q)
-            prefills.append(PrefillSeq(starts[i], starts[i + 1], kv_slots, mask))
-        return cls(slot_mapping, d_rows, d_slots, d_mask, prefills, int(positions.shape[0]))
+@dataclass
+class _ChunkPlan:
+    name: str
+    n: int
+    width: int
+    in_order: bool
+    masked: bool
+
+
+@dataclass
+class _PrefillPlan:
+    name: str
+    start: int
+    end: int
+    masked: bool
+
+
+@dataclass
+class AttentionPlan:
+    """What `make` decided on the host: the names of its arrays in the step's dict, and sizes."""
+
+    num_tokens: int
+    block_size: int
+    chunks: list[_ChunkPlan]
+    prefills: list[_PrefillPlan]
+    paged_n: int = 0
+    paged_in_order: bool = False
+
+    @classmethod
+    def make(
+        cls,
+        arrays: dict[str, np.ndarray],
+        positions: np.ndarray,
+        query_lens: np.ndarray,
+        context_lens: np.ndarray,
+        block_tables: np.ndarray,
+        block_size: int,
+        paged_kernel: bool = False,
+        max_chunk_keys: int = DEFAULT_MAX_CHUNK_KEYS,
+    ) -> AttentionPlan:
+        """Add this step's attention arrays to `arrays` (numpy, host) and return the plan."""
+        qlens = query_lens.astype(np.int64, copy=False)
+        ctx = context_lens.astype(np.int64, copy=False)
+        num_seqs = len(qlens)
+        bt = block_tables[:num_seqs].astype(np.int64, copy=False)
+        pos = positions.astype(np.int64, copy=False)
+        starts = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(qlens, out=starts[1:])
+        seq_of_token = np.repeat(np.arange(num_seqs), qlens)
+        arrays["slot_mapping"] = bt[seq_of_token, pos // block_size] * block_size + pos % block_size
+
+        plan = cls(len(pos), block_size, [], [])
+        decode = np.flatnonzero(qlens == 1)
+        if len(decode):
+            in_order = len(decode) == num_seqs  # a pure decode step: token row i is sequence i
+            if paged_kernel:
+                plan._plan_paged(arrays, decode, starts, ctx, bt, in_order)
+            else:
+                plan._plan_chunks(arrays, decode, starts, ctx, bt, in_order, max_chunk_keys)
+        for i in np.flatnonzero(qlens != 1):
+            plan._plan_prefill(arrays, int(starts[i]), int(qlens[i]), int(ctx[i]), bt[i])
+        return plan
+
+    def _plan_paged(
+        self,
+        arrays: dict[str, np.ndarray],
+        decode: np.ndarray,
+        starts: np.ndarray,
+        ctx: np.ndarray,
+        bt: np.ndarray,
+        in_order: bool,
+    ) -> None:
+        self.paged_n, self.paged_in_order = len(decode), in_order
+        if not in_order:
+            arrays["paged_rows"] = starts[decode]
+        arrays["paged_block_tables"] = bt[decode].astype(np.int32)
+        arrays["paged_context_lens"] = ctx[decode].astype(np.int32)
+
+    def _plan_chunks(
+        self,
+        arrays: dict[str, np.ndarray],
+        decode: np.ndarray,
+        starts: np.ndarray,
+        ctx: np.ndarray,
+        bt: np.ndarray,
+        in_order: bool,
+        max_chunk_keys: int,
+    ) -> None:
+        bs = self.block_size
+        nblk = (ctx[decode] + bs - 1) // bs
+        # Grouped by the next power of two of the block count: at most twice the visible keys
+        # are read, in at most log2(max blocks) groups whatever the batch size.
+        group = np.ceil(np.log2(np.maximum(nblk, 1))).astype(np.int64)
+        order = np.argsort(group, kind="stable")
+        bounds = np.flatnonzero(np.diff(group[order])) + 1
+        for members in np.split(order, bounds):
+            width = int(nblk[members].max())
+            per_chunk = max(1, max_chunk_keys // (width * bs))
+            for lo in range(0, len(members), per_chunk):
+                part = members[lo : lo + per_chunk]
+                self._add_chunk(arrays, decode[part], starts, ctx, bt, width, in_order and lo == 0)
+
+    def _add_chunk(
+        self,
+        arrays: dict[str, np.ndarray],
+        seqs: np.ndarray,
+        starts: np.ndarray,
+        ctx: np.ndarray,
+        bt: np.ndarray,
+        width: int,
+        may_be_in_order: bool,
+    ) -> None:
+        bs = self.block_size
+        name = f"dchunk{len(self.chunks)}"
+        lens = ctx[seqs]
+        owned = np.arange(width)[None, :] < ((lens + bs - 1) // bs)[:, None]
+        # Columns past a sequence's own blocks may hold stale ids of an earlier occupant: block 0
+        # is read there instead (masked out, and finite: the pool starts zeroed).
+        arrays[f"{name}_blocks"] = np.where(owned, bt[seqs, :width], 0).reshape(-1)
+        in_order = may_be_in_order and bool(np.array_equal(seqs, np.arange(len(seqs))))
+        if not in_order:
+            arrays[f"{name}_rows"] = starts[seqs]
+        masked = bool((lens != width * bs).any())
+        if masked:
+            keys = np.arange(width * bs)
+            arrays[f"{name}_hidden"] = (keys[None, :] >= lens[:, None])[:, None, :]
+        self.chunks.append(_ChunkPlan(name, len(seqs), width, in_order, masked))
+
+    def _plan_prefill(
+        self, arrays: dict[str, np.ndarray], start: int, q: int, ctx: int, table: np.ndarray
+    ) -> None:
+        bs = self.block_size
+        name = f"prefill{len(self.prefills)}"
+        j = np.arange(ctx)
+        arrays[f"{name}_slots"] = table[j // bs] * bs + j % bs
+        masked = ctx != q
+        if masked:  # a chunk after a cached prefix: query r sees keys up to ctx - q + r
+            arrays[f"{name}_mask"] = j[None, :] <= np.arange(q)[:, None] + (ctx - q)
+        self.prefills.append(_PrefillPlan(name, start, start + q, masked))
+
+    def bind(self, dev: dict[str, torch.Tensor]) -> AttentionMetadata:
+        """The metadata over the uploaded arrays (`dev` holds a tensor per name `make` added)."""
+        chunks = [
+            DecodeChunk(
+                rows=None if c.in_order else dev[f"{c.name}_rows"],
+                block_ids=dev[f"{c.name}_blocks"],
+                hidden=dev[f"{c.name}_hidden"] if c.masked else None,
+                n=c.n,
+                width=c.width,
+            )
+            for c in self.chunks
+        ]
+        paged = None
+        if self.paged_n:
+            paged = PagedDecode(
+                rows=None if self.paged_in_order else dev["paged_rows"],
+                block_tables=dev["paged_block_tables"],
+                context_lens=dev["paged_context_lens"],
+                n=self.paged_n,
+            )
+        prefills = [
+            PrefillSeq(p.start, p.end, dev[f"{p.name}_slots"], dev[f"{p.name}_mask"] if p.masked else None)
+            for p in self.prefills
+        ]
+        return AttentionMetadata(
+            dev["slot_mapping"], chunks, paged, prefills, self.num_tokens, self.block_size
+        )
+
+
+def write_kv(kv_layer: torch.Tensor, new_kv: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store this step's keys and values, `new_kv` (T, 2 * Hkv, D), with one indexed copy."""
+    two, hkv, slots, d = kv_layer.shape
+    kv_layer.view(two * hkv, slots, d).index_copy_(1, slot_mapping, new_kv.transpose(0, 1).to(kv_layer.dtype))
 
 
 def paged_attention(
-    q: torch.Tensor,  # (T, H, D)
-    k: torch.Tensor,  # (T, Hkv, D)
-    v: torch.Tensor,
+    q: torch.Tensor,  # (T, H, D), any row stride
     kv: KVCache,
     layer: int,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    k_cache, v_cache = kv.k[layer], kv.v[layer]
-    k_cache[meta.slot_mapping] = k.to(k_cache.dtype)
-    v_cache[meta.slot_mapping] = v.to(v_cache.dtype)
-    out = torch.empty_like(q)
-    gqa = q.shape[1] != k.shape[1]
-
-    if meta.decode_token_rows.numel():
-        qd = q[meta.decode_token_rows].unsqueeze(2)  # (Bd, H, 1, D)
-        kd = k_cache[meta.decode_kv_slots].transpose(1, 2)  # (Bd, Hkv, L, D)
-        vd = v_cache[meta.decode_kv_slots].transpose(1, 2)
-        od = F.scaled_dot_product_attention(
-            qd, kd.to(q.dtype), vd.to(q.dtype), attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa
-        )
-        out[meta.decode_token_rows] = od.squeeze(2)
-
+    """Attention of every query row over its sequence's cached keys (this step's already written)."""
+    kv_layer = kv.layers[layer]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    for chunk in meta.decode_chunks:
+        _decode_chunk(q, kv, kv_layer, chunk, scale, out)
+    if meta.paged is not None:
+        _paged_decode(q, kv_layer, meta.paged, kv.block_size, scale, out)
     for p in meta.prefills:
-        qp = q[p.token_start : p.token_end].transpose(0, 1).unsqueeze(0)  # (1, H, q, D)
-        kp = k_cache[p.kv_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
-        vp = v_cache[p.kv_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
-        op = F.scaled_dot_product_attention(
-            qp, kp, vp, attn_mask=p.mask, is_causal=p.mask is None, scale=scale, enable_gqa=gqa
-        )
-        out[p.token_start : p.token_end] = op.squeeze(0).transpose(0, 1)
+        _prefill(q, kv_layer, p, scale, out)
     return out
+
+
+def _decode_chunk(
+    q: torch.Tensor, kv: KVCache, kv_layer: torch.Tensor, c: DecodeChunk, scale: float, out: torch.Tensor
+) -> None:
+    two, hkv, slots, d = kv_layer.shape
+    heads = q.shape[1]
+    group = heads // hkv
+    bs = kv.block_size
+    keys = c.width * bs
+    blocks = kv_layer.view(two * hkv, slots // bs, bs * d)
+    gathered = kv.workspace(two * hkv * c.n * keys * d).view(two * hkv, c.n * c.width, bs * d)
+    torch.index_select(blocks, 1, c.block_ids, out=gathered)
+    k, v = gathered.view(two, hkv * c.n, keys, d).unbind(0)  # (Hkv * n, keys, D), head-major
+    qd = q[: c.n] if c.rows is None else q.index_select(0, c.rows)
+    # (n, Hkv, G, D) -> (Hkv * n, G, D): each KV head meets its group of query heads in one matmul.
+    qd = (qd.reshape(c.n, hkv, group, d) * scale).transpose(0, 1).reshape(hkv * c.n, group, d)
+    scores = torch.bmm(qd.to(k.dtype), k.transpose(1, 2)).float()  # (Hkv * n, G, keys)
+    if c.hidden is not None:
+        scores.view(hkv, c.n, group, keys).masked_fill_(c.hidden[None], float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    o = torch.bmm(probs, v).view(hkv, c.n, group, d).transpose(0, 1).reshape(c.n, heads, d)
+    if c.rows is None:
+        out[: c.n] = o
+    else:
+        out.index_copy_(0, c.rows, o.to(out.dtype))
+
+
+def _paged_decode(
+    q: torch.Tensor, kv_layer: torch.Tensor, p: PagedDecode, block_size: int, scale: float, out: torch.Tensor
+) -> None:
+    from tandem.gpu_worker.model.triton_attention import paged_decode_attention
+
+    qd = q[: p.n] if p.rows is None else q.index_select(0, p.rows)
+    o = paged_decode_attention(qd, kv_layer, p.block_tables, p.context_lens, block_size, scale)
+    if p.rows is None:
+        out[: p.n] = o
+    else:
+        out.index_copy_(0, p.rows, o.to(out.dtype))
+
+
+def _prefill(q: torch.Tensor, kv_layer: torch.Tensor, p: PrefillSeq, scale: float, out: torch.Tensor) -> None:
+    two, hkv, slots, d = kv_layer.shape
+    ctx = kv_layer.view(two * hkv, slots, d).index_select(1, p.kv_slots).to(q.dtype)  # (2 * Hkv, ctx, D)
+    kp, vp = ctx[:hkv].unsqueeze(0), ctx[hkv:].unsqueeze(0)
+    qp = q[p.token_start : p.token_end].transpose(0, 1).unsqueeze(0)  # (1, H, q, D)
+    op = F.scaled_dot_product_attention(
+        qp, kp, vp, attn_mask=p.mask, is_causal=p.mask is None, scale=scale, enable_gqa=q.shape[1] != hkv
+    )
+    out[p.token_start : p.token_end] = op.squeeze(0).transpose(0, 1)

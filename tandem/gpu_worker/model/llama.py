@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.gpu_worker.kv_cache import KVCache
-from tandem.gpu_worker.model.attention import AttentionMetadata, paged_attention
+from tandem.gpu_worker.model.attention import AttentionMetadata, paged_attention, write_kv
+from tandem.gpu_worker.model.fused import add_rms_norm_, rotate_half_
 from tandem.gpu_worker.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
 from tandem.models.config import ModelConfig, UnsupportedModelError
 
@@ -43,20 +44,19 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
         kv: KVCache,
         layer: int,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         qkv = self.qkv(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         t = x.shape[0]
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
-        o = paged_attention(q, k, v, kv, layer, meta, self.scale)
+        # q and k rotated together, in place in the fused output; then k and v go to the cache
+        # in one indexed copy, straight from the same buffer.
+        rotate_half_(qkv[:, : self.q_size + self.kv_size].unflatten(1, (-1, self.head_dim)), *rope)
+        write_kv(kv.layers[layer], qkv[:, self.q_size :].unflatten(1, (-1, self.head_dim)), meta.slot_mapping)
+        q = qkv[:, : self.q_size].unflatten(1, (self.num_heads, self.head_dim))
+        o = paged_attention(q, kv, layer, meta, self.scale)
         return self.o(o.reshape(t, self.q_size))
 
 
@@ -73,13 +73,14 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
         kv: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, rope, kv, self.index, meta)
-        return x + self.mlp(self.ffn_norm(x))
+        """Updates `x`, the running hidden state the model owns, in place and returns it."""
+        h = self.attn(self.attn_norm(x), rope, kv, self.index, meta)
+        x.add_(self.mlp(add_rms_norm_(x, h, self.ffn_norm.weight, self.ffn_norm.eps)))
+        return x
 
 
 class LlamaModel(nn.Module):
@@ -112,8 +113,9 @@ class LlamaModel(nn.Module):
         logits_rows: torch.Tensor,  # (N,) token rows whose next-token logits are needed
     ) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed)
+        rope = self.rope.tables(positions)
         for layer in self.layers:
-            x = layer(x, positions, self.rope, kv, meta)
+            x = layer(x, rope, kv, meta)
         x = self.norm(x[logits_rows])
         return self.lm_head(x).float()
 

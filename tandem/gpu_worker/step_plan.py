@@ -1,0 +1,104 @@
+"""Everything a step needs from the host, computed in numpy from the ring slot before launch.
+
+The slot's arrays are read here and only here: indices for attention, which rows sample and
+which logits rows they read, sampling parameters, and penalty bookkeeping. The result is a dict
+of numpy arrays that `StepStaging` uploads in one copy, so the launch itself only enqueues
+device work and never reads a device value back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tandem.gpu_worker.model.attention import DEFAULT_MAX_CHUNK_KEYS, AttentionPlan
+from tandem.messages import Doorbell
+
+SAMPLING_FIELDS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "num_logprobs",
+)
+
+
+@dataclass
+class StepPlan:
+    arrays: dict[str, np.ndarray]
+    attention: AttentionPlan
+    num_sampled: int
+    sampling: bool  # sampling parameters are staged (not the all-greedy fast path)
+    update_penalties: bool  # some sequence is penalized: its inputs go into the penalty state
+
+
+def _penalty_arrays(a: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Token rows of penalized sequences, split into prompt and output tokens, with their slots.
+
+    Every token reaches the worker as an input exactly once (prompt chunks, then each generated
+    token as the next step's input), so counting inputs before sampling sees exactly the history
+    up to the token being sampled, recomputation included.
+    """
+    cu = a["cu_seqlens"].astype(np.int64)
+    qlens = cu[rows + 1] - cu[rows]
+    within = np.arange(int(qlens.sum())) - np.repeat(np.cumsum(qlens) - qlens, qlens)
+    tokens = np.repeat(cu[rows], qlens) + within
+    slots = np.repeat(a["seq_slots"][rows].astype(np.int64), qlens)
+    is_prompt = a["positions"][tokens] < np.repeat(a["prompt_lens"][rows], qlens)
+    fresh = (a["context_lens"][rows].astype(np.int64) - qlens) == 0  # starts at position 0: a new occupant
+    return {
+        "pen_reset": a["seq_slots"][rows[fresh]].astype(np.int64),
+        "pen_prompt_rows": tokens[is_prompt],
+        "pen_prompt_slots": slots[is_prompt],
+        "pen_output_rows": tokens[~is_prompt],
+        "pen_output_slots": slots[~is_prompt],
+    }
+
+
+def plan_step(
+    a: dict[str, np.ndarray],
+    bell: Doorbell,
+    block_size: int,
+    paged_kernel: bool = False,
+    max_chunk_keys: int = DEFAULT_MAX_CHUNK_KEYS,
+) -> StepPlan:
+    """`a`: the slot's arrays cut to this step (`SlotView.prefixes`). Reads them, never keeps them."""
+    arrays: dict[str, np.ndarray] = {"input_ids": a["input_ids"], "positions": a["positions"]}
+    attention = AttentionPlan.make(
+        arrays,
+        a["positions"],
+        a["query_lens"],
+        a["context_lens"],
+        a["block_tables"],
+        block_size,
+        paged_kernel=paged_kernel,
+        max_chunk_keys=max_chunk_keys,
+    )
+    sample_rows = np.flatnonzero(a["sample_mask"])
+    arrays["sample_rows"] = sample_rows
+    arrays["logits_rows"] = a["cu_seqlens"][sample_rows + 1].astype(np.int64) - 1
+    sampling = bool(len(sample_rows)) and not (bell.all_greedy and not bell.any_penalties)
+    if sampling:
+        for name in SAMPLING_FIELDS:
+            arrays[f"p_{name}"] = a[name][sample_rows]
+        arrays["p_step"] = a["sample_step"][sample_rows]
+    penalized = np.flatnonzero(
+        (a["repetition_penalty"] != 1.0) | (a["presence_penalty"] != 0.0) | (a["frequency_penalty"] != 0.0)
+    )
+    if len(penalized):
+        arrays.update(_penalty_arrays(a, penalized))
+    if sampling and bell.any_penalties:
+        arrays["sample_slots"] = a["seq_slots"][sample_rows].astype(np.int64)
+    return StepPlan(arrays, attention, len(sample_rows), sampling, bool(len(penalized)))
+
+
+def resolve_refs(input_ids: torch.Tensor, prev_sampled: torch.Tensor) -> torch.Tensor:
+    """Replace "token sampled at the previous step, row r" references (-r - 1) on the device."""
+    refs = (-input_ids - 1).clamp(min=0, max=prev_sampled.shape[0] - 1)
+    return torch.where(input_ids < 0, prev_sampled[refs], input_ids)
