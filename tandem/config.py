@@ -34,6 +34,7 @@ class EngineConfig:
     max_worker_deaths: int = 3
     worker_death_window: float = 60.0
     threads: int | None = None  # torch intra-op threads in the worker (CPU)
+    trace_steps: int = 0  # keep the timings of the last N steps for TraceRequest (0: off)
     inject_fault: str = ""  # test hook for the fault tests: see gpu_worker/faults.py
     log_level: int = logging.WARNING
     runtime_dir: Path | None = None  # set by whoever starts the engine
@@ -48,6 +49,8 @@ class EngineConfig:
             raise ValueError(f"max_worker_deaths must be >= 1, got {self.max_worker_deaths}")
         if self.ring_depth < 2:
             raise ValueError(f"ring_depth must be >= 2, got {self.ring_depth}")
+        if self.trace_steps < 0:
+            raise ValueError(f"trace_steps must be >= 0, got {self.trace_steps}")
         if self.context_length is not None and self.context_length < 2:
             raise ValueError(f"context_length must be >= 2, got {self.context_length}")
 

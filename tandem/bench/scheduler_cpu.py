@@ -33,6 +33,7 @@ from tandem.scheduler.block_manager import BlockManager
 from tandem.scheduler.loop import EngineCore
 from tandem.scheduler.output import OutputProcessor
 from tandem.scheduler.scheduler import Scheduler, SchedulerLimits
+from tandem.scheduler.watchdog import StepWatchdog
 from tandem.shm import RingSegment, batch_layout
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ def _shell(tokenizer_path: str | Path, s: SchedulerSizes, ring: RingSegment) -> 
     core.draining = False
     core.prompt_tokens_total = core.generated_tokens_total = 0
     core.step_ms_ewma = core.idle_ms_ewma = 0.0
+    core.mean_completion_tokens = core.last_result_time = 0.0
+    core.watchdog = StepWatchdog(core.cfg.step_timeout)
     return core
 
 

@@ -30,8 +30,10 @@ from tandem.messages import (
     SamplingParams,
     Stats,
     StatsRequest,
+    StepTrace,
     SubmitRequest,
     TokenDelta,
+    TraceRequest,
     decode,
     encode,
 )
@@ -51,7 +53,7 @@ class AsyncEngine:
         self._zctx = zmq.asyncio.Context()
         self.process = EngineProcess(cfg, self._zctx)  # type: ignore[arg-type]
         self._queues: dict[str, asyncio.Queue[Event | RequestError]] = {}
-        self._stats_waiters: dict[int, asyncio.Future[Stats]] = {}
+        self._stats_waiters: dict[int, asyncio.Future[Any]] = {}  # Stats and StepTrace replies
         self._reader: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self.dead: str | None = None  # why the engine stopped working, once it has
@@ -163,14 +165,21 @@ class AsyncEngine:
         send.result()
 
     async def stats(self, timeout: float = 5.0) -> Stats:
+        return await self._query(StatsRequest, timeout)
+
+    async def trace(self, since_step: int = 0, timeout: float = 5.0) -> StepTrace:
+        """The scheduler's recorded step timings (EngineConfig.trace_steps) from ``since_step`` on."""
+        return await self._query(lambda qid: TraceRequest(qid, since_step), timeout)
+
+    async def _query(self, make: Any, timeout: float) -> Any:
         if self.dead is not None or self.process.to_sched is None:
             raise EngineError("worker_died", self.dead or "engine not running")
         self._qid += 1
         qid = self._qid
-        fut: asyncio.Future[Stats] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._stats_waiters[qid] = fut
         try:
-            await self.process.to_sched.send(encode(StatsRequest(qid)))
+            await self.process.to_sched.send(encode(make(qid)))
             return await asyncio.wait_for(fut, timeout)
         finally:
             self._stats_waiters.pop(qid, None)
@@ -193,7 +202,7 @@ class AsyncEngine:
                 q = self._queues.get(e.request_id)
                 if q is not None:
                     q.put_nowait(e)
-        elif isinstance(msg, Stats):
+        elif isinstance(msg, Stats | StepTrace):
             fut = self._stats_waiters.get(msg.query_id)
             if fut is not None and not fut.done():
                 fut.set_result(msg)

@@ -27,6 +27,7 @@ from tandem.messages import (
     StatsRequest,
     Stop,
     SubmitRequest,
+    TraceRequest,
     encode,
 )
 from tandem.models.model_files import read_config_and_tokenizer
@@ -35,6 +36,7 @@ from tandem.scheduler.output import OutputProcessor
 from tandem.scheduler.results import ResultHandling
 from tandem.scheduler.scheduler import AdmissionError, ScheduledBatch
 from tandem.scheduler.sequence import Sequence
+from tandem.scheduler.step_trace import StepTracer, trace_reply
 from tandem.scheduler.supervision import WorkerSupervision
 from tandem.scheduler.watchdog import StepWatchdog
 from tandem.shm import RingSegment, batch_layout, cleanup_stale_segments
@@ -52,6 +54,8 @@ class SchedulerBoot:
 class EngineCore(ResultHandling, WorkerSupervision):
     """The scheduler process's loop. Applying results is results.py's part of it, starting and
     watching the worker (and the stats) supervision.py's."""
+
+    tracer: StepTracer | None = None  # serve --trace-steps
 
     def __init__(self, ctx: ActorContext, boot: SchedulerBoot) -> None:
         self.ctx = ctx
@@ -104,6 +108,8 @@ class EngineCore(ResultHandling, WorkerSupervision):
         self.mean_completion_tokens = 0.0  # running average over finished requests
         self.step_ms_ewma = 0.0
         self.idle_ms_ewma = 0.0
+        if cfg.trace_steps:
+            self.tracer = StepTracer(cfg.trace_steps)
 
     # -- lifecycle -----------------------------------------------------------------------
     def _close_sockets(self) -> None:
@@ -135,6 +141,9 @@ class EngineCore(ResultHandling, WorkerSupervision):
                 self._finish(seq, "cancelled", None, out)
         elif isinstance(msg, StatsRequest):
             self.outbox.send(encode(self.stats(msg.query_id)))
+        elif isinstance(msg, TraceRequest):
+            pid = self.worker.pid if self.worker is not None else None
+            self.outbox.send(encode(trace_reply(self.tracer, msg.query_id, msg.since_step, pid)))
         else:
             log.warning("ignoring unexpected message %s", type(msg).__name__)
 
@@ -214,6 +223,7 @@ class EngineCore(ResultHandling, WorkerSupervision):
     def _try_launch(self) -> bool:
         if len(self.inflight) >= self._max_inflight() or not self.free_slots:
             return False
+        t_prep = time.monotonic_ns()
         batch = self.sched.schedule(self.step)
         if batch is None:
             return False
@@ -226,7 +236,10 @@ class EngineCore(ResultHandling, WorkerSupervision):
             self._drop_unpackable(batch, e)
             return True
         self.free_slots.popleft()
+        t_packed = time.monotonic_ns()
         self.bells.send(encode(bell))
+        if self.tracer is not None:
+            self.tracer.launched(batch, t_prep, t_packed, time.monotonic_ns())
         log.debug("step %d sent: %d seqs, %d tokens", batch.step, len(batch.items), batch.num_tokens)
         self.inflight.append((batch, time.monotonic()))
         self.step += 1
@@ -276,7 +289,10 @@ class EngineCore(ResultHandling, WorkerSupervision):
                     self._handle_input_safely(msg, out)
             if self.results in events:
                 for msg in drain(self.results, "scheduler"):
+                    t_result = time.monotonic_ns()
                     self._process_result(msg, out)
+                    if self.tracer is not None:
+                        self.tracer.applied(msg, t_result, time.monotonic_ns())
             self._send(out)
             now = time.monotonic()
             if now - last_check > 0.05:
