@@ -199,3 +199,21 @@ def test_synthetic_shapes_load_with_the_real_geometry(tmp_path: Path) -> None:
     )
     ids = tok.encode("hello world")
     assert ids and tok.decode(ids) == "hello world"
+
+
+def test_step_figures_split_scheduler_worker_and_idle_time() -> None:
+    """Per-run figures from trace rows: means per step, idle = the gaps between worker spans."""
+    from tandem.bench.trace import step_figures
+
+    ms = 1_000_000
+    # step, seqs, tokens, prep start/end, sent, worker start/end, result start/end (ns)
+    rows = [
+        [0, 1, 4, 0, 1 * ms, 1 * ms, 2 * ms, 10 * ms, 11 * ms, 12 * ms],
+        [1, 1, 1, 9 * ms, 10 * ms, 11 * ms, 12 * ms, 20 * ms, 21 * ms, 23 * ms],
+    ]
+    f = step_figures(rows)
+    assert f is not None and f.steps == 2
+    assert f.sched_ms_per_step == pytest.approx((1 + 1 + 2 + 2) / 2)  # (prep + apply) per step
+    assert f.worker_ms_per_step == pytest.approx((8 + 8) / 2)
+    assert f.gpu_idle_frac == pytest.approx(2 / 18)  # idle 10->12 ms of the worker's 2->20 ms span
+    assert step_figures([[0, 1, 1, 0, 1, 1, 0, 0, 2, 3]]) is None  # the worker never stamped it

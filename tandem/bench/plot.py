@@ -27,9 +27,9 @@ def plot_race(doc: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("batch size (concurrent requests)")
         ax.set_ylabel("generated tokens/s")
         m, s = doc["machine"], doc["settings"]
+        where = m.get("gpu") or f"{m.get('cpu_model', '')} x{m.get('cores', '?')}"
         ax.set_title(
-            f"{doc['model']['name']}: {s['prompt_len']}+{s['gen_len']} tokens, {s['device']}, "
-            f"{m.get('cpu_model', '')} x{m.get('cores', '?')}",
+            f"{doc['model']['name']}: {s['prompt_len']}+{s['gen_len']} tokens, {s['device']}, {where}",
             fontsize=9,
         )
         ax.grid(True, alpha=0.3)

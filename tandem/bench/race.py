@@ -9,11 +9,12 @@ drift on a shared machine lands on every mode; each figure is the median over th
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -98,15 +99,21 @@ class RaceOptions:
         return self.modes if self.modes is not None else default_modes(self.llama_server)
 
 
+@functools.cache
+def _have_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        log.warning("transformers is not installed: the race runs without the hf mode")
+        return False
+    return True
+
+
 def default_modes(llama_server: Path | None) -> tuple[str, ...]:
     """sync and overlap; hf when transformers is installed; llama.cpp when a binary is given."""
     modes = ["sync", "overlap"]
-    try:
-        import transformers  # noqa: F401
-
+    if _have_transformers():
         modes.append("hf")
-    except ImportError:
-        log.warning("transformers is not installed: the race runs without the hf mode")
     if llama_server is not None:
         modes.append("llama.cpp")
     return tuple(modes)
@@ -176,7 +183,7 @@ def _model(opts: RaceOptions, workdir: Path, say: Callable[[str], None]) -> _Mod
         info = {"name": ref.name, "path": str(path), "synthetic": None}
     if path.suffix != ".gguf":
         raise BenchError(
-            f"--model {opts.model}: the race needs a GGUF file (llama-server and hf load it), got {path}"
+            f"--model {info['name']}: the race needs a GGUF file (llama-server and hf load it), got {path}"
         )
     config, tokenizer = read_config_and_tokenizer(path)
     info.update(
@@ -199,7 +206,6 @@ class _Settings:
     threads: int
     baseline_threads: int
     kv_cache_bytes: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _settings(opts: RaceOptions, model: _Model) -> _Settings:

@@ -103,18 +103,3 @@ def chrome_trace(servers: Sequence[TracedServer]) -> dict[str, Any]:
             )
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
-
-def overlapping_steps(rows: Sequence[Sequence[int]]) -> list[int]:
-    """Steps N whose worker compute ran while the scheduler prepared step N+1."""
-    by_step = {r[_I["step"]]: r for r in rows}
-    out = []
-    for step, r in sorted(by_step.items()):
-        nxt = by_step.get(step + 1)
-        if nxt is None or not r[_I["worker_start_ns"]]:
-            continue
-        if (
-            nxt[_I["prep_start_ns"]] < r[_I["worker_end_ns"]]
-            and nxt[_I["sent_ns"]] > r[_I["worker_start_ns"]]
-        ):
-            out.append(step)
-    return out
