@@ -1,4 +1,5 @@
-"""Overlap vs sync throughput, scheduler CPU per step and model-stack timings, in one run.
+"""The race against transformers and llama-server, overlap vs sync throughput, scheduler CPU per
+step and model-stack timings, in one run.
 
     python benchmarks/bench_pipeline.py                      # everything (a few minutes on 2 cores)
     python benchmarks/bench_pipeline.py --quick --section scheduler

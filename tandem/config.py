@@ -36,6 +36,7 @@ class EngineConfig:
     threads: int | None = None  # torch intra-op threads in the worker (CPU)
     # GPU only: run decode steps eagerly instead of replaying captured CUDA graphs (never used on CPU).
     enforce_eager: bool = False
+    trace_steps: int = 0  # keep the timings of the last N steps for TraceRequest (0: off)
     inject_fault: str = ""  # test hook for the fault tests: see gpu_worker/faults.py
     log_level: int = logging.WARNING
     runtime_dir: Path | None = None  # set by whoever starts the engine
@@ -50,6 +51,8 @@ class EngineConfig:
             raise ValueError(f"max_worker_deaths must be >= 1, got {self.max_worker_deaths}")
         if self.ring_depth < 2:
             raise ValueError(f"ring_depth must be >= 2, got {self.ring_depth}")
+        if self.trace_steps < 0:
+            raise ValueError(f"trace_steps must be >= 0, got {self.trace_steps}")
         if self.context_length is not None and self.context_length < 2:
             raise ValueError(f"context_length must be >= 2, got {self.context_length}")
 

@@ -456,6 +456,41 @@ class Stats:
     step_overdue_s: float = 0.0  # how far the oldest step in flight is past due (0: on time)
 
 
+@message(19)
+class TraceRequest:
+    """Ask the scheduler for its recorded step timings (serve --trace-steps) from ``since_step`` on."""
+
+    query_id: int = 0
+    since_step: int = 0
+
+
+@message(20)
+class StepTrace:
+    """Per-step timings, one row per step in STEP_TRACE_FIELDS order (time.monotonic_ns() of
+    this machine, shared by the scheduler and the worker); ``enabled`` False when tracing is off."""
+
+    query_id: int
+    enabled: bool
+    capacity: int = 0
+    scheduler_pid: int = 0
+    worker_pid: int = 0
+    steps: list[list[int]] = field(default_factory=list)
+
+
+STEP_TRACE_FIELDS = (
+    "step",
+    "num_seqs",
+    "num_tokens",
+    "prep_start_ns",  # the scheduler starts scheduling the step
+    "prep_end_ns",  # its slot is packed
+    "sent_ns",  # its doorbell is sent
+    "worker_start_ns",  # the worker starts the step (doorbell read)
+    "worker_end_ns",  # the worker has the step's results on the host
+    "result_start_ns",  # the scheduler starts applying the results
+    "result_end_ns",  # ... and is done with them (tokens, detokenizer, stop checks)
+)
+
+
 # --------------------------------------------------------------------------------------
 # Scheduler <-> GPU worker
 # --------------------------------------------------------------------------------------
@@ -490,6 +525,8 @@ class StepResult:
     forward_ms: float = 0.0
     idle_ms: float = 0.0  # time the device waited for this step's doorbell
     error: str = ""
+    t_start_ns: int = 0  # time.monotonic_ns() when the worker took the step up
+    t_end_ns: int = 0  # ... and when its results were ready to post
 
 
 # --------------------------------------------------------------------------------------

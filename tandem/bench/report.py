@@ -131,4 +131,8 @@ def format_report(res: dict[str, Any]) -> str:
         lines += [*scheduler_lines(res["scheduler"]), ""]
     if "model-stack" in res:
         lines += [*model_stack_lines(res["model-stack"]), ""]
+    if "race" in res:
+        from tandem.bench.race_report import race_lines
+
+        lines += [*race_lines(res["race"]), ""]
     return "\n".join(lines).rstrip() + "\n"

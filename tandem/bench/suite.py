@@ -12,14 +12,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tandem import __version__
 from tandem.models.tiny import TinySpec, write_tiny_gguf
 
+if TYPE_CHECKING:
+    from tandem.bench.race import RaceOptions
+
 log = logging.getLogger(__name__)
 
-SECTIONS = ("pipeline-tiny", "pipeline-model", "scheduler", "model-stack")
+SECTIONS = ("pipeline-tiny", "pipeline-model", "scheduler", "model-stack", "race")
 ALIASES = {"all": SECTIONS, "pipeline": ("pipeline-tiny", "pipeline-model")}
 DEFAULT_MODEL = "smollm2:135m"
 # Four layers of width 64 put the bare decode forward near 1 ms on one core of the reference
@@ -34,6 +37,7 @@ class BenchOptions:
     quick: bool = False
     model: str | None = None  # the real model of pipeline-model / model-stack (default smollm2:135m)
     threads: int | None = None  # worker torch threads in the pipeline runs (None: the engine's default)
+    race: RaceOptions | None = None  # the race section's options (None: its defaults, with model/threads)
 
 
 def expand_sections(names: tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -54,11 +58,20 @@ def engine_worker_threads(threads: int | None) -> int:
     return threads or max(1, (os.cpu_count() or 2) - 1)
 
 
+def _git_dirs(git: Path) -> tuple[Path, Path]:
+    """(the checkout's own git dir, the dir holding refs): one dir, or a worktree's two."""
+    if not git.is_file():
+        return git, git
+    own = Path(git.read_text().strip().removeprefix("gitdir: "))
+    common = own / (own / "commondir").read_text().strip() if (own / "commondir").exists() else own
+    return own, common
+
+
 def source_commit() -> str | None:
     """The checkout's HEAD commit, read from .git without running git (None outside a checkout)."""
-    git = Path(__file__).resolve().parents[2] / ".git"
     try:
-        head = (git / "HEAD").read_text().strip()
+        own, git = _git_dirs(Path(__file__).resolve().parents[2] / ".git")
+        head = (own / "HEAD").read_text().strip()
         if not head.startswith("ref: "):
             return head
         ref = head[5:]
@@ -166,6 +179,11 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
 
                 results[name] = run_scheduler_cpu(tiny, sizes["scheduler"])
                 results[name]["tokenizer"] = "tiny byte-level BPE (tandem.models.tiny)"
+            elif name == "race":
+                from tandem.bench.race import RaceOptions, run_race
+
+                race = opts.race or RaceOptions(model=opts.model, threads=opts.threads)
+                results[name] = run_race(race, say)
             elif name == "model-stack":
                 from tandem.bench.model_stack import run_model_stack
 

@@ -112,6 +112,14 @@ def _allowed_hosts(ctx: click.Context, param: click.Parameter, value: tuple[str,
     help="Read control-token text in chat messages (<|im_end|>...) as control tokens. By default it "
     "is plain text, so a user cannot end their turn and write the system's.",
 )
+@click.option(
+    "--trace-steps",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Record the timings of the last N steps (scheduler prep, worker compute) for GET /api/trace "
+    "(tandem bench --trace draws them); 0: off.",
+)
 @engine_options
 def serve(
     model: str | None,
@@ -127,6 +135,7 @@ def serve(
     drain_timeout: float,
     send_timeout: float,
     special_tokens_in_messages: bool,
+    trace_steps: int,
     **kw: Any,
 ) -> None:
     """Serve a model over HTTP (ollama and OpenAI APIs) and the ZeroMQ protocol."""
@@ -138,8 +147,10 @@ def serve(
     h, p = _split_host(host)
     allowed_origins = _origins(origins)
     ref = ensure_model(model, progress=True)
+    engine = engine_config(str(ref.path), ref.name, kw, current_log_level())
+    engine.trace_steps = trace_steps
     cfg = ServeConfig(
-        engine=engine_config(str(ref.path), ref.name, kw, current_log_level()),
+        engine=engine,
         host=h,
         port=port if port is not None else (p if p is not None else 11434),
         http=not no_http,

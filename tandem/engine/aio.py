@@ -21,7 +21,7 @@ import zmq.asyncio
 from tandem.config import EngineConfig
 from tandem.engine.process import EngineProcess
 from tandem.engine.router import EngineError, Router
-from tandem.messages import ErrorCode, Finished, RequestError, SamplingParams, Stats, TokenDelta
+from tandem.messages import ErrorCode, Finished, RequestError, SamplingParams, Stats, StepTrace, TokenDelta
 from tandem.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class AsyncEngine:
         self.process = EngineProcess(cfg, self._zctx)  # type: ignore[arg-type]
         self.router = Router()
         self._queues: dict[str, asyncio.Queue[Event | RequestError]] = {}
-        self._stats_waiters: dict[int, asyncio.Future[Stats]] = {}
+        self._stats_waiters: dict[int, asyncio.Future[Any]] = {}  # Stats and StepTrace replies
         self._reader: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self.dead: str | None = None  # why the engine stopped working, once it has
@@ -147,10 +147,17 @@ class AsyncEngine:
         send.result()
 
     async def stats(self, timeout: float = 5.0) -> Stats:
+        return await self._query(self.router.stats_query, timeout)
+
+    async def trace(self, since_step: int = 0, timeout: float = 5.0) -> StepTrace:
+        """The scheduler's recorded step timings (EngineConfig.trace_steps) from ``since_step`` on."""
+        return await self._query(lambda: self.router.trace_query(since_step), timeout)
+
+    async def _query(self, make: Any, timeout: float) -> Any:
         if self.dead is not None or self.process.to_sched is None:
             raise EngineError(ErrorCode.WORKER_DIED, self.dead or "engine not running")
-        qid, frame = self.router.stats_query()
-        fut: asyncio.Future[Stats] = asyncio.get_running_loop().create_future()
+        qid, frame = make()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._stats_waiters[qid] = fut
         try:
             await self.process.to_sched.send(frame)
@@ -169,10 +176,10 @@ class AsyncEngine:
                 self._overflow(rid, q)
             else:
                 q.put_nowait(ev)
-        for stats in routed.stats:
-            fut = self._stats_waiters.get(stats.query_id)
+        for reply in routed.replies:
+            fut = self._stats_waiters.get(reply.query_id)
             if fut is not None and not fut.done():
-                fut.set_result(stats)
+                fut.set_result(reply)
 
     def _overflow(self, rid: str, q: asyncio.Queue[Event | RequestError]) -> None:
         """A consumer this far behind is not reading: fail the request and cancel it in the

@@ -19,8 +19,10 @@ from tandem.messages import (
     SamplingParams,
     Stats,
     StatsRequest,
+    StepTrace,
     SubmitRequest,
     TokenDelta,
+    TraceRequest,
     decode,
     encode,
     merge_delta,
@@ -67,10 +69,10 @@ class Completion:
 
 @dataclass
 class Routed:
-    """What one frame from the scheduler meant: events of the requests we know, stats answers."""
+    """What one frame from the scheduler meant: events of the requests we know, query answers."""
 
     events: list[tuple[str, Event]] = field(default_factory=list)
-    stats: list[Stats] = field(default_factory=list)
+    replies: list[Stats | StepTrace] = field(default_factory=list)
 
 
 class Router:
@@ -106,6 +108,10 @@ class Router:
         qid = next(self._qids)
         return qid, encode(StatsRequest(qid))
 
+    def trace_query(self, since_step: int = 0) -> tuple[int, bytes]:
+        qid = next(self._qids)
+        return qid, encode(TraceRequest(qid, since_step))
+
     def feed(self, frame: bytes) -> Routed:
         msg = decode(frame)
         routed = Routed()
@@ -123,6 +129,6 @@ class Router:
                 if e.request_id in active:
                     events.append((e.request_id, e))
                     active.discard(e.request_id)
-        elif isinstance(msg, Stats):
-            routed.stats.append(msg)
+        elif isinstance(msg, Stats | StepTrace):
+            routed.replies.append(msg)
         return routed

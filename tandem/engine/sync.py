@@ -116,7 +116,7 @@ class SyncEngine:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.from_sched.poll(100):
-                for s in self.router.feed(self.process.from_sched.recv()).stats:
-                    if s.query_id == qid:
+                for s in self.router.feed(self.process.from_sched.recv()).replies:
+                    if isinstance(s, Stats) and s.query_id == qid:
                         return s
         raise EngineError(ErrorCode.TIMEOUT, f"no stats from the scheduler within {timeout} s")

@@ -54,10 +54,13 @@ def worker_main(ctx: ActorContext) -> None:
     # finished would keep the scheduler from preparing N+2 in the meantime.
     defer_results = runner.device.type == "cuda"
     last_done = time.perf_counter()
+    started: dict[int, int] = {}  # step -> monotonic ns it was taken up (the scheduler's trace)
 
     def post(p: PendingResult) -> None:
         nonlocal last_done
-        results.send(encode(runner.finalize(p)))
+        res = runner.finalize(p)
+        res.t_start_ns, res.t_end_ns = started.pop(p.step, 0), time.monotonic_ns()
+        results.send(encode(res))
         last_done = time.perf_counter()
 
     while not ctx.stop_event.is_set():
@@ -73,6 +76,7 @@ def worker_main(ctx: ActorContext) -> None:
         assert isinstance(bell, Doorbell), bell
         idle_ms = 0.0 if pending is not None else (time.perf_counter() - last_done) * 1000
         faults.before_step(bell.step)
+        started[bell.step] = time.monotonic_ns()
         try:
             launched = runner.launch(ring.slot(bell.slot), bell, idle_ms)
         except Exception as exc:  # one bad step fails its requests, not the server
@@ -81,6 +85,7 @@ def worker_main(ctx: ActorContext) -> None:
                 post(pending)
                 pending = None
             msg = StepResult(bell.step, bell.slot, 0, b"", b"", error=f"{type(exc).__name__}: {exc}")
+            started.pop(bell.step, None)
             results.send(encode(msg))
             continue
         if pending is not None:

@@ -28,10 +28,12 @@ from tandem.messages import (
     StatsRequest,
     Stop,
     SubmitRequest,
+    TraceRequest,
     encode,
 )
 from tandem.models.model_files import read_config_and_tokenizer
 from tandem.scheduler.core import EngineCore
+from tandem.scheduler.step_trace import StepTracer, trace_reply
 from tandem.shm import RingSegment, batch_layout, cleanup_stale_segments
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ class SchedulerProcess:
             cfg, tokenizer, self.context_length, self.ring, int(self.memory_plan["kv_blocks"])
         )
         self.draining = False
+        self.tracer = StepTracer(cfg.trace_steps) if cfg.trace_steps else None  # serve --trace-steps
 
     # -- lifecycle -----------------------------------------------------------------------
     def _close_sockets(self) -> None:
@@ -141,6 +144,9 @@ class SchedulerProcess:
             self.core.cancel(msg.request_id, out)
         elif isinstance(msg, StatsRequest):
             self.outbox.send(encode(self.stats(msg.query_id)))
+        elif isinstance(msg, TraceRequest):
+            pid = self.worker.pid if self.worker is not None else None
+            self.outbox.send(encode(trace_reply(self.tracer, msg.query_id, msg.since_step, pid)))
         else:
             log.warning("ignoring unexpected message %s", type(msg).__name__)
 
@@ -161,11 +167,15 @@ class SchedulerProcess:
 
     def _launch(self) -> bool:
         out = OutputBatch()
+        t_prep = time.monotonic_ns()
         bell = self.core.launch(out)
+        t_packed = time.monotonic_ns()
         self._send(out)
         if bell is None:
             return bool(out.errors)  # a dropped step: try the next one at once
         self.bells.send(encode(bell))
+        if self.tracer is not None:
+            self.tracer.launched(self.core.inflight[-1].batch, t_prep, t_packed, time.monotonic_ns())
         log.debug("step %d sent: %d seqs, %d tokens", bell.step, bell.num_seqs, bell.num_tokens)
         return True
 
@@ -196,7 +206,10 @@ class SchedulerProcess:
                     self._handle_input_safely(msg, out)
             if self.results in events:
                 for msg in drain(self.results, "scheduler"):
+                    t_result = time.monotonic_ns()
                     self.core.apply(msg, out)
+                    if self.tracer is not None:
+                        self.tracer.applied(msg, t_result, time.monotonic_ns())
             self._send(out)
             now = time.monotonic()
             if now - last_check > _CHECK_INTERVAL_S:
