@@ -20,7 +20,7 @@ import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from tandem.models.tiny import CHATML_TEMPLATE, tiny_vocab
+from tandem.models.tiny import add_llama_metadata, tiny_vocab
 
 log = logging.getLogger(__name__)
 
@@ -149,26 +149,8 @@ def write_synthetic_gguf(path: str | Path, shape: SyntheticShape | str, seed: in
     tokens, types, merges = _vocab(s.vocab)
     w = gguf.GGUFWriter(str(path), s.architecture)
     w.add_name(f"synthetic-{s.name}")
-    w.add_block_count(s.layers)
-    w.add_context_length(s.context)
-    w.add_embedding_length(s.hidden)
-    w.add_feed_forward_length(s.ffn)
-    w.add_head_count(s.heads)
-    w.add_head_count_kv(s.kv_heads)
-    w.add_rope_freq_base(s.rope_theta)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(s.hidden // s.heads)
-    w.add_vocab_size(len(tokens))
+    add_llama_metadata(w, s, (tokens, types, merges))
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHATML_TEMPLATE)
     tensors = _Tensors(s, len(tokens)).items
     block, size = GGML_QUANT_SIZES[_QTYPE]
     for name, dims, quantized in tensors:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -95,6 +96,31 @@ def _quantize(data: np.ndarray, qtype: GGMLQuantizationType, rng: np.random.Gene
     return gguf.quants.quantize(data.astype(np.float32), qtype)
 
 
+def add_llama_metadata(w: gguf.GGUFWriter, shape: Any, vocab: tuple[list[str], list[int], list[str]]) -> None:
+    """The llama-family hyperparameters of ``shape`` (layers, context, hidden, ffn, heads, kv_heads,
+    rope_theta) and the byte-level BPE vocabulary with ChatML, as every test-model writer needs."""
+    tokens, types, merges = vocab
+    w.add_block_count(shape.layers)
+    w.add_context_length(shape.context)
+    w.add_embedding_length(shape.hidden)
+    w.add_feed_forward_length(shape.ffn)
+    w.add_head_count(shape.heads)
+    w.add_head_count_kv(shape.kv_heads)
+    w.add_rope_freq_base(shape.rope_theta)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(shape.hidden // shape.heads)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML_TEMPLATE)
+
+
 def write_tiny_gguf(path: str | Path, spec: TinySpec | None = None) -> Path:
     spec = spec or TinySpec()
     path = Path(path)
@@ -105,25 +131,7 @@ def write_tiny_gguf(path: str | Path, spec: TinySpec | None = None) -> Path:
     head_dim = spec.hidden // spec.heads
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(f"tiny-{arch}-{spec.qtype.name.lower()}")
-    w.add_block_count(spec.layers)
-    w.add_context_length(spec.context)
-    w.add_embedding_length(spec.hidden)
-    w.add_feed_forward_length(spec.ffn)
-    w.add_head_count(spec.heads)
-    w.add_head_count_kv(spec.kv_heads)
-    w.add_rope_freq_base(spec.rope_theta)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(head_dim)
-    w.add_vocab_size(vocab)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHATML_TEMPLATE)
+    add_llama_metadata(w, spec, (tokens, types, merges))
 
     def matrix(name: str, rows: int, cols: int) -> None:
         data = (rng.standard_normal((rows, cols)) * spec.weight_scale).astype(np.float32)
