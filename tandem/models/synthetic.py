@@ -15,16 +15,17 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import gguf
-import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+if TYPE_CHECKING:
+    import numpy as np
 
-from tandem.models.tiny import add_llama_metadata, tiny_vocab
+# numpy and gguf are imported where files are written: the CLI reads SHAPES for its option
+# choices, and every `tandem` command would otherwise pay for loading them.
 
 log = logging.getLogger(__name__)
 
-_QTYPE = GGMLQuantizationType.Q4_0
+_Q4_0_BLOCK, _Q4_0_BYTES = 32, 18  # weights per block, bytes per block (an f16 scale + 16 nibble bytes)
 _Q4_0_STD = 4.61  # std of (q - 8) for q uniform on 0..15: weight std = scale * this
 
 
@@ -36,7 +37,7 @@ class SyntheticShape:
     layers: int
     heads: int
     kv_heads: int
-    vocab: int  # 0: the tiny byte-level vocabulary as it is
+    vocab: int  # at least the 271 tokens of tandem's tiny byte-level vocabulary, padded to this
     context: int
     rope_theta: float
     tie_embeddings: bool
@@ -48,21 +49,20 @@ class SyntheticShape:
         head_dim = self.hidden // self.heads
         kv = self.kv_heads * head_dim
         per_layer = 2 * self.hidden * self.hidden + 2 * self.hidden * kv + 3 * self.hidden * self.ffn
-        vocab = self.vocab or len(tiny_vocab()[0])
-        emb = vocab * self.hidden * (1 if self.tie_embeddings else 2)
+        emb = self.vocab * self.hidden * (1 if self.tie_embeddings else 2)
         return self.layers * per_layer + emb
 
     @property
     def file_bytes(self) -> int:
         """About what the file takes on disk (Q4_0: 18 bytes per 32 weights)."""
-        return self.parameters * 18 // 32
+        return self.parameters * _Q4_0_BYTES // _Q4_0_BLOCK
 
 
 SHAPES: dict[str, SyntheticShape] = {
     s.name: s
     for s in (
         # The bench's tiny pipeline model (tandem.bench.suite.TINY_SPEC): steps near 1 ms on a core.
-        SyntheticShape("tiny", 64, 256, 4, 4, 2, 0, 2048, 10000.0, True),
+        SyntheticShape("tiny", 64, 256, 4, 4, 2, 271, 2048, 10000.0, True),
         SyntheticShape("smollm2-135m", 576, 1536, 30, 9, 3, 49152, 8192, 100000.0, True),
         SyntheticShape("llama-3.2-1b", 2048, 8192, 16, 32, 8, 128256, 131072, 500000.0, True),
         SyntheticShape("llama-3.1-8b", 4096, 14336, 32, 32, 8, 128256, 131072, 500000.0, False, cpu_ok=False),
@@ -81,8 +81,12 @@ def synthetic_shape(name: str) -> SyntheticShape:
 
 
 def _vocab(size: int) -> tuple[list[str], list[int], list[str]]:
+    import gguf
+
+    from tandem.models.tiny import tiny_vocab
+
     tokens, types, merges = tiny_vocab()
-    if size and size < len(tokens):
+    if size < len(tokens):
         raise ValueError(f"a vocabulary of {size} is smaller than the byte-level base of {len(tokens)}")
     # Padding that no text reaches: no merge builds it, and the bytes it spells tokenize as bytes.
     pad = [f"<pad{i}>" for i in range(len(tokens), size)]
@@ -124,7 +128,9 @@ class _Tensors:
 
 def _q4_0_bytes(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     """Random Q4_0 blocks whose weights have std 1/sqrt(cols), as a uint8 (rows, bytes) array."""
-    block, size = GGML_QUANT_SIZES[_QTYPE]
+    import numpy as np
+
+    block, size = _Q4_0_BLOCK, _Q4_0_BYTES
     if cols % block:
         raise ValueError(f"Q4_0 needs rows of a multiple of {block} weights, got {cols}")
     raw = (
@@ -137,12 +143,19 @@ def _q4_0_bytes(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _vector(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    import numpy as np
+
     around = 0.0 if name.endswith(".bias") else 1.0
     return (around + rng.standard_normal(n) * 0.05).astype(np.float32)
 
 
 def write_synthetic_gguf(path: str | Path, shape: SyntheticShape | str, seed: int = 0) -> Path:
     """Write the shape's random-weight GGUF to ``path`` (tensor by tensor: memory stays at one tensor)."""
+    import gguf
+    import numpy as np
+
+    from tandem.models.tiny import add_llama_metadata
+
     s = synthetic_shape(shape) if isinstance(shape, str) else shape
     path = Path(path)
     rng = np.random.default_rng(seed)
@@ -152,12 +165,12 @@ def write_synthetic_gguf(path: str | Path, shape: SyntheticShape | str, seed: in
     add_llama_metadata(w, s, (tokens, types, merges))
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
     tensors = _Tensors(s, len(tokens)).items
-    block, size = GGML_QUANT_SIZES[_QTYPE]
+    block, size, qtype = _Q4_0_BLOCK, _Q4_0_BYTES, gguf.GGMLQuantizationType.Q4_0
     for name, dims, quantized in tensors:
         if quantized:
             rows, cols = dims
             w.add_tensor_info(
-                name, (rows, cols // block * size), np.dtype(np.uint8), rows * cols // block * size, _QTYPE
+                name, (rows, cols // block * size), np.dtype(np.uint8), rows * cols // block * size, qtype
             )
         else:
             w.add_tensor_info(name, dims, np.dtype(np.float32), dims[0] * 4)
