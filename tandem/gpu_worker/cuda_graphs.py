@@ -30,8 +30,9 @@ from tandem.gpu_worker.model.attention import AttentionMetadata, DecodeChunk, Pa
 from tandem.gpu_worker.model.llama import LlamaModel
 from tandem.gpu_worker.sampler import SamplingTensors, sample
 from tandem.gpu_worker.staging import fill, pack_offsets, views
-from tandem.gpu_worker.step_plan import SAMPLING_FIELDS, resolve_refs
+from tandem.gpu_worker.step_plan import resolve_refs
 from tandem.messages import Doorbell
+from tandem.shm.layout import SAMPLING_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class DecodeGraphs:
             "slot_mapping": np.full(b, self.runner.kv.scratch_slot, np.int64),
             "context_lens": np.ones(b, np.int32),
         }
-        for name in SAMPLING_FIELDS:
+        for name in SAMPLING_COLUMNS:
             t[f"p_{name}"] = np.full(b, _PAD[f"p_{name}"], _SAMPLING_DTYPES[name])
         t["p_step"] = np.zeros(b, np.int64)
         # Last, so a step of bucket B copies only B rows of it.
@@ -154,7 +155,7 @@ class DecodeGraphs:
             tokens = logits.argmax(dim=-1)
         else:
             params = SamplingTensors(
-                **{name: st[f"p_{name}"][:b] for name in SAMPLING_FIELDS}, step=st["p_step"][:b]
+                **{name: st[f"p_{name}"][:b] for name in SAMPLING_COLUMNS}, step=st["p_step"][:b]
             )
             out = sample(logits, params, max_top_logprobs=0)
             tokens, logprobs = out.token_ids, out.logprobs
@@ -217,7 +218,7 @@ class DecodeGraphs:
         h["context_lens"][:n] = a["context_lens"]
         h["context_lens"][n:b] = 1
         if not greedy:
-            for name in SAMPLING_FIELDS:
+            for name in SAMPLING_COLUMNS:
                 h[f"p_{name}"][:n] = a[name]
                 h[f"p_{name}"][n:b] = _PAD[f"p_{name}"]
             h["p_step"][:n] = a["sample_step"]

@@ -20,9 +20,10 @@ from tandem.gpu_worker.model.llama import LlamaModel
 from tandem.gpu_worker.model.triton_attention import triton_available
 from tandem.gpu_worker.sampler import SamplingTensors, sample
 from tandem.gpu_worker.staging import StepStaging
-from tandem.gpu_worker.step_plan import SAMPLING_FIELDS, plan_step, resolve_refs
+from tandem.gpu_worker.step_plan import plan_step, resolve_refs
 from tandem.messages import Doorbell, StepResult
 from tandem.models.loader import load_model_weights
+from tandem.shm.layout import SAMPLING_COLUMNS
 from tandem.shm.slot import SlotView
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ class ModelRunner:
         self.output_counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
 
     def _sampling_tensors(self, dev: dict[str, torch.Tensor]) -> SamplingTensors:
-        return SamplingTensors(**{name: dev[f"p_{name}"] for name in SAMPLING_FIELDS}, step=dev["p_step"])
+        return SamplingTensors(**{name: dev[f"p_{name}"] for name in SAMPLING_COLUMNS}, step=dev["p_step"])
 
     @torch.inference_mode()
     def launch(self, slot: SlotView, bell: Doorbell, idle_ms: float) -> PendingResult:

@@ -15,18 +15,7 @@ import torch
 
 from tandem.gpu_worker.model.attention import DEFAULT_MAX_CHUNK_KEYS, AttentionPlan
 from tandem.messages import Doorbell
-
-SAMPLING_FIELDS = (
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-    "num_logprobs",
-)
+from tandem.shm.layout import SAMPLING_COLUMNS
 
 
 @dataclass
@@ -85,7 +74,7 @@ def plan_step(
     arrays["logits_rows"] = a["cu_seqlens"][sample_rows + 1].astype(np.int64) - 1
     sampling = bool(len(sample_rows)) and not (bell.all_greedy and not bell.any_penalties)
     if sampling:
-        for name in SAMPLING_FIELDS:
+        for name in SAMPLING_COLUMNS:
             arrays[f"p_{name}"] = a[name][sample_rows]
         arrays["p_step"] = a["sample_step"][sample_rows]
     penalized = np.flatnonzero(

@@ -22,21 +22,10 @@ import numpy as np
 from tandem.messages import Doorbell
 from tandem.scheduler.scheduler import ScheduledBatch
 from tandem.scheduler.sequence import Sequence
+from tandem.shm.layout import SAMPLING_COLUMNS
 from tandem.shm.slot import SlotView
 
-_PARAM_COLUMNS = (
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-    "num_logprobs",
-    "want_logits",
-    "prompt_lens",
-)
+_PARAM_COLUMNS = (*SAMPLING_COLUMNS, "want_logits", "prompt_lens")
 
 
 def _param_row(seq: Sequence) -> tuple:

@@ -29,6 +29,20 @@ HDR_NUM_SEQS = 2
 HDR_FLAGS = 3
 HEADER_LEN = 8
 
+# The per-sequence sampling columns of a step, in the order the scheduler packs them and the
+# worker's sampler reads them (one name each for a field of `batch_layout` below).
+SAMPLING_COLUMNS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "num_logprobs",
+)
+
 # What the leading axis of a field counts; `prefixes()` slices by it.
 PER_TOKEN = "token"
 PER_SEQ = "seq"
