@@ -15,8 +15,8 @@ class EngineConfig:
     model_path: str  # a .gguf file or a safetensors folder (resolved by the model store)
     model_name: str = ""
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"
-    # "auto" (fp32 on CPU, bf16 on GPU) | "float32" | "bfloat16" | "float16" | "int8" (CPU,
-    # int8 weights per output channel: faster decode, approximate)
+    # "auto" (CPU: quantized GGUF weights kept packed, bf16 compute where the CPU has AVX-512 BF16
+    # or AMX, else fp32; GPU: bf16) | "float32" (the exact reference path) | "bfloat16" | "float16"
     dtype: str = "auto"
     kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY  # bytes for the paged KV pool
     block_size: int = 16

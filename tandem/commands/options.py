@@ -42,8 +42,9 @@ def engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "--dtype",
             default="auto",
             show_default=True,
-            type=click.Choice(["auto", "float32", "bfloat16", "float16", "int8"]),
-            help="int8: CPU weight-only int8 matmuls, ~1.8x faster decode, approximate.",
+            type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+            help="auto: on a CPU, quantized GGUF weights stay packed (int4 kernels) and compute is bf16 "
+            "where the CPU has it; float32: the exact reference path.",
         ),
         click.option(
             "--kv-cache-memory",

@@ -17,6 +17,7 @@ from tandem.config import WorkerConfig
 from tandem.gpu_worker.cuda_graphs import DecodeGraphs
 from tandem.gpu_worker.kv_cache import KVCache
 from tandem.gpu_worker.model.llama import LlamaModel
+from tandem.gpu_worker.model.quant_linear import cpu_has_bf16, int4_kernel_available
 from tandem.gpu_worker.model.triton_attention import triton_available
 from tandem.gpu_worker.sampler import SamplingTensors, sample
 from tandem.gpu_worker.staging import StepStaging
@@ -32,18 +33,45 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The compute dtype; "int8" computes in fp32 around int8-weight matmuls (CPU only)."""
-    if name == "int8":
-        if device.type != "cpu":
-            raise ValueError("dtype int8 is a CPU mode; use bfloat16 or float16 on a GPU")
-        return torch.float32
+    """The compute dtype. "auto": bf16 on a GPU (fp16 without bf16), and on a CPU bf16 where it
+    has AVX-512 BF16 or AMX, else fp32 (emulated bf16 elementwise ops cost more than they save)."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
     if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r} (one of auto, int8, {', '.join(_DTYPES)})")
+        raise ValueError(f"unknown dtype {name!r} (one of auto, {', '.join(_DTYPES)})")
     return _DTYPES[name]
+
+
+def packs_weights(name: str, device: torch.device) -> bool:
+    """Whether quantized GGUF matrices stay packed: "auto" on a CPU (see quant_linear)."""
+    return name == "auto" and device.type == "cpu" and int4_kernel_available()
+
+
+def default_threads() -> int:
+    """The worker's torch threads on a CPU unless --threads says otherwise: all cores but one.
+
+    Measured with benchmarks/bench_packed.py (whole engine, greedy, 64 tokens) on 2 cores: with the
+    scheduler and anything else on the machine, a worker on every core loses a thread to the
+    scheduler mid-matmul and each OpenMP barrier then waits out a time slice. Idle, 2 threads beat
+    1 only at larger batches (batch 1: 22-48 vs 42 tok/s, batch 8: 164 vs 138, batch 32: 269 vs
+    174); with another job running they fell to 1.3-4.7 tok/s at batch 1 and 8 where 1 thread kept
+    32-118. One core left free costs a little peak throughput and never falls off that cliff.
+    """
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+def build_model(model_path: str, dtype_name: str, device: torch.device) -> LlamaModel:
+    """The model as the worker runs it for ``--dtype dtype_name``, kernels chosen (packed weights
+    time their alternatives here, so set the thread count first)."""
+    dtype = resolve_dtype(dtype_name, device)
+    loaded = load_model_weights(model_path, dtype=dtype, packed=packs_weights(dtype_name, device))
+    model = LlamaModel(loaded.config, loaded.tensors, dtype).to(device)
+    del loaded
+    if model.has_packed_weights:  # a float file (or a safetensors folder) has nothing to pack
+        model.choose_kernels()
+    return model
 
 
 @dataclass
@@ -73,19 +101,13 @@ class ModelRunner:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         elif self.device.type == "cpu":
-            # Leave a core to the scheduler: two processes spinning OpenMP threads on the same
-            # cores made both several times slower here (load 0.9 s on 1 thread, 3.8 s on 2).
-            torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+            torch.set_num_threads(default_threads())
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         start = time.perf_counter()
-        loaded = load_model_weights(cfg.model_path, dtype=self.dtype)
-        self.config = loaded.config
-        self.model = LlamaModel(self.config, loaded.tensors).to(self.device)
-        if cfg.dtype == "int8":
-            self.model.quantize_int8()
-        del loaded
+        self.model = build_model(cfg.model_path, cfg.dtype, self.device)
+        self.config = self.model.config
         self.load_seconds = time.perf_counter() - start
-        self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.weights_bytes = self.model.weights_bytes
         self.kv = KVCache.from_memory_budget(
             self.config, cfg.kv_cache_memory, cfg.block_size, self.dtype, self.device
         )
@@ -112,7 +134,7 @@ class ModelRunner:
         activations += self.cfg.max_num_seqs * c.vocab_size * 4
         return {
             "device": str(self.device),
-            "dtype": "int8-weights" if self.cfg.dtype == "int8" else str(self.dtype).removeprefix("torch."),
+            "dtype": str(self.dtype).removeprefix("torch.") + ("+packed" * self.model.has_packed_weights),
             "weights_bytes": self.weights_bytes,
             "kv_cache_bytes": self.kv.num_bytes,
             "kv_blocks": self.kv.num_blocks,

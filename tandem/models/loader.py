@@ -3,6 +3,7 @@
 Both formats end up as a dict keyed by GGUF tensor names (``blk.0.attn_q.weight``...) in the
 compute dtype, with Q/K rows in Hugging Face order (rotate-half rope), so one model class
 serves both. Loading needs no device: the worker moves the tensors where they belong.
+With ``packed``, quantized GGUF matrices stay quantized (``gguf_packed.AffineCodes``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from tandem.models.config import ModelConfig, UnsupportedModelError
 from tandem.models.dequant import SUPPORTED_TYPES, dequantize
 from tandem.models.gguf_file import GGUFFile
+from tandem.models.gguf_packed import PACKABLE_TYPES, AffineCodes, read_affine
 from tandem.models.model_check import check_tensor_shapes, gguf_config, hf_to_gguf_name, read_hf_config_json
 from tandem.models.model_config import config_from_hf
 
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class LoadedModel:
     config: ModelConfig
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor | AffineCodes]
     load_seconds: float
     source_path: Path
 
@@ -37,24 +39,42 @@ def _unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def _rope_heads(config: ModelConfig, name: str) -> int | None:
+    """Heads of a llama Q/K tensor whose rows llama.cpp permuted at conversion, else None."""
+    if config.architecture != "llama":
+        return None
+    if name.endswith(("attn_q.weight", "attn_q.bias")):
+        return config.num_heads
+    if name.endswith(("attn_k.weight", "attn_k.bias")):
+        return config.num_kv_heads
+    return None
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, packed: bool = False) -> LoadedModel:
+    """``packed``: quantized matrices become ``AffineCodes`` (never fp32); the rest ``dtype``."""
     start = time.perf_counter()
     gf = GGUFFile(path)
     config = gguf_config(gf)  # every tensor the config needs is there, with its shape
     bad = sorted({t.ggml_type.name for t in gf.tensors.values() if t.ggml_type not in SUPPORTED_TYPES})
     if bad:
         raise UnsupportedModelError(f"{gf.path.name}: unsupported GGUF tensor type(s) {', '.join(bad)}")
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor | AffineCodes] = {}
     for name, info in gf.tensors.items():
-        t = dequantize(gf.raw(name), info.ggml_type, info.shape, dtype=dtype)
-        if config.architecture == "llama":
-            if name.endswith(("attn_q.weight", "attn_q.bias")):
-                t = _unpermute_rope_rows(t, config.num_heads)
-            elif name.endswith(("attn_k.weight", "attn_k.bias")):
-                t = _unpermute_rope_rows(t, config.num_kv_heads)
+        t: torch.Tensor | AffineCodes
+        if packed and info.ggml_type in PACKABLE_TYPES and len(info.shape) == 2:
+            t = read_affine(gf.raw(name), info.ggml_type, info.shape)
+        else:
+            t = dequantize(gf.raw(name), info.ggml_type, info.shape, dtype=dtype)
+        heads = _rope_heads(config, name)
+        if heads is not None:
+            t = (
+                t.permute_rows(lambda r, h=heads: _unpermute_rope_rows(r, h))
+                if isinstance(t, AffineCodes)
+                else _unpermute_rope_rows(t, heads)
+            )
         tensors[name] = t
     elapsed = time.perf_counter() - start
-    log.info("loaded %s (%d tensors) in %.2f s", gf.path.name, len(tensors), elapsed)
+    log.info("loaded %s (%d tensors%s) in %.2f s", gf.path.name, len(tensors), ", packed" * packed, elapsed)
     return LoadedModel(config, tensors, elapsed, gf.path)
 
 
@@ -85,8 +105,11 @@ def load_safetensors_dir(path: str | Path, dtype: torch.dtype = torch.float32) -
     return LoadedModel(config, tensors, elapsed, folder)
 
 
-def load_model_weights(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model_weights(
+    path: str | Path, dtype: torch.dtype = torch.float32, packed: bool = False
+) -> LoadedModel:
+    """``packed`` keeps a GGUF file's quantized matrices packed; safetensors folders load dense."""
     p = Path(path)
     if p.is_dir():
         return load_safetensors_dir(p, dtype)
-    return load_gguf(p, dtype)
+    return load_gguf(p, dtype, packed)

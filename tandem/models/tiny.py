@@ -89,8 +89,11 @@ def _quantize(data: np.ndarray, qtype: GGMLQuantizationType, rng: np.random.Gene
         block, size = GGML_QUANT_SIZES[qtype]
         rows, cols = data.shape
         raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+        # Q6_K multiplies its 6-bit codes by int8 sub-scales: a 10x smaller super-block scale keeps
+        # its weights (std ~0.06) from making the random model chaotic, where any rounding explodes.
+        lo, hi = (2e-5, 6e-5) if qtype == GGMLQuantizationType.Q6_K else (2e-4, 6e-4)
         for off in _K_QUANT_F16_OFFSETS[qtype]:
-            scale = rng.uniform(2e-4, 6e-4, size=(rows, cols // block)).astype(np.float16)
+            scale = rng.uniform(lo, hi, size=(rows, cols // block)).astype(np.float16)
             raw[:, :, off : off + 2] = scale.view(np.uint8).reshape(rows, cols // block, 2)
         return raw.reshape(rows, -1)
     return gguf.quants.quantize(data.astype(np.float32), qtype)

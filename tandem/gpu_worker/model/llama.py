@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,16 +11,34 @@ from torch import nn
 from tandem.gpu_worker.kv_cache import KVCache
 from tandem.gpu_worker.model.attention import AttentionMetadata, paged_attention, write_kv
 from tandem.gpu_worker.model.fused import add_rms_norm_, rotate_half_
-from tandem.gpu_worker.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
+from tandem.gpu_worker.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from tandem.gpu_worker.model.quant_linear import QuantLinear, make_linear
 from tandem.models.config import ModelConfig, UnsupportedModelError
+from tandem.models.gguf_packed import AffineCodes
+
+# A weight as the loader hands it over: dense, or packed codes (tandem.models.gguf_packed).
+Weight = torch.Tensor | AffineCodes
+
+log = logging.getLogger(__name__)
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
+def _dense(w: Weight) -> torch.Tensor:
+    """Vectors (norms, biases, rope factors) are never packed; a packed one is a loader bug."""
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"expected a dense tensor, got packed {w.qtype.name} codes of shape {w.shape}")
+    return w
+
+
+def _dense_opt(w: Weight | None) -> torch.Tensor | None:
+    return None if w is None else _dense(w)
+
+
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], prefix: str) -> None:
+    def __init__(self, config: ModelConfig, w: dict[str, Weight], prefix: str) -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -27,17 +47,9 @@ class Attention(nn.Module):
         # Fused QKV: one matmul instead of three per layer.
         qkv_bias = None
         if config.attention_bias:
-            qkv_bias = torch.cat(
-                [w[f"{prefix}.attn_q.bias"], w[f"{prefix}.attn_k.bias"], w[f"{prefix}.attn_v.bias"]], dim=0
-            )
-        self.qkv = Linear(
-            torch.cat(
-                [w[f"{prefix}.attn_q.weight"], w[f"{prefix}.attn_k.weight"], w[f"{prefix}.attn_v.weight"]],
-                dim=0,
-            ),
-            qkv_bias,
-        )
-        self.o = Linear(w[f"{prefix}.attn_output.weight"])
+            qkv_bias = torch.cat([_dense(w[f"{prefix}.attn_{n}.bias"]) for n in "qkv"], dim=0)
+        self.qkv = make_linear([w[f"{prefix}.attn_{n}.weight"] for n in "qkv"], qkv_bias)
+        self.o = make_linear([w[f"{prefix}.attn_output.weight"]])
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
 
@@ -61,14 +73,16 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], index: int) -> None:
+    def __init__(self, config: ModelConfig, w: dict[str, Weight], index: int) -> None:
         super().__init__()
         p = f"blk.{index}"
         self.index = index
-        self.attn_norm = RMSNorm(w[f"{p}.attn_norm.weight"], config.rms_norm_eps)
+        self.attn_norm = RMSNorm(_dense(w[f"{p}.attn_norm.weight"]), config.rms_norm_eps)
         self.attn = Attention(config, w, p)
-        self.ffn_norm = RMSNorm(w[f"{p}.ffn_norm.weight"], config.rms_norm_eps)
-        self.mlp = GatedMLP(w[f"{p}.ffn_gate.weight"], w[f"{p}.ffn_up.weight"], w[f"{p}.ffn_down.weight"])
+        self.ffn_norm = RMSNorm(_dense(w[f"{p}.ffn_norm.weight"]), config.rms_norm_eps)
+        gate = w[f"{p}.ffn_gate.weight"]
+        gate_up = make_linear([gate, w[f"{p}.ffn_up.weight"]])
+        self.mlp = GatedMLP(gate_up, make_linear([w[f"{p}.ffn_down.weight"]]), gate.shape[0])
 
     def forward(
         self,
@@ -86,18 +100,27 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Forward over a flat token batch; returns logits only for the rows asked for."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, config: ModelConfig, weights: dict[str, Weight], dtype: torch.dtype | None = None
+    ) -> None:
+        """``dtype``: of tables decoded from packed codes (the embedding); default the norms'."""
         super().__init__()
         missing = [n for n in ("token_embd.weight", "output_norm.weight") if n not in weights]
         if missing:
             raise UnsupportedModelError(f"model file lacks tensor(s) {', '.join(missing)}")
         self.config = config
-        self.embed = _frozen(weights["token_embd.weight"])
+        dtype = dtype or _dense(weights["output_norm.weight"]).dtype
+        embed = weights["token_embd.weight"]
+        # The lookup reads a few rows a step, so a dense table costs memory, not bandwidth.
+        self.embed = _frozen(embed.dequantize(dtype) if isinstance(embed, AffineCodes) else embed)
         self.layers = nn.ModuleList(DecoderLayer(config, weights, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(weights["output_norm.weight"], config.rms_norm_eps)
-        # A tied head shares the embedding's storage until int8 gives it its own copy.
-        self.lm_head = Linear(weights.get("output.weight", weights["token_embd.weight"]))
-        self.rope = RotaryEmbedding(config, weights.get("rope_freqs.weight"))
+        self.norm = RMSNorm(_dense(weights["output_norm.weight"]), config.rms_norm_eps)
+        head = weights.get("output.weight", embed)
+        self.lm_head = make_linear([head])  # a dense tied head shares the embedding's storage
+        if head is embed and isinstance(self.lm_head, QuantLinear):
+            # Tied: the embedding table is the head's dense copy, a faster GEMM at large M.
+            self.lm_head.use_dense_copy(self.embed)
+        self.rope = RotaryEmbedding(config, _dense_opt(weights.get("rope_freqs.weight")))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -119,8 +142,23 @@ class LlamaModel(nn.Module):
         x = self.norm(x[logits_rows])
         return self.lm_head(x).float()
 
-    def quantize_int8(self) -> None:
-        """Switch every matmul to int8 weights (CPU weight-only mode; see layers.Linear)."""
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.quantize_int8()
+    @property
+    def has_packed_weights(self) -> bool:
+        return any(isinstance(m, QuantLinear) for m in self.modules())
+
+    def choose_kernels(self) -> None:
+        """Time the alternatives of each layer that has them (once, at load) and keep the fastest."""
+        for name, m in self.named_modules():
+            if isinstance(m, QuantLinear) and m.dense is not None:
+                log.info("%s: dense GEMM from %s rows on", name, m.calibrate())
+
+    @property
+    def weights_bytes(self) -> int:
+        """Bytes of every parameter and buffer of the weights, storage shared between them once."""
+        seen: dict[int, int] = {}
+        for t in [*self.parameters(), *self.buffers()]:
+            if t is self.rope.cos or t is self.rope.sin:
+                continue
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        return sum(seen.values())

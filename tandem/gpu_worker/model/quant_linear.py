@@ -1,0 +1,229 @@
+"""Matmuls that read packed GGUF weights on the CPU: torch's weight-only int4 kernel, group size 32.
+
+``torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz)`` computes ``x @ W.T`` for
+``W[n, k] = (c[n, k] - 8) * sz[g, n, 0] + sz[g, n, 1]``, g = k // 32, with 4-bit codes ``c``. Its
+only fast path is bf16 activations with bf16 (scale, zero) pairs: fp32 and fp16 ran 40x slower
+than bf16 on this torch, so the kernel always sees bf16 whatever the compute dtype.
+
+Codes of up to 8 bits (tandem.models.gguf_packed.AffineCodes, ``w = s*q + o``) are split into two
+4-bit planes, ``q = 16*h + l`` with ``h = q >> 4`` (signed) and ``l = q & 15``, laid side by side
+along K: plane ``l`` has scale ``s`` and zero ``8s + o``, plane ``h`` scale ``16s`` and zero 0.
+The activations are repeated to match, so one kernel call sums both planes. The zeros of Q8_0
+and Q5_0 are then multiples of their bf16 scale, so bf16 rounds only the scale, as a bf16
+weight would be rounded. A decode step reads 0.625 bytes a weight for 4-bit codes, 1.25 for
+wider ones, against 4 for fp32.
+
+The kernel's cost grows with the rows of ``x`` faster than a bf16 GEMM's does, so a layer that
+also holds a dense copy of its weight (the tied output head, which shares the embedding table)
+switches to the GEMM above a row count measured once at load (``QuantLinear.calibrate``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tandem.gpu_worker.model.layers import Linear
+from tandem.models.gguf_packed import GROUP, AffineCodes
+
+log = logging.getLogger(__name__)
+
+# _convert_weight_to_int4pack_for_cpu wants the output dimension in multiples of 16.
+_N_ALIGN = 16
+_PACK_ROWS = 1024  # rows packed at a time: a multiple of the packer's row blocks
+_CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64)
+
+Part = torch.Tensor | AffineCodes
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), from /proc/cpuinfo's flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return bool({"avx512_bf16", "amx_bf16"} & set(line.partition(":")[2].split()))
+    return False
+
+
+def int4_kernel_available() -> bool:
+    ops = torch.ops.aten
+    return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
+
+
+def _pack(q: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+
+
+@functools.cache
+def _packing_splits_by_rows() -> bool:
+    """Whether packing rows in runs of _PACK_ROWS gives the whole matrix's packing. The layout is
+    torch's (blocks of 64 rows on this build), so it is checked once rather than assumed."""
+    q = torch.randint(0, 16, (2 * _PACK_ROWS + _N_ALIGN, 64), dtype=torch.int32)
+    parts = [_pack(q[r : r + _PACK_ROWS]) for r in range(0, q.shape[0], _PACK_ROWS)]
+    return torch.equal(_pack(q), torch.cat(parts))
+
+
+class Int4Planes(nn.Module):
+    """Row-stacked matrices of one plane count as torch int4-packed planes (one kernel call)."""
+
+    def __init__(self, parts: Sequence[AffineCodes]) -> None:
+        super().__init__()
+        self.planes = max(p.planes for p in parts)
+        codes = torch.cat([p.codes for p in parts]) if len(parts) > 1 else parts[0].codes
+        scale = torch.cat([p.scale for p in parts]) if len(parts) > 1 else parts[0].scale
+        offset = torch.cat([p.offset for p in parts]) if len(parts) > 1 else parts[0].offset
+        self.out_features, self.in_features = (int(s) for s in codes.shape)
+        pad = -self.out_features % _N_ALIGN
+        self.register_buffer("packed", self._pack_codes(codes, pad), persistent=False)
+        self.register_buffer("scales_zeros", self._scales_zeros(scale, offset, pad), persistent=False)
+
+    def _pack_codes(self, codes: torch.Tensor, pad: int) -> torch.Tensor:
+        if pad:  # code 8 under a zero scale and zero: padded rows compute exact zeros
+            codes = F.pad(codes, (0, 0, 0, pad), value=8)
+        # The packer takes int32 codes, 4 bytes a weight per plane: packing a few rows at a time
+        # keeps that temporary small whatever the matrix (a big vocabulary's table is GBs).
+        step = _PACK_ROWS if _packing_splits_by_rows() else codes.shape[0]
+        return torch.cat([self._pack_rows(codes[r : r + step]) for r in range(0, codes.shape[0], step)])
+
+    def _pack_rows(self, codes: torch.Tensor) -> torch.Tensor:
+        low = (codes & 15).to(torch.int32)
+        q = low if self.planes == 1 else torch.cat([low, (codes >> 4).to(torch.int32) + 8], dim=1)
+        return _pack(q)
+
+    def _scales_zeros(self, scale: torch.Tensor, offset: torch.Tensor, pad: int) -> torch.Tensor:
+        s = scale.t().to(torch.bfloat16)  # (G, N)
+        # The zero is formed from the rounded scale, so a zero offset keeps zeros that are exact
+        # multiples of the scale (bf16 then rounds the scale alone).
+        low = torch.stack([s, (8 * s.float() + offset.t()).to(torch.bfloat16)], dim=-1)
+        sz = low
+        if self.planes == 2:
+            high = torch.stack([(16 * s.float()).to(torch.bfloat16), torch.zeros_like(s)], dim=-1)
+            sz = torch.cat([low, high], dim=0)
+        if pad:
+            sz = F.pad(sz, (0, 0, 0, pad))
+        return sz.contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (M, K) bf16, contiguous
+        if self.planes == 2:
+            x = torch.cat([x, x], dim=1)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
+        return y if y.shape[1] == self.out_features else y[:, : self.out_features]
+
+
+class DenseRows(nn.Module):
+    """Rows of a linear that the file stores as floats (F32, F16, BF16): a plain GEMM."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.out_features, self.in_features = (int(s) for s in weight.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight)
+
+
+def _segment_key(p: Part) -> tuple[str, int]:
+    return ("dense", 0) if isinstance(p, torch.Tensor) else ("int4", p.planes)
+
+
+class QuantLinear(nn.Module):
+    """``x @ W.T (+ b)`` where W is row-stacked parts, each packed int4 codes or dense floats.
+
+    Consecutive parts of one kind (and plane count) share a kernel call; a fused QKV whose V is
+    wider than its Q and K (mixed-quant files) becomes two calls rather than widening all three.
+    """
+
+    def __init__(self, parts: Sequence[Part], bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if not parts:
+            raise ValueError("QuantLinear needs at least one weight")
+        groups: list[list[Part]] = []
+        for p in parts:
+            if groups and _segment_key(groups[-1][-1]) == _segment_key(p):
+                groups[-1].append(p)
+            else:
+                groups.append([p])
+        self.segments = nn.ModuleList(
+            DenseRows(torch.cat(g) if len(g) > 1 else g[0]) if isinstance(g[0], torch.Tensor)
+            else Int4Planes(g)  # type: ignore[arg-type]
+            for g in groups
+        )
+        widths = {int(s.in_features) for s in self.segments}
+        if len(widths) != 1:
+            raise ValueError(f"fused weights disagree on their input width: {sorted(widths)}")
+        self.in_features = widths.pop()
+        self.out_features = sum(int(s.out_features) for s in self.segments)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.dense: nn.Parameter | None = None
+        self.dense_min_rows = math.inf  # inputs with at least this many rows use ``dense``
+
+    def use_dense_copy(self, weight: nn.Parameter) -> None:
+        """Offer a dense copy of the whole weight (shared, e.g. the embedding table) for large M."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"dense copy of shape {tuple(weight.shape)} does not match this linear")
+        self.dense = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if self.dense is not None and flat.shape[0] >= self.dense_min_rows:
+            y = F.linear(flat.to(self.dense.dtype), self.dense)
+        else:
+            y = self._packed(flat)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def _packed(self, flat: torch.Tensor) -> torch.Tensor:
+        xb = flat.to(torch.bfloat16).contiguous()
+        outs = [s(xb) if isinstance(s, Int4Planes) else s(flat) for s in self.segments]
+        if len(outs) == 1:
+            return outs[0]
+        return torch.cat([o.to(flat.dtype) for o in outs], dim=-1)
+
+    @torch.inference_mode()
+    def calibrate(self, rows: Sequence[int] = _CALIBRATION_ROWS, repeats: int = 3) -> float:
+        """Time the packed kernel against the dense copy at each row count; use the dense copy
+        from the first count where it wins twice running. Returns the threshold (inf: never)."""
+        if self.dense is None:
+            return math.inf
+        self.dense_min_rows = math.inf
+        wins = 0
+        for i, m in enumerate(rows):
+            x = torch.randn(m, self.in_features).to(self.dense.dtype)
+            packed = _best_ms(lambda x=x: self._packed(x), repeats)
+            dense = _best_ms(lambda x=x: F.linear(x, self.dense), repeats)
+            wins = wins + 1 if dense < packed else 0
+            log.debug("rows %d: packed %.2f ms, dense %.2f ms", m, packed, dense)
+            if wins == 2 or (wins == 1 and i == len(rows) - 1):
+                self.dense_min_rows = rows[i - wins + 1]
+                break
+        return self.dense_min_rows
+
+
+def _best_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # first call: allocation and kernel selection
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1000
+
+
+def make_linear(parts: Sequence[Part], bias: torch.Tensor | None = None) -> nn.Module:
+    """A plain ``Linear`` when every part is a dense tensor, else a ``QuantLinear``."""
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        dense = [p for p in parts if isinstance(p, torch.Tensor)]
+        return Linear(torch.cat(dense) if len(dense) > 1 else dense[0], bias)
+    return QuantLinear(parts, bias)
