@@ -113,7 +113,8 @@ class ServerThread:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     model = write_tiny_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf", TinySpec(context=CONTEXT))
-    cfg = EngineConfig(model_path=str(model), kv_cache_memory=64 * 2**20, model_name="tiny")
+    # float32: outputs are compared across batchings token for token (bf16 is not batch-invariant).
+    cfg = EngineConfig(model_path=str(model), kv_cache_memory=64 * 2**20, model_name="tiny", dtype="float32")
     srv = ServerThread(cfg, ["ipc://", "tcp://127.0.0.1:0"]).start()
     kids = descendants(os.getpid())
     assert kids, "the engine's processes should be running"

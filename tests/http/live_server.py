@@ -78,6 +78,10 @@ class Server:
             "--kv-cache-memory",
             "64M",
         ]
+        # float32 unless a test says otherwise: tests compare outputs across batchings token for
+        # token, which bf16 compute does not guarantee.
+        if "--dtype" not in args:
+            cmd += ["--dtype", "float32"]
         cmd += ["--model", model] if model else []
         self.cmd = cmd + list(args)
         self.proc: subprocess.Popen[bytes] | None = None
