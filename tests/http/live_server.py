@@ -164,3 +164,20 @@ def wait_for(predicate: Callable[[], object], timeout: float = 5.0, step: float 
             pytest.fail(f"condition not met within {timeout} s")
         time.sleep(step)
     return time.monotonic() - start
+
+
+def raw_post(server: Server, path: str, body: dict, rcvbuf: int | None = None) -> socket.socket:
+    """Send a POST over a bare socket and leave its answer unread: a client that waits, is about to
+    leave, or (with a small ``rcvbuf``, set before connecting so it sizes the TCP window) has
+    stopped reading."""
+    s = socket.socket()
+    if rcvbuf is not None:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.connect(("127.0.0.1", server.port))
+    data = json.dumps(body).encode()
+    s.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    return s

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_server import LONG, TINY_CONTEXT, Server, free_port, tiny_home, wait_for
+from live_server import LONG, TINY_CONTEXT, Server, free_port, raw_post, tiny_home, wait_for
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -180,24 +179,12 @@ def test_prompt_longer_than_context_names_both_counts(server: Server, tiny_token
     assert "256" in ollama_error(post(server, "/api/generate", body), 400)
 
 
-def _raw_request(server: Server, path: str, body: dict) -> socket.socket:
-    """Send a request and leave its answer unread: a client that is waiting (or about to leave)."""
-    data = json.dumps(body).encode()
-    s = socket.create_connection(("127.0.0.1", server.port))
-    s.sendall(
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(data)}\r\n\r\n".encode()
-        + data
-    )
-    return s
-
-
 def test_queue_full_is_503_with_retry_after(server: Server) -> None:
     gen = {"model": "tiny", "prompt": "x", "options": LONG}
     with httpx.Client(base_url=server.url, timeout=30) as c, c.stream("POST", "/api/generate", json=gen) as a:
         lines = a.iter_lines()
         next(lines)  # A runs: it holds the one batch slot
-        queued = _raw_request(server, "/api/generate", gen)  # B waits in the queue of one
+        queued = raw_post(server, "/api/generate", gen)  # B waits in the queue of one
         wait_for(lambda: server.ps()["waiting"] == 1)
         r = post(server, "/api/generate", {**gen, "stream": False})
         assert "server busy" in ollama_error(r, 503)
@@ -227,7 +214,7 @@ def test_retry_after_is_within_3x_of_the_actual_wait(server: Server) -> None:
         assert a.status_code == 200
         lines = a.iter_lines()  # kept: dropping the iterator would close the stream
         next(lines)  # A runs
-        queued = _raw_request(server, "/api/generate", {**gen, "options": {"num_predict": 1}})
+        queued = raw_post(server, "/api/generate", {**gen, "options": {"num_predict": 1}})
         wait_for(lambda: server.ps()["waiting"] == 1)
         r = post(server, "/api/generate", {**gen, "stream": False})
         refused_at = time.monotonic()

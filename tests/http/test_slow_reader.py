@@ -3,27 +3,11 @@ freed, the gateway's memory for it stays bounded, and other clients are served m
 
 from __future__ import annotations
 
-import json
-import socket
 import time
 from pathlib import Path
 
 import pytest
-from live_server import LONG, Server, tiny_home, wait_for
-
-
-def _stalled_stream(server: Server, body: dict) -> socket.socket:
-    """Start a streaming request on a socket with a tiny receive buffer, then never read."""
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: sets the window
-    s.connect(("127.0.0.1", server.port))
-    data = json.dumps(body).encode()
-    s.sendall(
-        f"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(data)}\r\n\r\n".encode()
-        + data
-    )
-    return s
+from live_server import LONG, Server, raw_post, tiny_home, wait_for
 
 
 def _rss_kb(pid: int) -> int:
@@ -40,7 +24,7 @@ def test_client_that_stops_reading_is_cancelled(
     try:
         assert server.proc is not None
         body = {"model": "tiny", "prompt": "hi", "raw": True, "options": {**LONG, "num_predict": 4000}}
-        stalled = [_stalled_stream(server, body) for _ in range(4)]
+        stalled = [raw_post(server, "/api/generate", body, rcvbuf=4096) for _ in range(4)]
         wait_for(lambda: server.ps()["running"] == 4, timeout=10)
         rss_before = _rss_kb(server.proc.pid)
         # Others are served while the stalled streams fill their buffers.
