@@ -3,8 +3,9 @@
     python benchmarks/bench_packed.py                        # both sections, a few minutes on 2 cores
     python benchmarks/bench_packed.py --section system --batches 1,8,32 --json-out out.json
 
-- ``stack``: the bare forward of each variant in this process (no scheduler): decode step time
-  at each batch size and prefill time, interleaved repeat by repeat, plus the weights' bytes.
+- ``stack``: the bare forward of each variant in this process (no scheduler, the worker's default
+  thread count): decode step time at each batch size and prefill time, interleaved repeat by
+  repeat, plus the weights' bytes.
 - ``system``: the whole engine (scheduler + worker processes, greedy, ignore_eos) per variant,
   including the worker's thread count, runs alternated A B C A B C so drift lands on every
   variant. This is how the worker's default thread count was chosen (see ModelRunner).
@@ -31,7 +32,7 @@ from tandem.gateway.engine_process import EngineProcess
 from tandem.gpu_worker.kv_cache import KVCache
 from tandem.gpu_worker.model.attention import AttentionMetadata
 from tandem.gpu_worker.model.llama import LlamaModel
-from tandem.gpu_worker.runner import build_model
+from tandem.gpu_worker.runner import build_model, default_threads
 from tandem.models.store import ensure_model
 
 BLOCK = 16
@@ -48,6 +49,7 @@ def _step_ms(model: LlamaModel, kv: KVCache, table: torch.Tensor, start: int, n:
 
 
 def stack(path: str, batches: list[int], prefill: int, decode: int, repeats: int) -> dict[str, Any]:
+    torch.set_num_threads(default_threads())  # as the worker runs: see default_threads
     models = {name: build_model(path, name, torch.device("cpu")) for name in ("float32", "auto")}
     pools = {}
     for (name, m), b in ((nm, b) for nm in models.items() for b in batches):

@@ -52,12 +52,12 @@ def packs_weights(name: str, device: torch.device) -> bool:
 def default_threads() -> int:
     """The worker's torch threads on a CPU unless --threads says otherwise: all cores but one.
 
-    Measured with benchmarks/bench_packed.py (whole engine, greedy, 64 tokens) on 2 cores: with the
-    scheduler and anything else on the machine, a worker on every core loses a thread to the
-    scheduler mid-matmul and each OpenMP barrier then waits out a time slice. Idle, 2 threads beat
-    1 only at larger batches (batch 1: 22-48 vs 42 tok/s, batch 8: 164 vs 138, batch 32: 269 vs
-    174); with another job running they fell to 1.3-4.7 tok/s at batch 1 and 8 where 1 thread kept
-    32-118. One core left free costs a little peak throughput and never falls off that cliff.
+    Measured with benchmarks/bench_packed.py (whole engine, greedy, 64 tokens) on 2 cores: beside
+    one other busy process (load 1.1-1.4) 2 threads beat 1 (batch 1: 45 vs 35 tok/s, batch 8: 160
+    vs 118, batch 32: 268 vs 170), but beside two (load ~3) they fell to 1.3-5 tok/s at batch 1
+    and 8 where 1 thread kept 32-118: every OpenMP region then waits out the time slice of a
+    descheduled thread. One core left to the scheduler and everything else gives up that peak and
+    never falls off the cliff; --threads takes it back on a machine known to be idle.
     """
     return max(1, (os.cpu_count() or 2) - 1)
 

@@ -167,12 +167,12 @@ def test_quantized_models_load_and_run(tmp_path: Path, qtype: Q) -> None:
     assert_close(out, reference_logits(m, ids)[-1], 1e-4)
 
 
-# Packed weights with bf16 compute against the float32 forward on the file's exact weights, about
-# 1.5x what was measured (4e-3 to 3e-2). Most of it is bf16's: dense bf16 weights measure 3e-3 to
+# Packed weights (bf16 kernels, fp32 activations) against the float32 forward on the file's exact
+# weights, about 1.5-2x what was measured (3e-3 to 2.8e-2). Dense bf16 weights measure 3e-3 to
 # 1.7e-2 on these random models, which amplify any rounding through their layers.
 PACKED_BOUNDS = {
-    Q.Q4_0: 4e-2, Q.Q4_1: 4e-2, Q.Q5_0: 2e-2, Q.Q5_1: 4e-2, Q.Q8_0: 2.5e-2,
-    Q.Q2_K: 1e-2, Q.Q3_K: 3e-2, Q.Q4_K: 1e-2, Q.Q5_K: 1e-2, Q.Q6_K: 5e-2,
+    Q.Q4_0: 2e-2, Q.Q4_1: 2e-2, Q.Q5_0: 2e-2, Q.Q5_1: 3e-2, Q.Q8_0: 2.5e-2,
+    Q.Q2_K: 1e-2, Q.Q3_K: 2.5e-2, Q.Q4_K: 1e-2, Q.Q5_K: 1e-2, Q.Q6_K: 5e-2,
 }
 
 

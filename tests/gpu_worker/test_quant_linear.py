@@ -77,6 +77,26 @@ def test_int4_path_matches_float32(tiny_files: dict, qtype: GGMLQuantizationType
     assert lin(x).dtype == torch.float32 and _rel(lin(x), x @ w.T) < BOUNDS[qtype]
 
 
+EXACT = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K]
+
+
+@pytest.mark.parametrize("qtype", EXACT, ids=lambda t: t.name)
+def test_exact_scales_leave_only_the_output_rounding(tiny_files: dict, qtype: GGMLQuantizationType) -> None:
+    """The second call adds back what bf16 rounded off the scales: what stays is the bf16 output's
+    own rounding (rms ~1.7e-3 relative; with bf16 scales alone 2.2e-3 to 4.5e-3 here)."""
+    codes, w = _weights(tiny_files[qtype], "blk.0.ffn_gate.weight")
+    x = torch.randn(64, w.shape[1], generator=torch.Generator().manual_seed(0))
+    want = x.to(torch.bfloat16).float() @ w.T
+    lin = QuantLinear([codes], exact_scales=True)
+    got = lin(x)
+    assert got.dtype == torch.float32
+    rms = float((got - want).norm() / want.norm())
+    assert rms < 2e-3, f"{qtype.name}: rms relative error {rms:.2e}"
+    # A prefill-sized input (compute-bound, where the second call would double the cost) skips it.
+    big = torch.randn(quant_linear._EXACT_SCALES_MAX_ROWS + 1, w.shape[1]).to(torch.bfloat16)
+    assert torch.equal(lin(big), QuantLinear([codes])(big))
+
+
 def _codes(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> AffineCodes:
     return AffineCodes(q, scale, offset, bits, T.Q8_0 if bits == 8 else T.Q4_1, exact=True)
 
@@ -106,8 +126,9 @@ def test_planes_rebuild_every_code_exactly(bits: int, n: int, small_pack_runs: N
     scale = 2.0 ** torch.randint(-9, -3, (n, k // 32), generator=g).float()
     offset = -4 * scale if bits == 4 else torch.zeros_like(scale)
     codes = _codes(q, scale, offset, bits)
-    got = QuantLinear([codes])(torch.eye(k, dtype=torch.bfloat16))
-    assert torch.equal(got.float().T, codes.dequantize())
+    for exact_scales in (False, True):  # bf16-exact scales leave nothing for the second call
+        got = QuantLinear([codes], exact_scales=exact_scales)(torch.eye(k, dtype=torch.bfloat16))
+        assert torch.equal(got.float().T, codes.dequantize())
 
 
 def test_mixed_parts_each_get_their_kernel(tiny_files: dict) -> None:

@@ -29,12 +29,16 @@ PROMPTS = [
 
 
 def mixed_requests() -> dict[str, tuple[list[int], SamplingParams]]:
+    """Every request runs to max_tokens (ignore_eos): whether the random model samples its EOS
+    token depends on the compute dtype's rounding, not on what these tests check."""
     reqs: dict[str, tuple[list[int], SamplingParams]] = {}
     for i, prompt in enumerate(PROMPTS):
-        reqs[f"greedy{i}"] = (prompt, SamplingParams(max_tokens=8 + 5 * i, temperature=0.0))
+        reqs[f"greedy{i}"] = (prompt, SamplingParams(max_tokens=8 + 5 * i, temperature=0.0, ignore_eos=True))
         reqs[f"sampled{i}"] = (
             prompt,
-            SamplingParams(max_tokens=20, temperature=0.9, top_k=20 + i, top_p=0.95, seed=1000 + i),
+            SamplingParams(
+                max_tokens=20, temperature=0.9, top_k=20 + i, top_p=0.95, seed=1000 + i, ignore_eos=True
+            ),
         )
     reqs["penalized"] = (
         PROMPTS[0],
@@ -44,9 +48,12 @@ def mixed_requests() -> dict[str, tuple[list[int], SamplingParams]]:
             repetition_penalty=1.3,
             frequency_penalty=0.5,
             presence_penalty=0.4,
+            ignore_eos=True,
         ),
     )
-    reqs["minp"] = (PROMPTS[1], SamplingParams(max_tokens=16, temperature=1.2, min_p=0.1, seed=5))
+    reqs["minp"] = (
+        PROMPTS[1], SamplingParams(max_tokens=16, temperature=1.2, min_p=0.1, seed=5, ignore_eos=True)
+    )
     return reqs
 
 

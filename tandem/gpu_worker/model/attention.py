@@ -308,6 +308,8 @@ def _decode_chunk(
     gathered = kv.workspace(two * hkv * c.n * keys * d).view(two * hkv, c.n * c.width, bs * d)
     torch.index_select(blocks, 1, c.block_ids, out=gathered)
     k, v = gathered.view(two, hkv * c.n, keys, d).unbind(0)  # (Hkv * n, keys, D), head-major
+    if q.device.type == "cpu":
+        k, v = k.to(q.dtype), v.to(q.dtype)  # CPU bmm in bf16 is several times slower than fp32
     qd = q[: c.n] if c.rows is None else q.index_select(0, c.rows)
     # (n, Hkv, G, D) -> (Hkv * n, G, D): each KV head meets its group of query heads in one matmul.
     qd = (qd.reshape(c.n, hkv, group, d) * scale).transpose(0, 1).reshape(hkv * c.n, group, d)
