@@ -54,7 +54,7 @@ def _model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -
         return ds.synthetic_model(shape, device, dtype, context), f"synthetic:{shape}"
     path = Path(args.model)
     if not path.exists():
-        from tandem.models.store import ensure_model
+        from tandem.store.model_store import ensure_model
 
         path = ensure_model(args.model).path
     return ds.load_model(path, device, dtype), str(path)

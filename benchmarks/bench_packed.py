@@ -25,15 +25,15 @@ from contextlib import ExitStack
 from typing import Any
 
 import torch
+from tandem.gateway.engine_process import EngineProcess
 
 from tandem.bench.pipeline import prompts_for_run, run_batch
 from tandem.config import EngineConfig
-from tandem.gateway.engine_process import EngineProcess
 from tandem.gpu_worker.kv_cache import KVCache
 from tandem.gpu_worker.model.attention import AttentionMetadata
 from tandem.gpu_worker.model.llama import LlamaModel
 from tandem.gpu_worker.runner import build_model, default_threads
-from tandem.models.store import ensure_model
+from tandem.store.model_store import ensure_model
 
 BLOCK = 16
 
@@ -70,14 +70,21 @@ def stack(path: str, batches: list[int], prefill: int, decode: int, repeats: int
         dec = statistics.median(t["decode"])
         pre = statistics.median(t["prefill"])
         out["points"].append(
-            {"variant": name, "batch": b, "decode_ms": dec, "decode_tok_s": b * 1000 / dec,
-             "prefill_ms": pre, "prefill_tok_s": b * prefill * 1000 / pre}
+            {
+                "variant": name,
+                "batch": b,
+                "decode_ms": dec,
+                "decode_tok_s": b * 1000 / dec,
+                "prefill_ms": pre,
+                "prefill_tok_s": b * prefill * 1000 / pre,
+            }
         )
     return out
 
 
-def system(path: str, variants: dict[str, dict[str, Any]], batches: list[int], tokens: int,
-           repeats: int) -> dict[str, Any]:
+def system(
+    path: str, variants: dict[str, dict[str, Any]], batches: list[int], tokens: int, repeats: int
+) -> dict[str, Any]:
     runs: dict[tuple[str, int], list[float]] = {(v, b): [] for v in variants for b in batches}
     plans = {}
     with ExitStack() as es:
@@ -98,8 +105,10 @@ def system(path: str, variants: dict[str, dict[str, Any]], batches: list[int], t
     return {
         "variants": variants,
         "memory_plan": plans,
-        "points": [{"variant": v, "batch": b, "decode_tok_s": statistics.median(r), "runs": r}
-                   for (v, b), r in runs.items()],
+        "points": [
+            {"variant": v, "batch": b, "decode_tok_s": statistics.median(r), "runs": r}
+            for (v, b), r in runs.items()
+        ],
     }
 
 
@@ -107,8 +116,10 @@ def _print_table(title: str, points: list[dict[str, Any]], key: str) -> None:
     print(f"\n{title}")
     base = {p["batch"]: p[key] for p in points if p["variant"] == points[0]["variant"]}
     for p in points:
-        print(f"  {p['variant']:>10}  batch {p['batch']:>3}: {p[key]:8.1f} tok/s  "
-              f"x{p[key] / base[p['batch']]:.2f} vs {points[0]['variant']}")
+        print(
+            f"  {p['variant']:>10}  batch {p['batch']:>3}: {p[key]:8.1f} tok/s  "
+            f"x{p[key] / base[p['batch']]:.2f} vs {points[0]['variant']}"
+        )
 
 
 def _variant(name: str) -> dict[str, Any]:
@@ -129,8 +140,11 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--tokens", type=int, default=64, help="generated per request in the system runs")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--variants", default=default_variants,
-                    help=f"system section: DTYPE-tTHREADS,... (default {default_variants})")
+    ap.add_argument(
+        "--variants",
+        default=default_variants,
+        help=f"system section: DTYPE-tTHREADS,... (default {default_variants})",
+    )
     ap.add_argument("--json-out")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -139,15 +153,19 @@ def main() -> None:
     out: dict[str, Any] = {"model": args.model, "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
     if args.section in ("stack", "all"):
         out["stack"] = stack(path, batches, prefill=128, decode=16, repeats=args.repeats)
-        _print_table(f"bare forward (this process, torch threads {torch.get_num_threads()})",
-                     out["stack"]["points"], "decode_tok_s")
+        _print_table(
+            f"bare forward (this process, torch threads {torch.get_num_threads()})",
+            out["stack"]["points"],
+            "decode_tok_s",
+        )
         _print_table("bare prefill of 128 tokens per sequence", out["stack"]["points"], "prefill_tok_s")
         print("  weights bytes:", out["stack"]["weights_bytes"])
     if args.section in ("system", "all"):
         variants = {v: _variant(v) for v in args.variants.split(",")}
         out["system"] = system(path, variants, batches, args.tokens, args.repeats)
-        _print_table(f"whole engine, {args.tokens} greedy tokens per request", out["system"]["points"],
-                     "decode_tok_s")
+        _print_table(
+            f"whole engine, {args.tokens} greedy tokens per request", out["system"]["points"], "decode_tok_s"
+        )
     out["loadavg_end"] = os.getloadavg()
     print(f"\nload average at start {out['loadavg_start']}, at end {out['loadavg_end']}")
     if args.json_out:

@@ -74,7 +74,7 @@ gpu_tests() {
 end_to_end() {
   # The real engine (scheduler + worker processes) on the GPU: greedy tokens with CUDA graphs must
   # equal those of --enforce-eager (both run the same paged kernel, so they are bit-identical).
-  "$PY" -c "from tandem.models.tiny import TinySpec, write_tiny_gguf as w; \
+  "$PY" -c "from tandem.formats.tiny import TinySpec, write_tiny_gguf as w; \
 w('$WORK/tiny.gguf', TinySpec(hidden=256, ffn=512, layers=4, heads=8, kv_heads=2, context=1024))"
   local args=(generate --model "$WORK/tiny.gguf" --device cuda --raw --json --temperature 0 --max-tokens 48)
   "$PY" -m tandem.cli "${args[@]}" "The quick brown fox" >"$WORK/graphs.json"

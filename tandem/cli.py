@@ -1,36 +1,20 @@
 """The `tandem` command line. Commands stay thin: parse options, call the library, print.
 
-To add a command, write a function decorated with `@main.command()`. Library errors that are the
-user's to fix (ModelStoreError, UnsupportedModelError, and whatever is added to USER_ERRORS) become
-`Error: <one line>` on stderr and exit status 1, without a traceback.
+Every command lives in `tandem.commands`; `_register_commands` adds it to the group. Library
+errors that are the user's to fix (ModelStoreError, UnsupportedModelError, and whatever is added to
+USER_ERRORS) become `Error: <one line>` on stderr and exit status 1, without a traceback.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import click
 
 from tandem import __version__
-from tandem.models.config import UnsupportedModelError
-from tandem.models.store import (
-    DEFAULT_MODEL,
-    InvalidModelNameError,
-    ModelNotFoundError,
-    ModelRef,
-    ModelStoreError,
-    describe_model,
-    inspect_path,
-    list_models,
-    pull_model,
-    remove_model,
-    resolve_model,
-)
+from tandem.errors import ModelStoreError, UnsupportedModelError
 
 USER_ERRORS: tuple[type[Exception], ...] = (ModelStoreError, UnsupportedModelError)
 
@@ -51,53 +35,6 @@ def main(verbose: int) -> None:
     _setup_logging(logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG)
 
 
-@main.command()
-@click.argument("model", required=False)
-@click.option("--name", help="Store name for a local path, hf:// file or ollama model.")
-def pull(model: str | None, name: str | None) -> None:
-    """Fetch MODEL into the store (default: smollm2:135m).
-
-    MODEL is a catalogue name, a local .gguf file or safetensors folder, hf://owner/repo/file.gguf,
-    or the name of a model ollama has pulled (llama3.2:1b).
-    """
-    ref = pull_model(model or DEFAULT_MODEL, progress=True, name=name)
-    click.echo(f"{ref.name}: {ref.path} ({human_size(ref.size_bytes)}, {ref.format})")
-
-
-@main.command("list")
-def list_() -> None:
-    """List the models in the store."""
-    rows = [("NAME", "SIZE", "FORMAT", "MODIFIED")]
-    rows += [(r.name, human_size(r.size_bytes), r.format, human_age(r.modified)) for r in list_models()]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        click.echo("    ".join([*(c.ljust(w) for c, w in zip(row, widths, strict=False)), row[-1]]))
-
-
-@main.command()
-@click.argument("model")
-@click.option("--json", "as_json", is_flag=True, help="Print every detail as JSON.")
-def show(model: str, as_json: bool) -> None:
-    """Show a model's details.
-
-    Architecture, parameters, quantization, context length and chat template of MODEL (a stored
-    name, or a path to a .gguf file or safetensors folder).
-    """
-    info = describe_model(_stored_or_local(model))
-    click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
-
-
-@main.command()
-@click.argument("model")
-def rm(model: str) -> None:
-    """Remove MODEL from the store.
-
-    Files the store downloaded are deleted; a registered local file or ollama blob is kept.
-    """
-    remove_model(model)
-    click.echo(f"deleted '{model}'")
-
-
 def _setup_logging(level: int) -> None:
     # Only tandem's loggers: libraries such as huggingface_hub print through their own handlers, and a
     # root handler would print each of their lines twice.
@@ -111,83 +48,22 @@ def _setup_logging(level: int) -> None:
     log.setLevel(level)
 
 
-def _stored_or_local(model: str) -> ModelRef:
-    try:
-        return resolve_model(model)
-    except (ModelNotFoundError, InvalidModelNameError):
-        path = Path(model).expanduser()
-        if path.exists():  # `show` also reads files that were never pulled
-            return inspect_path(path)
-        raise
-
-
-def format_description(info: dict[str, Any]) -> str:
-    heads = info.get("heads")
-    if info.get("kv_heads") not in (None, heads):
-        heads = f"{heads} ({info['kv_heads']} KV)"
-    quant = ", ".join(f"{k} ({n})" for k, n in info["quantization"].items())
-    sections: dict[str, list[tuple[str, Any]]] = {
-        "Model": [
-            ("architecture", info.get("architecture")),
-            ("parameters", info.get("parameter_size")),
-            ("context length", info.get("context_length")),
-            ("embedding length", info.get("embedding_length")),
-            ("layers", info.get("layers")),
-            ("heads", heads),
-            ("vocab size", info.get("vocab_size")),
-            ("file type", info.get("file_type")),
-            ("tensor types", quant),
-        ],
-        "File": [
-            ("name", info["name"]),
-            ("path", info["path"]),
-            ("size", human_size(info["size_bytes"])),
-            ("format", info["format"]),
-            ("source", info["source"]),
-            ("sha256", info.get("sha256")),
-        ],
-    }
-    lines = []
-    for title, items in sections.items():
-        lines.append(f"  {title}")
-        lines += [f"    {k:<18}{v}" for k, v in items if v not in (None, "")]
-        lines.append("")
-    lines.append("  Chat template")
-    template = info.get("chat_template")
-    lines += [f"    {ln}" for ln in template.splitlines()] if template else ["    (none)"]
-    return "\n".join(lines)
-
-
-def human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"
-
-
-def human_age(when: datetime) -> str:
-    seconds = max(0, int((datetime.now(UTC) - when).total_seconds()))
-    for unit, span in (("day", 86400), ("hour", 3600), ("minute", 60)):
-        if seconds >= span:
-            n = seconds // span
-            return f"{n} {unit}{'s' if n > 1 else ''} ago"
-    return "just now"
-
-
 def _register_commands() -> None:
-    # Engine commands live in their own modules; importing them here keeps `tandem list` fast
-    # enough (they import lazily what they need inside).
+    # Each command module imports what it needs lazily inside, so `tandem list` stays fast.
     from tandem.commands.bench import bench
     from tandem.commands.generate import generate
     from tandem.commands.ps import ps
     from tandem.commands.run import run
     from tandem.commands.serve import serve
     from tandem.commands.stop import stop
+    from tandem.commands.store import list_, pull, rm, show
     from tandem.commands.tokenize import tokenize
 
     main.add_command(bench)
+    main.add_command(list_)
+    main.add_command(pull)
+    main.add_command(rm)
+    main.add_command(show)
     main.add_command(generate)
     main.add_command(ps)
     main.add_command(run)

@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     """The real SmolLM2-135M-Instruct GGUF, pulled into the user's cache on first use."""
-    from tandem.models.store import ensure_model
+    from tandem.store.model_store import ensure_model
 
     return ensure_model(DEFAULT_MODEL).path
 

@@ -1,4 +1,4 @@
-"""Broken GGUF files made from a valid tiny one (tandem.models.tiny): each damage is one way a
+"""Broken GGUF files made from a valid tiny one (tandem.formats.tiny): each damage is one way a
 download, a disk or a hostile user breaks a model file, with a fragment of the one-line error that
 must name it.
 """
@@ -9,7 +9,7 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-from tandem.models.tiny import TinySpec, write_tiny_gguf
+from tandem.formats.tiny import TinySpec, write_tiny_gguf
 
 Damage = Callable[[bytes], bytes]
 
@@ -66,6 +66,7 @@ BROKEN: dict[str, tuple[Damage, str]] = {
     "unknown_tensor_type": (_set_field(LAST, "type", 999), "unknown GGML type id 999"),
     "too_many_dims": (_set_field(LAST, "n_dims", 9), "has 9 dimensions"),
 }
+
 
 def _set_u32_metadata(key: str, value: int) -> Damage:
     def damage(data: bytes) -> bytes:

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from tandem.bench.llamacpp import find_llama_server
 from tandem.bench.samples import RUN_FIELDS
 from tandem.cli import main
-from tandem.models.synthetic import SHAPES, write_synthetic_gguf
+from tandem.formats.synthetic import SHAPES, write_synthetic_gguf
 
 
 def test_bench_scheduler_section_reports_every_phase(tmp_path: Path) -> None:
@@ -187,7 +187,7 @@ def test_race_options_are_checked_before_anything_runs(args: list[str], names: s
 
 def test_synthetic_shapes_load_with_the_real_geometry(tmp_path: Path) -> None:
     """The random-weight smollm2-135m file has the real model's shapes and tokenizes text."""
-    from tandem.models.model_files import read_config_and_tokenizer
+    from tandem.formats.model_files import read_config_and_tokenizer
 
     path = write_synthetic_gguf(tmp_path / "s.gguf", "smollm2-135m")
     config, tok = read_config_and_tokenizer(path)

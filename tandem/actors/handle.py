@@ -32,8 +32,14 @@ _LIVE: set[ActorHandle] = set()
 
 
 class ActorHandle:
-    def __init__(self, spec: ActorSpec, process: Any, control: zmq.Socket, inbox: zmq.Socket,
-                 addresses: tuple[str, str]) -> None:
+    def __init__(
+        self,
+        spec: ActorSpec,
+        process: Any,
+        control: zmq.Socket,
+        inbox: zmq.Socket,
+        addresses: tuple[str, str],
+    ) -> None:
         self.spec = spec
         self.name = spec.name
         self.pid: int = process.pid
@@ -61,8 +67,9 @@ class ActorHandle:
             # Bound before the spawn, so the child can never connect to a path that is not there yet.
             control.bind(ctl_addr)
             inbox.bind(inbox_addr)
-            process = _SPAWN.Process(target=bootstrap, name=spec.name,
-                                     args=(spec, ctl_addr, inbox_addr, os.getpid()))
+            process = _SPAWN.Process(
+                target=bootstrap, name=spec.name, args=(spec, ctl_addr, inbox_addr, os.getpid())
+            )
             process.start()
         except Exception as e:
             for sock in (control, inbox):

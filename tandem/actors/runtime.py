@@ -53,8 +53,9 @@ _PDEATH_SIGNAL = signal.SIGHUP
 class ActorContext:
     """What an entry function gets. Use ``inbox`` and ``poll_inbox`` from the entry's thread only."""
 
-    def __init__(self, spec: ActorSpec, control_addr: str, inbox_addr: str, parent_pid: int,
-                 zmq_ctx: zmq.Context) -> None:
+    def __init__(
+        self, spec: ActorSpec, control_addr: str, inbox_addr: str, parent_pid: int, zmq_ctx: zmq.Context
+    ) -> None:
         self.name = spec.name
         self.config: Any = spec.config
         self.runtime_dir: Path = spec.runtime_dir
@@ -69,12 +70,14 @@ class ActorContext:
         self._control_lock = threading.Lock()
         # IMMEDIATE + SNDTIMEO: a send blocks until the pipe to the parent exists, at most 5 s,
         # rather than queueing forever for a parent that is gone.
-        self._control = make_socket(zmq_ctx, zmq.PUSH, linger_ms=CONTROL_LINGER_MS, immediate=True,
-                                    heartbeat_ivl_ms=None)
+        self._control = make_socket(
+            zmq_ctx, zmq.PUSH, linger_ms=CONTROL_LINGER_MS, immediate=True, heartbeat_ivl_ms=None
+        )
         self._control.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
         self._control.connect(control_addr)
-        self.inbox = make_socket(zmq_ctx, zmq.PULL, linger_ms=DATA_LINGER_MS, max_msg_size=_INBOX_MAX_MSG,
-                                 heartbeat_ivl_ms=None)
+        self.inbox = make_socket(
+            zmq_ctx, zmq.PULL, linger_ms=DATA_LINGER_MS, max_msg_size=_INBOX_MAX_MSG, heartbeat_ivl_ms=None
+        )
         self.inbox.connect(inbox_addr)
         self._ready_sent = False
         self._heartbeat_stop = threading.Event()
@@ -157,8 +160,11 @@ class ActorContext:
         worker.start()
         worker.join(_FORCED_CLEANUP_TIMEOUT)
         if worker.is_alive():
-            log.error("%s: cleanups still running after %.0f s; exiting without them",
-                      self.name, _FORCED_CLEANUP_TIMEOUT)
+            log.error(
+                "%s: cleanups still running after %.0f s; exiting without them",
+                self.name,
+                _FORCED_CLEANUP_TIMEOUT,
+            )
         for stream in (sys.stderr, sys.stdout):
             with contextlib.suppress(Exception):
                 stream.flush()

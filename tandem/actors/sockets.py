@@ -1,6 +1,6 @@
 """ZeroMQ socket options and ipc paths, set the same way in every process.
 
-Why each option matters (reference/reliability-notes.md, section 3.2):
+Why each option matters:
 - LINGER: the default (-1) makes ``ctx.term()`` hang forever on a message queued to an absent peer.
 - ZMTP heartbeats: without them a hung (SIGSTOPped) peer over tcp is never noticed.
 - MAXMSGSIZE: bounds what an untrusted peer can make us allocate before msgpack sees it.
@@ -74,8 +74,12 @@ def make_socket(
     return sock
 
 
-def enable_heartbeats(sock: zmq.Socket, ivl_ms: int = HEARTBEAT_IVL_MS,
-                      timeout_ms: int = HEARTBEAT_TIMEOUT_MS, ttl_ms: int | None = None) -> None:
+def enable_heartbeats(
+    sock: zmq.Socket,
+    ivl_ms: int = HEARTBEAT_IVL_MS,
+    timeout_ms: int = HEARTBEAT_TIMEOUT_MS,
+    ttl_ms: int | None = None,
+) -> None:
     """ZMTP PING every ``ivl_ms``; drop the connection when no traffic arrives for ``timeout_ms``.
 
     This proves the peer's I/O thread is alive, not that its main loop makes progress: pair it with
@@ -118,8 +122,10 @@ def ipc_address(runtime_dir: Path, stem: str) -> str:
     for _ in range(8):
         path = Path(runtime_dir) / f"{stem}-{secrets.token_hex(4)}.sock"
         if len(os.fsencode(path)) > MAX_IPC_PATH:
-            raise ValueError(f"ipc path too long for a unix socket ({len(os.fsencode(path))} > "
-                             f"{MAX_IPC_PATH} bytes): {path}; use a shorter runtime directory")
+            raise ValueError(
+                f"ipc path too long for a unix socket ({len(os.fsencode(path))} > "
+                f"{MAX_IPC_PATH} bytes): {path}; use a shorter runtime directory"
+            )
         if not path.exists():
             return f"ipc://{path}"
     raise FileExistsError(f"could not find a free ipc path in {runtime_dir}")
@@ -129,7 +135,7 @@ def ipc_path(address: str) -> Path | None:
     """The filesystem path of an ``ipc://`` address, None for other transports or abstract sockets."""
     if not address.startswith("ipc://"):
         return None
-    rest = address[len("ipc://"):]
+    rest = address[len("ipc://") :]
     if not rest or rest.startswith("@"):
         return None
     return Path(rest)

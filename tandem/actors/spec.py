@@ -31,8 +31,10 @@ class ActorSpec:
         if ":" not in self.entry:
             raise ValueError(f"actor entry must look like 'package.module:function', got {self.entry!r}")
         if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
-            raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout, got "
-                             f"{self.heartbeat_interval} and {self.heartbeat_timeout}")
+            raise ValueError(
+                "need 0 < heartbeat_interval < heartbeat_timeout, got "
+                f"{self.heartbeat_interval} and {self.heartbeat_timeout}"
+            )
         if self.ready_timeout <= 0 or self.exit_grace < 0:
             raise ValueError("ready_timeout must be positive and exit_grace non-negative")
 

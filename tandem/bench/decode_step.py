@@ -25,6 +25,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tandem.bench.timing import median, ratio
+from tandem.formats.model_config import ModelConfig
 from tandem.gpu_worker.cuda_graphs import DecodeGraphs
 from tandem.gpu_worker.kv_cache import KVCache
 from tandem.gpu_worker.model.llama import LlamaModel
@@ -32,7 +33,6 @@ from tandem.gpu_worker.model.triton_attention import triton_available
 from tandem.gpu_worker.staging import StepStaging
 from tandem.gpu_worker.step_plan import plan_step, resolve_refs
 from tandem.messages import Doorbell
-from tandem.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +256,13 @@ def graphs_vs_eager(
             ms["graph"].append(time_steps(b.graph_step, ctx, steps, device))
         for mode, values in ms.items():
             rows.append(
-                {"mode": mode, "batch_size": batch, "ms_per_step": median(values),
-                 "tokens_per_s": batch / (median(values) / 1000), "runs_ms": values}
+                {
+                    "mode": mode,
+                    "batch_size": batch,
+                    "ms_per_step": median(values),
+                    "tokens_per_s": batch / (median(values) / 1000),
+                    "runs_ms": values,
+                }
             )
         del b
         torch.cuda.empty_cache()
@@ -265,7 +270,7 @@ def graphs_vs_eager(
 
 
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> LlamaModel:
-    from tandem.models.loader import load_model_weights
+    from tandem.formats.loader import load_model_weights
 
     loaded = load_model_weights(str(path), dtype=dtype)
     return LlamaModel(loaded.config, loaded.tensors).to(device)

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from tandem.bench.timing import median
+from tandem.formats.loader import load_gguf
 from tandem.gpu_worker.kv_cache import KVCache
 from tandem.gpu_worker.model.attention import AttentionMetadata
 from tandem.gpu_worker.model.llama import LlamaModel
-from tandem.models.loader import load_gguf
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ class RaceOptions:
     modes: tuple[str, ...] | None = None  # None: default_modes()
     repeats: int = 3
     model: str | None = None  # a store name or path; None: smollm2:135m (unless synthetic)
-    synthetic: str | None = None  # a tandem.models.synthetic shape instead of a model file
+    synthetic: str | None = None  # a tandem.formats.synthetic shape instead of a model file
     llama_server: Path | None = None
     threads: int | None = None  # tandem's worker threads (None: the engine's default)
     baseline_threads: int | None = None  # hf's torch threads and llama-server's -t (None: as tandem's)
@@ -86,7 +86,7 @@ class RaceOptions:
         if self.model is not None and self.synthetic is not None:
             raise ValueError("--model and --synthetic exclude each other: one model per race")
         if self.synthetic is not None:
-            from tandem.models.synthetic import synthetic_shape
+            from tandem.formats.synthetic import synthetic_shape
 
             shape = synthetic_shape(self.synthetic)
             if not shape.cpu_ok and not self.device.startswith("cuda"):
@@ -166,17 +166,17 @@ class _Model:
 
 
 def _model(opts: RaceOptions, workdir: Path, say: Callable[[str], None]) -> _Model:
-    from tandem.models.model_files import read_config_and_tokenizer
+    from tandem.formats.model_files import read_config_and_tokenizer
 
     if opts.synthetic is not None:
-        from tandem.models.synthetic import synthetic_shape, write_synthetic_gguf
+        from tandem.formats.synthetic import synthetic_shape, write_synthetic_gguf
 
         shape = synthetic_shape(opts.synthetic)
         say(f"race: writing a random-weight {shape.name} GGUF (about {shape.file_bytes / 2**20:.1f} MiB)")
         path = write_synthetic_gguf(workdir / f"synthetic-{shape.name}.gguf", shape)
         info: dict[str, Any] = {"name": f"synthetic:{shape.name}", "path": None, "synthetic": asdict(shape)}
     else:
-        from tandem.models.store import ensure_model
+        from tandem.store.model_store import ensure_model
 
         ref = ensure_model(opts.model or DEFAULT_MODEL)
         path = Path(ref.path)

@@ -24,11 +24,11 @@ import numpy as np
 
 from tandem.bench.timing import median, summarize
 from tandem.config import EngineConfig
+from tandem.formats.model_files import load_tokenizer
 from tandem.messages import OutputBatch, SamplingParams, StepResult, SubmitRequest, decode, encode
-from tandem.models.model_files import load_tokenizer
-from tandem.models.tokenizer import Tokenizer
 from tandem.scheduler.core import EngineCore
 from tandem.shm import RingSegment, batch_layout
+from tandem.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tandem import __version__
-from tandem.models.tiny import TinySpec, write_tiny_gguf
+from tandem.formats.tiny import TinySpec, write_tiny_gguf
 
 if TYPE_CHECKING:
     from tandem.bench.race import RaceOptions
@@ -152,7 +152,7 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
     results: dict[str, Any] = {"machine": machine_info(), "quick": opts.quick, "sections": list(sections)}
     model_path: str | None = None
     if {"pipeline-model", "model-stack"} & set(sections):
-        from tandem.models.store import ensure_model
+        from tandem.store.model_store import ensure_model
 
         ref = ensure_model(opts.model or DEFAULT_MODEL)
         model_path, results["model"] = str(ref.path), ref.name
@@ -178,7 +178,7 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
                 from tandem.bench.scheduler_cpu import run_scheduler_cpu
 
                 results[name] = run_scheduler_cpu(tiny, sizes["scheduler"])
-                results[name]["tokenizer"] = "tiny byte-level BPE (tandem.models.tiny)"
+                results[name]["tokenizer"] = "tiny byte-level BPE (tandem.formats.tiny)"
             elif name == "race":
                 from tandem.bench.race import RaceOptions, run_race
 

@@ -102,4 +102,3 @@ def chrome_trace(servers: Sequence[TracedServer]) -> dict[str, Any]:
                 _span(f"results {step}", sp, 2, r[_I["result_start_ns"]], r[_I["result_end_ns"]], args)
             )
     return {"traceEvents": events, "displayTimeUnit": "ms"}
-

@@ -66,7 +66,7 @@ def _mode_list(ctx: click.Context, param: click.Parameter, value: str | None) ->
 
 
 def _synthetic_names() -> list[str]:
-    from tandem.models.synthetic import SHAPES
+    from tandem.formats.synthetic import SHAPES
 
     return list(SHAPES)
 

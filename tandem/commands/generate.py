@@ -80,8 +80,8 @@ def generate(
     from tandem.engine.process import EngineProcess
     from tandem.engine.router import EngineError
     from tandem.engine.sync import SyncEngine
-    from tandem.models.prompt import prompt_ids
-    from tandem.models.store import ensure_model
+    from tandem.prompts.build import prompt_ids
+    from tandem.store.model_store import ensure_model
 
     ref = ensure_model(model, progress=True)
     cfg = engine_config(str(ref.path), ref.name, kw, current_log_level())

@@ -142,7 +142,7 @@ def serve(
     from tandem.gateway.listen import ServeError
     from tandem.gateway.server import ServeConfig
     from tandem.gateway.server import serve as run
-    from tandem.models.store import ensure_model
+    from tandem.store.model_store import ensure_model
 
     h, p = _split_host(host)
     allowed_origins = _origins(origins)

@@ -22,7 +22,7 @@ from tandem.config import EngineConfig
 from tandem.engine.process import EngineProcess
 from tandem.engine.router import EngineError, Router
 from tandem.messages import ErrorCode, Finished, RequestError, SamplingParams, Stats, StepTrace, TokenDelta
-from tandem.models.tokenizer import Tokenizer
+from tandem.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ def bind_error(what: str, host: str, port: int, err: Exception) -> ServeError:
 
 
 def port_owner(port: int) -> str | None:
-    """"pid N (name)" of the process listening on TCP ``port``, when this user can tell."""
+    """ "pid N (name)" of the process listening on TCP ``port``, when this user can tell."""
     pid = _listener_pid(port)
     if pid is not None:
         return f"pid {pid} ({_process_name(pid)})"

@@ -143,7 +143,8 @@ class Server:
         if tcp and not is_loopback(cfg.zmq_host):
             log.warning(
                 "ZeroMQ on %s can be reached from other machines, and the protocol is unauthenticated "
-                "and unencrypted: anyone who reaches it can use the model", tcp[0]
+                "and unencrypted: anyone who reaches it can use the model",
+                tcp[0],
             )
 
     def _http_url(self) -> str | None:
@@ -156,7 +157,7 @@ class Server:
             import uvicorn
 
             from tandem.gateway.http.app import HttpSettings, build_app
-            from tandem.models.local_paths import allowed_roots
+            from tandem.store.local_paths import allowed_roots
 
             settings = HttpSettings(
                 allowed_hosts=self.cfg.allowed_hosts,

@@ -42,7 +42,7 @@ from tandem.actors.sockets import (
 from tandem.engine.aio import AsyncEngine
 from tandem.engine.router import EngineError
 from tandem.gateway.zmq_frames import UnreadableFrame, read_frame, readable_id
-from tandem.gateway.zmq_peers import PROBE_INTERVAL_S, SEND_TIMEOUT_S, Client, ClientRequest, Peers
+from tandem.gateway.zmq_peers import Client, ClientRequest, Peers
 from tandem.messages import (
     PROTOCOL_VERSION,
     Accepted,
@@ -61,18 +61,16 @@ from tandem.messages import (
     TokenDelta,
     merge_delta,
 )
-from tandem.models.chat_template import ChatTemplateError
-from tandem.models.prompt import chat_ids, prompt_ids
-from tandem.models.tokenizer import Tokenizer, TokenizerError
+from tandem.prompts.build import chat_ids, prompt_ids
+from tandem.prompts.chat_template import ChatTemplateError
+from tandem.tokenizer.build import TokenizerError
+from tandem.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 CAPABILITIES = ["stream", "cancel", "chat", "prompt_token_ids", "logprobs", "logits", "health"]
 TERMINAL_LINGER_MS = 500  # time at close for terminal frames still queued to reach their clients
 MAX_ERROR_CHARS = 300  # error messages quote client values: never send back more than this
-
-# Where they were defined before the per-client bookkeeping moved to zmq_peers.py.
-__all__ = ["CAPABILITIES", "PROBE_INTERVAL_S", "SEND_TIMEOUT_S", "TERMINAL_LINGER_MS", "ZmqFrontend"]
 
 
 class ZmqFrontend:
@@ -96,7 +94,7 @@ class ZmqFrontend:
         self.max_msg_size = max_msg_size
         self.max_inflight = max_inflight_per_client
         self.runtime_dir = runtime_dir
-        self.special_in_messages = special_in_messages  # see tandem.models.prompt.chat_ids
+        self.special_in_messages = special_in_messages  # see tandem.prompts.build.chat_ids
         self._own_dir = False
         self._sock: zmq.asyncio.Socket | None = None
         self._tasks: set[asyncio.Task[Any]] = set()

@@ -45,6 +45,7 @@ class GraphHost(Protocol):
     prev_sampled: torch.Tensor  # (max_num_seqs,) the previous step's sampled token per row
     device: torch.device
 
+
 _BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 _DEPTH = 3  # pinned input buffers in rotation, as in StepStaging
 

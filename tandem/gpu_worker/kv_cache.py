@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tandem.models.config import ModelConfig
+from tandem.formats.model_config import ModelConfig
 
 
 @dataclass

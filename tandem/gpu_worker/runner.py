@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from tandem.config import WorkerConfig
+from tandem.formats.loader import load_model_weights
 from tandem.gpu_worker.cuda_graphs import DecodeGraphs
 from tandem.gpu_worker.kv_cache import KVCache
 from tandem.gpu_worker.model.llama import LlamaModel
@@ -23,7 +24,6 @@ from tandem.gpu_worker.sampler import SamplingTensors, sample
 from tandem.gpu_worker.staging import StepStaging
 from tandem.gpu_worker.step_plan import plan_step, resolve_refs
 from tandem.messages import Doorbell, StepResult
-from tandem.models.loader import load_model_weights
 from tandem.shm.layout import SAMPLING_COLUMNS
 from tandem.shm.slot import SlotView
 

@@ -48,7 +48,6 @@ from tandem.messages import (
     SubmitRequest,
     TokenDelta,
 )
-from tandem.models.tokenizer import Tokenizer
 from tandem.scheduler.batch import Packer
 from tandem.scheduler.block_manager import BlockManager
 from tandem.scheduler.output import OutputProcessor
@@ -56,6 +55,7 @@ from tandem.scheduler.scheduler import AdmissionError, ScheduledBatch, Scheduler
 from tandem.scheduler.sequence import SeqStatus, Sequence
 from tandem.scheduler.watchdog import StepWatchdog
 from tandem.shm.slot import SlotView
+from tandem.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

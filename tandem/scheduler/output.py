@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tandem.messages import FinishReason
-from tandem.models.detokenizer import IncrementalDetokenizer
-from tandem.models.tokenizer import Tokenizer
 from tandem.scheduler.sequence import Sequence
+from tandem.tokenizer.detokenizer import IncrementalDetokenizer
+from tandem.tokenizer.tokenizer import Tokenizer
 
 
 @dataclass(slots=True)

@@ -19,6 +19,7 @@ import zmq
 from tandem.actors import ActorContext, ActorHandle, ActorSpec, ActorStartError
 from tandem.actors.sockets import drain, ipc_address, make_socket, remove_ipc_file
 from tandem.config import EngineConfig, WorkerConfig
+from tandem.formats.model_files import read_config_and_tokenizer
 from tandem.messages import (
     CancelRequest,
     ErrorCode,
@@ -31,7 +32,6 @@ from tandem.messages import (
     TraceRequest,
     encode,
 )
-from tandem.models.model_files import read_config_and_tokenizer
 from tandem.scheduler.core import EngineCore
 from tandem.scheduler.step_trace import StepTracer, trace_reply
 from tandem.shm import RingSegment, batch_layout, cleanup_stale_segments

@@ -1,6 +1,6 @@
 """POSIX shm segments at the OS level: names, /dev/shm space, untracked attach, stale cleanup.
 
-Python 3.11's resource_tracker is the hazard here (reference/reliability-notes.md 2.1):
+Python 3.11's resource_tracker is the hazard here:
 an attacher that registers a segment gets it unlinked behind the creator's back, and an
 attacher that registers then unregisters (in a spawn child, which shares the creator's
 tracker) erases the creator's own registration, so the creator's `unlink()` later makes

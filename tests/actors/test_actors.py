@@ -37,8 +37,6 @@ if str(HERE) not in sys.path:
 # --------------------------------------------------------------------------------------
 
 
-
-
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     before = children(os.getpid())

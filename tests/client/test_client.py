@@ -36,10 +36,10 @@ from tandem.client import (
     TandemConnectionError,
     TandemTimeout,
 )
-from tandem.models.tiny import TinySpec, write_tiny_gguf
+from tandem.formats.tiny import TinySpec, write_tiny_gguf
 from tandem.shm import list_segments
 
-SERVER = r'''
+SERVER = r"""
 import asyncio, json, signal, sys
 from tandem.config import EngineConfig
 from tandem.engine.aio import AsyncEngine
@@ -61,13 +61,10 @@ async def main(model: str) -> int:
 
 if __name__ == "__main__":
     sys.exit(asyncio.run(main(sys.argv[1])))
-'''
+"""
 CONTEXT = 4096
 # ~10 s on the tiny model: a test that sees it end early knows it was cancelled
 LONG = {"max_tokens": CONTEXT - 100, "temperature": 0.0, "ignore_eos": True}
-
-
-
 
 
 @dataclass
@@ -132,13 +129,17 @@ def test_sync_generate_and_stream(server: Server) -> None:
     with TandemClient(server.ipc, timeout=10) as c:
         assert c.server is not None and c.server.model == "tiny"
         full = c.generate("Once upon", max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
-        chat = c.generate(messages=[{"role": "user", "content": "Once upon"}], max_tokens=8, temperature=0,
-                          ignore_eos=True)
+        chat = c.generate(
+            messages=[{"role": "user", "content": "Once upon"}], max_tokens=8, temperature=0, ignore_eos=True
+        )
         with c.stream("Once upon", max_tokens=8, temperature=0, ignore_eos=True) as s:
             parts = list(s)
     assert full.finish_reason == "length" and len(full.token_ids) == 8
-    assert full.usage == {"prompt_tokens": len(full.prompt_token_ids), "completion_tokens": 8,
-                          "cached_tokens": full.usage["cached_tokens"]}
+    assert full.usage == {
+        "prompt_tokens": len(full.prompt_token_ids),
+        "completion_tokens": 8,
+        "cached_tokens": full.usage["cached_tokens"],
+    }
     assert full.logprobs is not None and len(full.logprobs) == 8 and len(full.top_logprobs or []) == 8
     assert set(full.timings) == {"queued_s", "prefill_s", "decode_s", "total_s"}
     assert chat.prompt_token_ids == full.prompt_token_ids  # one user turn: the same chat template
@@ -147,9 +148,17 @@ def test_sync_generate_and_stream(server: Server) -> None:
 
 
 def test_concurrent_async_requests_match_single_runs(server: Server) -> None:
-    cases = [dict(prompt=f"case {i}: " + "x" * (i * 7), max_tokens=4 + 3 * i, ignore_eos=True,
-                  temperature=0.0 if i % 2 else 0.8, seed=100 + i, top_k=0 if i % 3 else 20)
-             for i in range(16)]
+    cases = [
+        dict(
+            prompt=f"case {i}: " + "x" * (i * 7),
+            max_tokens=4 + 3 * i,
+            ignore_eos=True,
+            temperature=0.0 if i % 2 else 0.8,
+            seed=100 + i,
+            top_k=0 if i % 3 else 20,
+        )
+        for i in range(16)
+    ]
     with TandemClient(server.ipc, timeout=10) as c:
         single = [c.generate(**case).token_ids for case in cases]
 
@@ -170,8 +179,12 @@ async def _collect(stream: Any) -> list[int]:
 
 def test_invalid_parameters_name_the_parameter(server: Server) -> None:
     with TandemClient(server.ipc, timeout=10) as c:
-        for kw, param in [({"temperature": -1}, "temperature"), ({"max_tokens": 0}, "max_tokens"),
-                          ({"top_p": 2.0}, "top_p"), ({"logprobs": 99}, "logprobs")]:
+        for kw, param in [
+            ({"temperature": -1}, "temperature"),
+            ({"max_tokens": 0}, "max_tokens"),
+            ({"top_p": 2.0}, "top_p"),
+            ({"logprobs": 99}, "logprobs"),
+        ]:
             with pytest.raises(InvalidRequestError) as ei:
                 c.generate("hi", **kw)
             assert ei.value.param == param and ei.value.code == "invalid_request"
@@ -209,8 +222,9 @@ def test_leaving_streams_early_cancels_them(server: Server) -> None:
     wait_until(server.idle, 2.0)
 
 
-def test_version_mismatch_and_no_server(server: Server, monkeypatch: pytest.MonkeyPatch,
-                                        tmp_path: Path) -> None:
+def test_version_mismatch_and_no_server(
+    server: Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(common, "PROTOCOL_VERSION", common.PROTOCOL_VERSION + 1)
     with pytest.raises(ProtocolVersionError, match=r"speaks tandem protocol v1, this client speaks v2"):
         TandemClient(server.tcp)

@@ -29,6 +29,7 @@ from tandem.actors.sockets import ipc_path
 from tandem.client import AsyncTandemClient, InvalidRequestError, ShuttingDownError, TandemClient
 from tandem.config import EngineConfig
 from tandem.engine.aio import AsyncEngine
+from tandem.formats.tiny import TinySpec, write_tiny_gguf
 from tandem.gateway.zmq_frontend import ZmqFrontend, longest_token_bytes
 from tandem.messages import (
     PROTOCOL_VERSION,
@@ -49,16 +50,13 @@ from tandem.messages import (
     decode,
     encode,
 )
-from tandem.models.prompt import prompt_ids
-from tandem.models.tiny import TinySpec, write_tiny_gguf
+from tandem.prompts.build import prompt_ids
 from tandem.shm import list_segments
 
 MAX_MSG = 1 << 20
 CONTEXT = 4096
 # ~10 s on the tiny model: a test that sees it end early knows it was cancelled
 LONG = SamplingParams(max_tokens=CONTEXT - 100, temperature=0.0, ignore_eos=True)
-
-
 
 
 class ServerThread:
@@ -175,8 +173,9 @@ class Raw:
             if isinstance(msg, KeepAlive):
                 continue
             frames.setdefault(msg.request_id, []).append(msg)
-            if quiet_until is None and all(f and isinstance(f[-1], Finished | RequestError)
-                                           for f in frames.values()):
+            if quiet_until is None and all(
+                f and isinstance(f[-1], Finished | RequestError) for f in frames.values()
+            ):
                 quiet_until = time.monotonic() + 0.3
         return frames
 
@@ -233,12 +232,18 @@ def test_every_request_gets_exactly_one_terminal(server: ServerThread, raw: Raw)
     vocab = server.engine.tokenizer.vocab_size
     reqs = {}
     for i in range(16):
-        params = SamplingParams(max_tokens=3 + 4 * i, temperature=0.0 if i % 2 else 0.9, seed=i,
-                                ignore_eos=True, logprobs=1 if i % 3 == 0 else None)
+        params = SamplingParams(
+            max_tokens=3 + 4 * i,
+            temperature=0.0 if i % 2 else 0.9,
+            seed=i,
+            ignore_eos=True,
+            logprobs=1 if i % 3 == 0 else None,
+        )
         reqs[f"r{i}"] = GenerateRequest(f"r{i}", prompt=f"prompt {i}", params=params, stream=i % 4 != 0)
     reqs["ids"] = GenerateRequest("ids", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=4))
-    reqs["chat"] = GenerateRequest("chat", messages=[ChatMessage("user", "hi")], params=SamplingParams(
-        max_tokens=40, ignore_eos=True))
+    reqs["chat"] = GenerateRequest(
+        "chat", messages=[ChatMessage("user", "hi")], params=SamplingParams(max_tokens=40, ignore_eos=True)
+    )
     reqs["bad-temp"] = GenerateRequest("bad-temp", prompt="x", params=SamplingParams(temperature=-1.0))
     reqs["bad-ids"] = GenerateRequest("bad-ids", prompt_token_ids=[1, vocab], params=SamplingParams())
     reqs["two"] = GenerateRequest("two", prompt="x", messages=[ChatMessage("user", "y")])
@@ -301,8 +306,14 @@ def test_client_that_vanishes_is_cancelled(server: ServerThread, stream: bool) -
 
 
 def test_garbage_frames_get_errors_and_the_server_keeps_serving(server: ServerThread, raw: Raw) -> None:
-    for junk in ([b"\xc1\x00garbage"], [msgpack.packb([999, "x"])], [b"\x93\x01\x02"], [b"a", b"b"],
-                 [encode(Finished("x", "stop", 1, 1))], [msgpack.packb([53, 42, "not a prompt"])]):
+    for junk in (
+        [b"\xc1\x00garbage"],
+        [msgpack.packb([999, "x"])],
+        [b"\x93\x01\x02"],
+        [b"a", b"b"],
+        [encode(Finished("x", "stop", 1, 1))],
+        [msgpack.packb([53, 42, "not a prompt"])],
+    ):
         raw.send_bytes(*junk)
         err = raw.recv()
         assert isinstance(err, RequestError) and err.code == "invalid_request" and err.request_id == "", junk
@@ -394,8 +405,16 @@ def pack(values: list[Any]) -> bytes:
     return msgpack.packb(values).replace(BAD.encode(), b"\xff" * len(BAD))
 
 
-def generate_frame(rid: Any, prompt: Any = "hi", ids: Any = None, messages: Any = None, raw_: Any = False,
-                   system: Any = None, params: Any = (3, 0.0), stream: Any = True) -> bytes:
+def generate_frame(
+    rid: Any,
+    prompt: Any = "hi",
+    ids: Any = None,
+    messages: Any = None,
+    raw_: Any = False,
+    system: Any = None,
+    params: Any = (3, 0.0),
+    stream: Any = True,
+) -> bytes:
     params = list(params) if isinstance(params, tuple) else params
     return pack([GenerateRequest.TAG, rid, prompt, ids, messages, raw_, system, params, stream])
 
@@ -450,9 +469,14 @@ def test_huge_prompts_get_one_terminal_at_once_and_stall_nobody(server: ServerTh
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(parts=st.lists(st.one_of(st.text(max_size=40), st.sampled_from(["<|im_start|>", "<|im_end|>",
-                                                                          " " * 64, "\n" * 9, "the "])),
-                      max_size=12))
+@given(
+    parts=st.lists(
+        st.one_of(
+            st.text(max_size=40), st.sampled_from(["<|im_start|>", "<|im_end|>", " " * 64, "\n" * 9, "the "])
+        ),
+        max_size=12,
+    )
+)
 def test_no_prompt_the_size_rule_refuses_could_fit(server: ServerThread, parts: list[str]) -> None:
     """The rule's premise: no token stands for more text than the longest token's bytes."""
     tok = server.engine.tokenizer
@@ -467,8 +491,12 @@ def test_no_prompt_the_size_rule_refuses_could_fit(server: ServerThread, parts: 
     [
         pytest.param(generate_frame("u1", f"hi {BAD}"), "u1", "prompt", id="prompt-not-utf8"),
         pytest.param(generate_frame("u2", "hi", system=BAD), "u2", "system", id="system-not-utf8"),
-        pytest.param(generate_frame("u3", None, messages=[["user", "ok"], ["user", BAD]]), "u3", "messages",
-                     id="chat-content-not-utf8"),
+        pytest.param(
+            generate_frame("u3", None, messages=[["user", "ok"], ["user", BAD]]),
+            "u3",
+            "messages",
+            id="chat-content-not-utf8",
+        ),
         pytest.param(generate_frame("u4", params=BAD_STOP), "u4", "stop", id="stop-not-utf8"),
         pytest.param(generate_frame("t1", params=5), "t1", "params", id="params-not-an-array"),
         pytest.param(generate_frame("t2", None, messages=7), "t2", "messages", id="messages-not-an-array"),
@@ -499,28 +527,47 @@ def test_malformed_fields_are_refused_under_their_request_id(
 
 _INT = st.integers(-(2**63), 2**64 - 1)  # what msgpack can carry
 _JUNK = st.one_of(
-    st.none(), st.booleans(), _INT, st.floats(), st.text(max_size=6),
-    st.binary(max_size=6), st.just(BAD),
+    st.none(),
+    st.booleans(),
+    _INT,
+    st.floats(),
+    st.text(max_size=6),
+    st.binary(max_size=6),
+    st.just(BAD),
     st.lists(st.one_of(st.integers(-3, 300), st.text(max_size=3), st.just(BAD), st.none()), max_size=3),
     st.dictionaries(st.text(max_size=3), _INT, min_size=1, max_size=2),
 )
 # Never a value that decodes to default sampling params (no max_tokens: a generation as long as the context)
 _PARAMS = st.one_of(
-    st.just([3, 0.0]), st.none(), st.booleans(), _INT, st.floats(), st.just(BAD),
-    st.text(min_size=1, max_size=4), st.tuples(st.just(3), _JUNK).map(list),
+    st.just([3, 0.0]),
+    st.none(),
+    st.booleans(),
+    _INT,
+    st.floats(),
+    st.just(BAD),
+    st.text(min_size=1, max_size=4),
+    st.tuples(st.just(3), _JUNK).map(list),
     st.just(BAD_STOP),
 )
-_REQUEST = st.fixed_dictionaries({
-    "rid": st.one_of(st.text(max_size=8).map(lambda t: ("text", t)), _JUNK.map(lambda j: ("junk", j))),
-    "prompt": st.one_of(st.none(), st.just("hi"), st.just(f"say {BAD}"), _JUNK),
-    "ids": st.one_of(st.none(), st.just([5, 6]), _JUNK),
-    "messages": st.one_of(st.none(), st.just([["user", "hi"]]), st.just([["user", BAD]]), st.just([["user"]]),
-                          st.just([7]), _JUNK),
-    "raw_": st.one_of(st.booleans(), _JUNK),
-    "system": st.one_of(st.none(), st.just("be brief"), _JUNK),
-    "params": _PARAMS,
-    "stream": st.one_of(st.booleans(), _JUNK),
-})
+_REQUEST = st.fixed_dictionaries(
+    {
+        "rid": st.one_of(st.text(max_size=8).map(lambda t: ("text", t)), _JUNK.map(lambda j: ("junk", j))),
+        "prompt": st.one_of(st.none(), st.just("hi"), st.just(f"say {BAD}"), _JUNK),
+        "ids": st.one_of(st.none(), st.just([5, 6]), _JUNK),
+        "messages": st.one_of(
+            st.none(),
+            st.just([["user", "hi"]]),
+            st.just([["user", BAD]]),
+            st.just([["user"]]),
+            st.just([7]),
+            _JUNK,
+        ),
+        "raw_": st.one_of(st.booleans(), _JUNK),
+        "system": st.one_of(st.none(), st.just("be brief"), _JUNK),
+        "params": _PARAMS,
+        "stream": st.one_of(st.booleans(), _JUNK),
+    }
+)
 
 
 class WellBehaved(threading.Thread):
@@ -547,8 +594,11 @@ def test_any_generate_frame_gets_one_terminal_under_its_readable_id(server: Serv
     well.start()
     counter = iter(range(10**6))
 
-    @settings(max_examples=80, deadline=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @settings(
+        max_examples=80,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
     @given(req=_REQUEST)
     def check(req: dict[str, Any]) -> None:
         kind, value = req.pop("rid")

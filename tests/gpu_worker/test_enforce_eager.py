@@ -13,7 +13,7 @@ import click
 from click.testing import CliRunner
 
 from tandem.commands.options import engine_config, engine_options
-from tandem.models.tiny import TinySpec, write_tiny_gguf
+from tandem.formats.tiny import TinySpec, write_tiny_gguf
 
 
 @click.command()

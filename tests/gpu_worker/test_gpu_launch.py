@@ -14,9 +14,9 @@ import pytest
 import torch
 from step_driver import Seq, make_runner, tokens_of, write_step
 
+from tandem.formats.tiny import TinySpec, write_tiny_gguf
 from tandem.gpu_worker.runner import ModelRunner, PendingResult
 from tandem.messages import Doorbell
-from tandem.models.tiny import TinySpec, write_tiny_gguf
 from tandem.shm import RingSegment
 
 pytestmark = pytest.mark.gpu
@@ -61,8 +61,10 @@ def test_two_overlapped_steps_launch_without_host_syncs(
     rng = random.Random(2)
     # Row 2 asks for its token's logprob: its steps take the sampling graph, still greedy.
     seqs = {
-        r: [Seq(i, [3 * i, 3 * i + 1, 3 * i + 2], prompt_len=5 + 7 * i, num_logprobs=0 if i == 2 else -1)
-            for i in range(3)]
+        r: [
+            Seq(i, [3 * i, 3 * i + 1, 3 * i + 2], prompt_len=5 + 7 * i, num_logprobs=0 if i == 2 else -1)
+            for i in range(3)
+        ]
         for r in "gc"
     }
     prompts = [[rng.randrange(200) for _ in range(s.prompt_len)] for s in seqs["g"]]

@@ -7,16 +7,47 @@ from pathlib import Path
 import pytest
 import torch
 
+from tandem.formats.loader import load_gguf
 from tandem.gpu_worker.kv_cache import KVCache
 from tandem.gpu_worker.model.attention import AttentionMetadata
 from tandem.gpu_worker.model.llama import LlamaModel
-from tandem.models.loader import load_gguf
 
 pytestmark = pytest.mark.slow
 
 PROMPTS = [
-    [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182,
-     2, 198, 1, 4093, 198, 23464, 2, 198, 1, 520, 9531, 198],
+    [
+        1,
+        9690,
+        198,
+        2683,
+        359,
+        253,
+        5356,
+        5646,
+        11173,
+        3365,
+        3511,
+        308,
+        34519,
+        28,
+        7018,
+        411,
+        407,
+        19712,
+        8182,
+        2,
+        198,
+        1,
+        4093,
+        198,
+        23464,
+        2,
+        198,
+        1,
+        520,
+        9531,
+        198,
+    ],
     [504, 3458, 282, 4649, 314],  # "The capital of France is"
     list(range(100, 164)),
 ]

@@ -12,9 +12,9 @@ import torch
 from step_driver import BLOCK, Seq, make_runner, tokens_of, write_step
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tandem.formats.tiny import TinySpec, write_tiny_gguf
 from tandem.gpu_worker.cuda_graphs import DecodeGraphs
 from tandem.gpu_worker.runner import ModelRunner
-from tandem.models.tiny import TinySpec, write_tiny_gguf
 from tandem.shm.slot import SlotView
 
 # Ops whose result a host must read (or whose output shape depends on device data): on a GPU
@@ -37,7 +37,8 @@ class HostReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
         bool_index = name.startswith(("aten.index.Tensor", "aten.index_put")) and any(
-            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else [])
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool
+            for t in (args[1] if len(args) > 1 else [])
             if t is not None
         )
         if name in _HOST_READS or bool_index:

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
+from tandem.formats.loader import LoadedModel, load_gguf
+from tandem.formats.tiny import TinySpec, write_tiny_gguf
 from tandem.gpu_worker.kv_cache import KVCache
 from tandem.gpu_worker.model.attention import AttentionMetadata
 from tandem.gpu_worker.model.llama import LlamaModel
 from tandem.gpu_worker.model.quant_linear import QuantLinear
-from tandem.models.loader import LoadedModel, load_gguf
-from tandem.models.tiny import TinySpec, write_tiny_gguf
 
 BLOCK = 4
 
@@ -118,8 +118,10 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 def test_mixed_batches_match_contiguous_reference(tiny: LoadedModel) -> None:
     rng = random.Random(7)
-    prompts = {n: [rng.randrange(tiny.config.vocab_size) for _ in range(k)] for n, k in
-               [("a", 7), ("b", 13), ("c", 3), ("d", 1)]}
+    prompts = {
+        n: [rng.randrange(tiny.config.vocab_size) for _ in range(k)]
+        for n, k in [("a", 7), ("b", 13), ("c", 3), ("d", 1)]
+    }
     extra = {n: [rng.randrange(tiny.config.vocab_size) for _ in range(3)] for n in prompts}
     full = {n: prompts[n] + extra[n] for n in prompts}
     ref = {n: reference_logits(tiny, full[n]) for n in full}
@@ -171,8 +173,16 @@ def test_quantized_models_load_and_run(tmp_path: Path, qtype: Q) -> None:
 # weights, about 1.5-2x what was measured (3e-3 to 2.8e-2). Dense bf16 weights measure 3e-3 to
 # 1.7e-2 on these random models, which amplify any rounding through their layers.
 PACKED_BOUNDS = {
-    Q.Q4_0: 2e-2, Q.Q4_1: 2e-2, Q.Q5_0: 2e-2, Q.Q5_1: 3e-2, Q.Q8_0: 2.5e-2,
-    Q.Q2_K: 1e-2, Q.Q3_K: 2.5e-2, Q.Q4_K: 1e-2, Q.Q5_K: 1e-2, Q.Q6_K: 5e-2,
+    Q.Q4_0: 2e-2,
+    Q.Q4_1: 2e-2,
+    Q.Q5_0: 2e-2,
+    Q.Q5_1: 3e-2,
+    Q.Q8_0: 2.5e-2,
+    Q.Q2_K: 1e-2,
+    Q.Q3_K: 2.5e-2,
+    Q.Q4_K: 1e-2,
+    Q.Q5_K: 1e-2,
+    Q.Q6_K: 5e-2,
 }
 
 

@@ -18,7 +18,7 @@ from tandem.gpu_worker.kv_cache import KVCache
 from tandem.gpu_worker.model.attention import AttentionMetadata
 from tandem.gpu_worker.model.llama import LlamaModel
 from tandem.gpu_worker.runner import build_model
-from tandem.models.tokenizer import Tokenizer
+from tandem.tokenizer.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -84,8 +84,10 @@ def test_packed_perplexity_is_within_one_percent(models: dict, default_model_pat
     assert len(ids) >= 2000
     ppl = {name: perplexity(m, ids) for name, m in models.items()}
     ratio = ppl["auto"] / ppl["float32"]
-    print(f"\nperplexity over {len(ids)} tokens: float32 {ppl['float32']:.4f}, auto {ppl['auto']:.4f} "
-          f"(ratio {ratio:.4f})")
+    print(
+        f"\nperplexity over {len(ids)} tokens: float32 {ppl['float32']:.4f}, auto {ppl['auto']:.4f} "
+        f"(ratio {ratio:.4f})"
+    )
     assert abs(ratio - 1) <= 0.01
 
 
@@ -96,7 +98,9 @@ def test_packed_greedy_continuations_match_float32(models: dict, default_model_p
         ids = tok.encode(prompt)
         want, got = greedy(models["float32"], ids, 8), greedy(models["auto"], ids, 8)
         matches += want == got
-        print(f"\n{prompt!r}: {'match' if want == got else 'differs'}\n  float32 {tok.decode(want)!r}"
-              f"\n  auto    {tok.decode(got)!r}")
+        print(
+            f"\n{prompt!r}: {'match' if want == got else 'differs'}\n  float32 {tok.decode(want)!r}"
+            f"\n  auto    {tok.decode(got)!r}"
+        )
     print(f"greedy: {matches}/8 prompts match float32 on their first 8 tokens")
     assert matches >= 7

@@ -11,6 +11,10 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from tandem.formats.dequant import dequantize
+from tandem.formats.gguf_file import GGUFFile
+from tandem.formats.gguf_packed import AffineCodes, read_affine
+from tandem.formats.tiny import TinySpec, write_tiny_gguf
 from tandem.gpu_worker.model import quant_linear
 from tandem.gpu_worker.model.layers import Linear
 from tandem.gpu_worker.model.quant_linear import (
@@ -20,10 +24,6 @@ from tandem.gpu_worker.model.quant_linear import (
     int4_kernel_available,
     make_linear,
 )
-from tandem.models.dequant import dequantize
-from tandem.models.gguf_file import GGUFFile
-from tandem.models.gguf_packed import AffineCodes, read_affine
-from tandem.models.tiny import TinySpec, write_tiny_gguf
 
 T = GGMLQuantizationType
 
@@ -34,8 +34,16 @@ pytestmark = pytest.mark.skipif(not int4_kernel_available(), reason="this torch 
 # the requantized types add their int8 rounding. Measured here: 2e-3 to 7e-3 for the exact types,
 # up to 1e-2 for the requantized ones.
 BOUNDS = {
-    T.Q4_0: 1e-2, T.Q4_1: 1e-2, T.Q5_0: 1e-2, T.Q5_1: 1e-2, T.Q8_0: 1e-2,
-    T.Q4_K: 1e-2, T.Q5_K: 1e-2, T.Q2_K: 1.5e-2, T.Q3_K: 1.5e-2, T.Q6_K: 1.5e-2,
+    T.Q4_0: 1e-2,
+    T.Q4_1: 1e-2,
+    T.Q5_0: 1e-2,
+    T.Q5_1: 1e-2,
+    T.Q8_0: 1e-2,
+    T.Q4_K: 1e-2,
+    T.Q5_K: 1e-2,
+    T.Q2_K: 1.5e-2,
+    T.Q3_K: 1.5e-2,
+    T.Q6_K: 1.5e-2,
 }
 
 
@@ -175,5 +183,9 @@ def test_dense_parts_stay_a_plain_linear() -> None:
     lin = make_linear([w[:4], w[4:]], torch.zeros(8))
     assert isinstance(lin, Linear) and torch.equal(lin.weight, w)
     with pytest.raises(ValueError, match="input width"):
-        QuantLinear([_codes(torch.zeros(16, 32, dtype=torch.int8), torch.ones(16, 1), torch.zeros(16, 1), 4),
-                     torch.zeros(16, 64)])
+        QuantLinear(
+            [
+                _codes(torch.zeros(16, 32, dtype=torch.int8), torch.ones(16, 1), torch.zeros(16, 1), 4),
+                torch.zeros(16, 64),
+            ]
+        )

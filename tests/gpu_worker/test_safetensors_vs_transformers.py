@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tandem.formats.loader import load_model_weights
 from tandem.gpu_worker.kv_cache import KVCache
 from tandem.gpu_worker.model.attention import AttentionMetadata
 from tandem.gpu_worker.model.llama import LlamaModel
-from tandem.models.loader import load_model_weights
 
 transformers = pytest.importorskip("transformers")
 

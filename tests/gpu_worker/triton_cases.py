@@ -16,10 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tandem.formats.model_config import ModelConfig
 from tandem.gpu_worker.kv_cache import KVCache
 from tandem.gpu_worker.model.attention import AttentionMetadata, paged_attention
 from tandem.gpu_worker.model.triton_attention import paged_decode_attention
-from tandem.models.config import ModelConfig
 
 BLOCK = 4
 
@@ -117,9 +117,9 @@ def check_worker_paths_with_kernel(tmp: Path) -> None:
     the decode-graph step body (padding rows on the scratch block), against the chunked path."""
     from step_driver import Seq, make_runner, tokens_of, write_step
 
+    from tandem.formats.tiny import TinySpec, write_tiny_gguf
     from tandem.gpu_worker.cuda_graphs import DecodeGraphs
     from tandem.gpu_worker.runner import ModelRunner
-    from tandem.models.tiny import TinySpec, write_tiny_gguf
 
     model = write_tiny_gguf(tmp / "k.gguf", TinySpec(seed=7))
     (ref, ring), (paged, other) = make_runner(model), make_runner(model)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from live_server import TINY_CONTEXT, Server, tiny_home
 
-from tandem.models.tiny import TinySpec, write_tiny_gguf
+from tandem.formats.tiny import TinySpec, write_tiny_gguf
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +20,7 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_gguf: Path):
-    from tandem.models.tokenizer import Tokenizer
+    from tandem.tokenizer.tokenizer import Tokenizer
 
     return Tokenizer.from_gguf(tiny_gguf)
 

@@ -33,8 +33,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-
-
 @contextlib.contextmanager
 def tandem_home_env(home: Path) -> Iterator[None]:
     old = os.environ.get("TANDEM_HOME")
@@ -49,7 +47,7 @@ def tandem_home_env(home: Path) -> Iterator[None]:
 
 
 def register(home: Path, path: Path, name: str) -> None:
-    from tandem.models.store import pull_model
+    from tandem.store.model_store import pull_model
 
     with tandem_home_env(home):
         pull_model(str(path), progress=False, name=name)

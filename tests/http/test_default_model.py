@@ -19,8 +19,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France? Answer i
 
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Iterator[Server]:
-    from tandem.models.registry import DEFAULT_MODEL, data_dir, manifest_path
     from tandem.paths import models_dir
+    from tandem.store.registry import DEFAULT_MODEL, data_dir, manifest_path
 
     src_models = models_dir()  # the test process's own store, where default_model_path was pulled
     home = tmp_path_factory.mktemp("default-home")

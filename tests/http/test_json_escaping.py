@@ -18,9 +18,9 @@ import ollama
 import pytest
 from live_server import Server, register
 
+from tandem.formats.tiny import TinySpec, write_tiny_gguf
 from tandem.gateway.http.formats import json_text, ndjson, sse
-from tandem.models.tiny import TinySpec, write_tiny_gguf
-from tandem.models.tokenizer import Tokenizer
+from tandem.tokenizer.tokenizer import Tokenizer
 
 BREAKERS = "\u2028\u2029\x85"
 # What the looping model says, over and over. Its tokens must differ from each other: the model

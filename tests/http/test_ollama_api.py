@@ -10,8 +10,8 @@ import ollama
 import pytest
 from live_server import LONG, TINY_CONTEXT, Server, add_ollama_model
 
-from tandem.models.prompt import chat_ids, prompt_ids
-from tandem.models.tiny import TinySpec, write_tiny_gguf
+from tandem.formats.tiny import TinySpec, write_tiny_gguf
+from tandem.prompts.build import chat_ids, prompt_ids
 
 GREEDY = {"temperature": 0, "num_predict": 24}
 LONG_EOS = {"ignore_eos": True}

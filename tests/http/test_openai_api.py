@@ -6,7 +6,7 @@ import openai
 import pytest
 from live_server import Server
 
-from tandem.models.prompt import chat_ids
+from tandem.prompts.build import chat_ids
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello there"}]
 

@@ -200,7 +200,7 @@ def test_links_out_of_the_store_are_never_followed(server: Server, tmp_path: Pat
 @contextlib.contextmanager
 def holding_model_lock(home: Path, name: str) -> Iterator[None]:
     """Hold a model's store lock from this process, as a `tandem pull` of it in progress does."""
-    from tandem.models.registry import lock_path
+    from tandem.store.registry import lock_path
 
     with tandem_home_env(home):
         path = lock_path(name)

@@ -13,7 +13,7 @@ from pipeline_driver import make_engine
 from procs import children
 
 from tandem.engine.process import EngineProcess
-from tandem.models.tiny import TinySpec, write_tiny_gguf
+from tandem.formats.tiny import TinySpec, write_tiny_gguf
 from tandem.shm import list_segments
 
 

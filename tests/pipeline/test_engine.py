@@ -13,8 +13,8 @@ import pytest
 from gguf import GGMLQuantizationType
 from pipeline_driver import Outcome, cancel, make_engine, pump, run_all, stats, submit
 
+from tandem.formats.tiny import TinySpec, write_tiny_gguf
 from tandem.messages import SamplingParams
-from tandem.models.tiny import TinySpec, write_tiny_gguf
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -52,7 +52,8 @@ def mixed_requests() -> dict[str, tuple[list[int], SamplingParams]]:
         ),
     )
     reqs["minp"] = (
-        PROMPTS[1], SamplingParams(max_tokens=16, temperature=1.2, min_p=0.1, seed=5, ignore_eos=True)
+        PROMPTS[1],
+        SamplingParams(max_tokens=16, temperature=1.2, min_p=0.1, seed=5, ignore_eos=True),
     )
     return reqs
 

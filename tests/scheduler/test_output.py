@@ -16,12 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tandem.formats.gguf_metadata import read_gguf_metadata
+from tandem.formats.tiny import byte_unicode_table, write_tiny_gguf
 from tandem.messages import SamplingParams
-from tandem.models.gguf_metadata import read_gguf_metadata
-from tandem.models.tiny import byte_unicode_table, write_tiny_gguf
-from tandem.models.tokenizer import Tokenizer
 from tandem.scheduler.output import OutputProcessor, TokenEvent
 from tandem.scheduler.sequence import Sequence
+from tandem.tokenizer.tokenizer import Tokenizer
 
 REPLACEMENT = "\ufffd"
 EOS_IDS = (0, 2)  # <|endoftext|>, <|im_end|>

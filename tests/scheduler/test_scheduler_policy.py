@@ -27,9 +27,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tandem.config import EngineConfig
+from tandem.formats.tiny import write_tiny_gguf
 from tandem.messages import Doorbell, OutputBatch, RequestError, SamplingParams, StepResult, SubmitRequest
-from tandem.models.tiny import write_tiny_gguf
-from tandem.models.tokenizer import Tokenizer
 from tandem.scheduler.block_manager import BlockManager
 from tandem.scheduler.core import EngineCore
 from tandem.scheduler.scheduler import AdmissionError, ScheduledBatch, Scheduler, SchedulerLimits
@@ -37,6 +36,7 @@ from tandem.scheduler.sequence import SeqStatus, Sequence
 from tandem.shm import batch_layout
 from tandem.shm.layout import RingLayout
 from tandem.shm.slot import SlotView
+from tandem.tokenizer.tokenizer import Tokenizer
 
 EOS = 2  # <|im_end|> in the tiny vocabulary (its eos ids are 0 and 2)
 FIRST_BYTE_TOKEN = 3  # byte b is token 3 + b in the tiny vocabulary

@@ -10,7 +10,7 @@ from typing import Any
 from starlette import responses
 
 from tandem.messages import TokenDelta
-from tandem.models.tokenizer import Tokenizer
+from tandem.tokenizer.tokenizer import Tokenizer
 
 # Characters that json.dumps(ensure_ascii=False) leaves raw but that break clients: NEL, U+2028
 # and U+2029 end a line for str.splitlines (httpx's iter_lines, hence ollama-python, splits NDJSON

@@ -21,13 +21,23 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from tandem.errors import (
+    DiskFullError,
+    LocalPathError,
+    ModelFileMissingError,
+    ModelNotFoundError,
+    ModelStoreError,
+    PullError,
+)
 from tandem.gateway.http.errors import ApiError
 from tandem.gateway.http.formats import JSONResponse, ndjson, rfc3339
 from tandem.gateway.http.params import get_bool, read_json
 from tandem.gateway.http.state import Gateway, gateway_of
 from tandem.gateway.http.store_calls import StoreTimeout
 from tandem.gateway.http.streaming import CancellableStream
-from tandem.models import store
+from tandem.store import model_store as store
+from tandem.store.describe import describe_model
+from tandem.store.registry import ModelRef
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -37,14 +47,14 @@ _NEVER = datetime(2318, 1, 1, tzinfo=UTC)  # expires_at of a model that stays lo
 T = TypeVar("T")
 
 
-def _store_error(e: store.ModelStoreError, name: str) -> ApiError:
-    if isinstance(e, store.ModelNotFoundError) and not isinstance(e, store.ModelFileMissingError):
+def _store_error(e: ModelStoreError, name: str) -> ApiError:
+    if isinstance(e, ModelNotFoundError) and not isinstance(e, ModelFileMissingError):
         return ApiError(404, f"model '{name}' not found", param="model", code="model_not_found")
-    if isinstance(e, store.LocalPathError):
+    if isinstance(e, LocalPathError):
         return ApiError(403, str(e), param="model", code="local_path_forbidden")
-    if isinstance(e, store.DiskFullError):
+    if isinstance(e, DiskFullError):
         return ApiError(507, str(e), code="insufficient_storage")
-    if isinstance(e, store.PullError):
+    if isinstance(e, PullError):
         return ApiError(502, str(e))
     return ApiError(400, str(e))
 
@@ -66,10 +76,10 @@ async def _store_write(gw: Gateway, what: str, limit: float, fn: Callable[..., T
 @functools.lru_cache(maxsize=64)
 def _describe(path: str, size: int, modified: str) -> dict[str, Any]:
     # Keyed by file facts: a re-pulled model gets read again.
-    return store.describe_model(store.inspect_path(Path(path)))
+    return describe_model(store.inspect_path(Path(path)))
 
 
-def _info(ref: store.ModelRef) -> dict[str, Any]:
+def _info(ref: ModelRef) -> dict[str, Any]:
     return _describe(str(ref.path), ref.size_bytes, ref.modified.isoformat())
 
 
@@ -103,7 +113,7 @@ def _model_info(info: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _entry(ref: store.ModelRef, info: dict[str, Any]) -> dict[str, Any]:
+def _entry(ref: ModelRef, info: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": ref.name,
         "model": ref.name,
@@ -132,7 +142,7 @@ async def tags(request: Request) -> Response:
         for ref in store.list_models():
             try:
                 out.append(_entry(ref, _info(ref)))
-            except (store.ModelStoreError, OSError) as e:  # a registered file removed behind our back
+            except (ModelStoreError, OSError) as e:  # a registered file removed behind our back
                 log.warning("skipping %s in /api/tags: %s", ref.name, e)
         return out
 
@@ -148,7 +158,7 @@ async def show(request: Request) -> Response:
         try:
             ref = store.resolve_model(name)
             info = _info(ref)
-        except store.ModelStoreError as e:
+        except ModelStoreError as e:
             raise _store_error(e, name) from None
         ctx = gw.engine.context_length if gw.serves(name) else info.get("context_length")
         params = ["temperature 0.8", "top_k 40", "top_p 0.9"] + ([f"num_ctx {ctx}"] if ctx else [])
@@ -171,10 +181,10 @@ async def ps(request: Request) -> Response:
     stats = await gw.stats()
     cfg = gw.engine.cfg
 
-    def read() -> tuple[store.ModelRef, dict[str, Any]]:
+    def read() -> tuple[ModelRef, dict[str, Any]]:
         try:
             ref = store.resolve_model(gw.model_name)
-        except store.ModelStoreError:
+        except ModelStoreError:
             ref = store.inspect_path(Path(cfg.model_path), gw.model_name)
         return ref, _info(ref)
 
@@ -229,12 +239,12 @@ async def pull(request: Request) -> Response:
     )
 
 
-async def _pull(gw: Gateway, name: str) -> store.ModelRef:
+async def _pull(gw: Gateway, name: str) -> ModelRef:
     # local_dirs: a client's local path must lie in a folder the operator allowed (none by default).
     fn = functools.partial(store.pull_model, name, False, local_dirs=gw.settings.local_model_dirs)
     try:
         return await _store_write(gw, f"pulling '{name}'", gw.settings.pull_timeout, fn)
-    except store.ModelStoreError as e:
+    except ModelStoreError as e:
         raise _store_error(e, name) from None
     except OSError as e:
         raise ApiError(400, f"cannot pull '{name}': {e.strerror or type(e).__name__}") from None
@@ -269,6 +279,6 @@ async def delete(request: Request) -> Response:
         raise ApiError(400, f"cannot delete '{name}': this server has it loaded; stop the server first")
     try:
         await _store_write(gw, f"deleting '{name}'", gw.settings.store_timeout, store.remove_model, name)
-    except store.ModelStoreError as e:
+    except ModelStoreError as e:
         raise _store_error(e, name) from None
     return Response(status_code=200)

@@ -7,7 +7,7 @@ from typing import Any
 
 from tandem import __version__
 from tandem.gateway.http.streaming import Generation, finish_reason
-from tandem.models.tokenizer import Tokenizer
+from tandem.tokenizer.tokenizer import Tokenizer
 
 FINGERPRINT = f"fp_tandem_{__version__}"
 

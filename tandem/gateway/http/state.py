@@ -21,9 +21,9 @@ from tandem.gateway.http.metrics import Metrics
 from tandem.gateway.http.params import bad
 from tandem.gateway.http.store_calls import StoreLane
 from tandem.messages import Stats
-from tandem.models.chat_template import ChatTemplateError
-from tandem.models.prompt import chat_ids, prompt_ids
-from tandem.models.tokenizer import TokenizerError
+from tandem.prompts.build import chat_ids, prompt_ids
+from tandem.prompts.chat_template import ChatTemplateError
+from tandem.tokenizer.build import TokenizerError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ class HttpSettings:
 
 
 def _canonical(name: str) -> str | None:
-    from tandem.models.registry import ModelStoreError, canonical_name
+    from tandem.errors import ModelStoreError
+    from tandem.store.registry import canonical_name
 
     try:
         return canonical_name(name)
@@ -60,7 +61,8 @@ def _canonical(name: str) -> str | None:
 
 def check_name(name: str, param: str = "model") -> None:
     """400 naming ``param`` when ``name`` cannot be a model name at all (rather than a 404)."""
-    from tandem.models.registry import InvalidModelNameError, canonical_name
+    from tandem.errors import InvalidModelNameError
+    from tandem.store.registry import canonical_name
 
     try:
         canonical_name(name)
@@ -99,7 +101,8 @@ class Gateway:
         raise self.not_found(name)
 
     def not_found(self, name: str) -> ApiError:
-        from tandem.models.store import ModelStoreError, resolve_model
+        from tandem.errors import ModelStoreError
+        from tandem.store.model_store import resolve_model
 
         try:
             resolve_model(name)

@@ -28,9 +28,7 @@ def rotate_half_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         x.copy_(xf)
 
 
-def add_rms_norm_(
-    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
-) -> torch.Tensor:
+def add_rms_norm_(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`x += delta` in place, then RMSNorm of the sum (fp32 statistics for 16-bit inputs)."""
     x.add_(delta)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)

