@@ -3,7 +3,6 @@ transformers and llama-server (real servers, real HTTP) on the tiny shape."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from procs import children, running
 
 from tandem.bench.llamacpp import find_llama_server
 from tandem.bench.samples import RUN_FIELDS
@@ -45,34 +45,15 @@ def test_bench_scheduler_section_reports_every_phase(tmp_path: Path) -> None:
 # -- the race: tandem serve (overlap, sync), transformers and llama-server in one run ------------
 
 
-def _live_children() -> list[int]:
-    """Processes whose parent is this one (from /proc): a server the race left running shows here."""
-    me, found = os.getpid(), []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[1]) == me and fields[0] not in ("Z", "X"):
-                    found.append(int(entry.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
 def _race(tmp_path: Path, *args: str) -> tuple[dict[str, Any], Any]:
     out = tmp_path / "race.json"
-    before = set(_live_children())  # e.g. multiprocessing's resource tracker, from earlier tests
+    before = children(os.getpid())  # e.g. multiprocessing's resource tracker, from earlier tests
     result = CliRunner().invoke(
         main,
         ["bench", "--synthetic", "tiny", "--gen-len", "16", "--repeats", "1", "--output", str(out), *args],
     )
     assert result.exit_code == 0, result.output + repr(result.exception)
-    left = {p: Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in set(_live_children()) - before}
+    left = {p: Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in children(os.getpid()) - before}
     assert not left, f"the race left processes running: {left}"
     return json.loads(out.read_text()), result
 
@@ -147,7 +128,7 @@ def test_race_on_the_tiny_model_writes_json_plot_and_trace(tmp_path: Path) -> No
     assert _prep_beside_compute(trace, "overlap"), "overlap never prepared a step while the worker computed"
     assert _prep_beside_compute(trace, "sync") == []  # sync prepares N+1 only after N's result
     pids = {e["pid"] for e in trace["traceEvents"]}
-    assert len(pids) == 4 and not any(_alive(p) for p in pids), "a scheduler or worker outlived the race"
+    assert len(pids) == 4 and not any(running(p) for p in pids), "a scheduler or worker outlived the race"
 
 
 @pytest.mark.skipif(find_llama_server() is None, reason="no llama-server binary: set TANDEM_LLAMA_SERVER")

@@ -16,7 +16,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import PlainTextResponse, Response
 
 from tandem.engine.aio import AsyncEngine
-from tandem.gateway.http import ollama_models, ollama_routes, openai_routes, trace_routes
+from tandem.gateway.http import (
+    ollama_models,
+    ollama_routes,
+    openai_routes,
+    responses_routes,
+    tokenize_routes,
+    trace_routes,
+)
 from tandem.gateway.http.errors import ApiError, BodyTooLarge, error_response
 from tandem.gateway.http.formats import JSONResponse
 from tandem.gateway.http.middleware import GuardMiddleware, OriginPolicy, allowed_names
@@ -36,7 +43,15 @@ def build_app(engine: AsyncEngine, settings: HttpSettings) -> FastAPI:
     gw = Gateway(engine, settings)
     settings.extra.setdefault("pid", os.getpid())
     app.state.gateway = gw
-    routers = (ollama_routes.router, ollama_models.router, openai_routes.router, trace_routes.router)
+    app.state.responses = responses_routes.ResponseMemory()
+    routers = (
+        ollama_routes.router,
+        ollama_models.router,
+        openai_routes.router,
+        responses_routes.router,
+        tokenize_routes.router,
+        trace_routes.router,
+    )
     for router in routers:
         app.include_router(router)
     _add_base_routes(app, gw)

@@ -41,6 +41,7 @@ from tandem.store.registry import ModelRef
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+OLLAMA_API_VERSION = "0.12.6"
 _NEVER = datetime(2318, 1, 1, tzinfo=UTC)  # expires_at of a model that stays loaded (as ollama's -1)
 
 
@@ -222,7 +223,9 @@ async def ps(request: Request) -> Response:
 
 @router.api_route("/api/version", methods=["GET", "HEAD"])
 async def version(request: Request) -> Response:
-    return JSONResponse({"version": gateway_of(request).settings.version})
+    # Clients gate features on ollama's version number, so the answer is the ollama release whose
+    # API tandem follows; tandem's own version rides along in a field of its own.
+    return JSONResponse({"version": OLLAMA_API_VERSION, "tandem": gateway_of(request).settings.version})
 
 
 @router.post("/api/pull")
