@@ -362,11 +362,20 @@ class EngineCore:
         return oldest is not None and self.watchdog.hung(*oldest)
 
     def worker_lost(self, reason: str, out: OutputBatch | None = None) -> OutputBatch:
-        """The worker died or hung: what it held is gone. Running requests fail; waiting ones
-        stay queued for the next worker (`worker_ready`)."""
+        """The worker died or hung: what it held is gone. Waiting requests stay queued for the
+        next worker (`worker_ready`). A running request that has sent its client no token yet is
+        replayed there from its prompt, invisibly to the client (greedy and seeded sampling give
+        the same tokens); one that has streamed output fails, since its client saw part of a reply.
+        A request is replayed once: lost a second time, it fails, so one that kills every worker
+        it meets costs two workers, fewer than the deaths that stop the engine."""
         out = OutputBatch() if out is None else out
-        for seq in list(self.sched.running):
-            self.fail(seq, ErrorCode.WORKER_DIED, reason, out)
+        for seq in list(reversed(self.sched.running)):  # requeued at the front, in their old order
+            if len(seq.token_ids) == seq.prompt_len and seq.replays == 0:
+                seq.replays += 1
+                self.sched.requeue(seq)
+                log.info("replaying %s on the next worker (%s)", seq.request_id, reason)
+            else:
+                self.fail(seq, ErrorCode.WORKER_DIED, reason, out)
         self.inflight.clear()
         self.free_slots = deque(range(self.cfg.ring_depth))
         self.packer.forget()  # the slots' rows are rewritten in full from here

@@ -130,8 +130,9 @@ class Scheduler:
             self._free_worker_slots.append(seq.worker_slot)
             seq.worker_slot = -1
 
-    def _preempt(self, seq: Sequence) -> None:
-        """Recompute-style preemption: drop its KV, requeue it at the front with its tokens."""
+    def requeue(self, seq: Sequence) -> None:
+        """Drop a running sequence's KV and put it at the front of the queue with its tokens, to
+        be recomputed: preemption, and replay after a worker loss."""
         self.running.remove(seq)
         self._release(seq)
         seq.status = SeqStatus.WAITING
@@ -139,6 +140,10 @@ class Scheduler:
         seq.pending.clear()  # a token still in flight is re-sampled identically (same seed, step)
         seq.epoch += 1
         self.waiting.appendleft(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute-style preemption, for lack of KV blocks."""
+        self.requeue(seq)
         self.num_preemptions += 1
         log.info("preempted %s (%d tokens) for lack of KV blocks", seq.request_id, len(seq.token_ids))
 

@@ -36,6 +36,7 @@ class Sequence:
     # Bumped on preemption, so results of steps scheduled before it are recognized as stale.
     epoch: int = 0
     worker_slot: int = -1  # row of the worker's per-sequence state
+    replays: int = 0  # times requeued after losing its worker before sending any token
     first_token_time: float = 0.0
     admitted_time: float = 0.0
     # Tokens computed (known ones only) at which the next full block can be committed to the prefix

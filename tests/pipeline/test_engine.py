@@ -320,6 +320,28 @@ def test_hung_compute_with_live_heartbeats_is_caught_by_the_progress_watchdog(ti
         eng.close()
 
 
+def test_a_request_that_had_sent_nothing_is_replayed_on_the_restarted_worker(tiny_gguf: Path) -> None:
+    """Step 3 hangs: by then `a` has streamed tokens (it fails, naming the cause), while `b`'s
+    long prompt is still being prefilled in chunks; `b` is replayed on the next worker and its
+    client gets exactly the reply of an undisturbed run."""
+    long_prompt = [(7 * i) % 200 + 3 for i in range(100)]  # 7 chunks of 16 tokens
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    eng = make_engine(tiny_gguf, step_timeout=1.0, inject_fault="hang@3", max_num_batched_tokens=16)
+    try:
+        outcomes = {"a": Outcome(), "b": Outcome()}
+        submit(eng, "a", PROMPTS[0], SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True))
+        submit(eng, "b", long_prompt, greedy)
+        pump(eng, outcomes, timeout=30)
+        assert outcomes["a"].terminals == 1 and outcomes["a"].error is not None
+        assert outcomes["a"].error.code == "worker_died" and outcomes["a"].token_ids
+        assert outcomes["b"].terminals == 1 and outcomes["b"].error is None, outcomes["b"].error
+        assert stats(eng).worker_restarts == 1
+        solo = run_all(eng, {"solo": (long_prompt, greedy)}, timeout=30)["solo"]
+        assert outcomes["b"].token_ids == solo.token_ids and len(solo.token_ids) == 6
+    finally:
+        eng.close()
+
+
 def test_worker_deaths_far_apart_never_exhaust_the_restarts(tiny_gguf: Path) -> None:
     """Deaths count within a sliding window: three spread out past it are each restarted."""
     eng = make_engine(tiny_gguf, max_worker_deaths=2, worker_death_window=0.5)

@@ -580,6 +580,55 @@ def test_preempted_sequence_goes_back_to_the_front_of_the_queue(tok: Tokenizer) 
         assert sim.outcomes[f"r{i}"].tokens == want
 
 
+# -- worker loss ------------------------------------------------------------------------------------
+
+
+def lose_worker(sim: Sim, num_blocks: int = 256) -> None:
+    """What the process shell does when the worker dies: the core forgets the steps in flight,
+    and a fresh worker (empty KV) takes the next step."""
+    sim._take(sim.core.worker_lost("worker killed by SIGKILL"))
+    sim.core.worker_ready(num_blocks)
+    sim.results.clear()
+    sim.worker = FakeWorker(num_blocks, sim.worker.bs, sim.fn)
+    sim.worker.last_step = sim.core.step - 1
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_worker_loss_replays_requests_that_sent_nothing_and_fails_the_others(
+    tok: Tokenizer, depth: int
+) -> None:
+    sim = Sim(tok, depth=depth, max_num_batched_tokens=16)
+    streaming = Req("streaming", prompt(5, 1), max_tokens=20)
+    prefilling = Req("prefilling", prompt(40, 2), max_tokens=6, seed=3)  # 3 chunks of prefill
+    queued = Req("queued", prompt(6, 3), max_tokens=5)
+    sim.submit(streaming)
+    for t in range(3):
+        sim.tick(t)
+    sim.submit(prefilling)
+    sim.tick(3)
+    assert sim.outcomes["streaming"].tokens and not sim.outcomes["prefilling"].tokens
+    assert sim.seqs["prefilling"].status is SeqStatus.RUNNING
+    sim.submit(queued)
+    lose_worker(sim)
+    assert sim.outcomes["streaming"].reason == "error: worker_died"
+    assert sim.seqs["prefilling"].replays == 1 and sim.sched.waiting[0] is sim.seqs["prefilling"]
+    sim.finish_all(first_tick=4)
+    for r in (prefilling, queued):  # the client sees one undisturbed reply
+        assert (sim.outcomes[r.rid].tokens, sim.outcomes[r.rid].reason) == reference(sim.fn, r, 64)
+
+
+def test_a_request_lost_twice_before_its_first_token_fails(tok: Tokenizer) -> None:
+    sim = Sim(tok, depth=2, max_num_batched_tokens=8)
+    sim.submit(Req("poison", prompt(40, 4), max_tokens=4))
+    sim.tick(0)
+    lose_worker(sim)
+    assert sim.outcomes["poison"].ends == 0
+    sim.tick(1)
+    lose_worker(sim)
+    assert sim.outcomes["poison"].reason == "error: worker_died" and sim.outcomes["poison"].ends == 1
+    sim.finish_all(first_tick=2)
+
+
 # -- admission -------------------------------------------------------------------------------------
 
 
