@@ -56,10 +56,12 @@ def _register_commands() -> None:
     from tandem.commands.run import run
     from tandem.commands.serve import serve
     from tandem.commands.stop import stop
-    from tandem.commands.store import list_, pull, rm, show
+    from tandem.commands.store import cp, create, list_, pull, rm, show
     from tandem.commands.tokenize import tokenize
 
     main.add_command(bench)
+    main.add_command(cp)
+    main.add_command(create)
     main.add_command(list_)
     main.add_command(pull)
     main.add_command(rm)

@@ -1,4 +1,5 @@
-"""Store commands: `pull`, `list`, `show` and `rm`. They touch only the local store, never a server."""
+"""Store commands: `pull`, `list`, `show`, `rm`, `cp` and `create`. They touch only the local store, never
+a server."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ import click
 
 from tandem.errors import InvalidModelNameError, ModelNotFoundError
 from tandem.store.describe import describe_model
-from tandem.store.model_store import inspect_path, list_models, pull_model, remove_model, resolve_model
+from tandem.store.model_store import (
+    copy_model,
+    create_model,
+    inspect_path,
+    list_models,
+    pull_model,
+    remove_model,
+    resolve_model,
+)
+from tandem.store.modelfile import parse_modelfile
 from tandem.store.registry import DEFAULT_MODEL, ModelRef
 
 
@@ -62,6 +72,41 @@ def rm(model: str) -> None:
     click.echo(f"deleted '{model}'")
 
 
+@click.command()
+@click.argument("source")
+@click.argument("destination")
+def cp(source: str, destination: str) -> None:
+    """Copy SOURCE to a new name, DESTINATION (the file is shared, not duplicated)."""
+    ref = copy_model(source, destination)
+    click.echo(f"copied '{source}' to '{ref.name}'")
+
+
+@click.command()
+@click.argument("name")
+@click.option(
+    "-f",
+    "--file",
+    "modelfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="Modelfile",
+    show_default=True,
+    help="The Modelfile: FROM, SYSTEM, PARAMETER, TEMPLATE, MESSAGE, LICENSE.",
+)
+def create(name: str, modelfile: Path) -> None:
+    """Create NAME from a Modelfile: a stored model plus defaults (system prompt, parameters, template).
+
+    The new model shares its base's weights file. TEMPLATE is a Jinja chat template, as GGUF files carry.
+    """
+    try:
+        text = modelfile.read_text()
+    except OSError as e:
+        raise click.ClickException(f"cannot read {modelfile}: {e.strerror}") from e
+    _, defaults = parse_modelfile(text)
+    ref = create_model(name, defaults)
+    base = ref.defaults.base if ref.defaults else defaults.base
+    click.echo(f"created '{ref.name}' from '{base}'")
+
+
 def _stored_or_local(model: str) -> ModelRef:
     try:
         return resolve_model(model)
@@ -103,8 +148,12 @@ def format_description(info: dict[str, Any]) -> str:
         lines.append(f"  {title}")
         lines += [f"    {k:<18}{v}" for k, v in items if v not in (None, "")]
         lines.append("")
+    if info.get("modelfile"):
+        lines.append("  Modelfile")
+        lines += [f"    {ln}" for ln in info["modelfile"].splitlines()]
+        lines.append("")
     lines.append("  Chat template")
-    template = info.get("chat_template")
+    template = (info.get("derived") or {}).get("template") or info.get("chat_template")
     lines += [f"    {ln}" for ln in template.splitlines()] if template else ["    (none)"]
     return "\n".join(lines)
 

@@ -9,11 +9,19 @@ from tandem.prompts.chat_template import render_chat
 from tandem.tokenizer.tokenizer import Tokenizer
 
 
-def chat_prompt_text(tokenizer: Tokenizer, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+def chat_prompt_text(
+    tokenizer: Tokenizer, messages: list[dict[str, Any]], template: str | None = None, **kwargs: Any
+) -> str:
+    """The chat rendered by ``template`` (a derived model's own), else the tokenizer's."""
     bos = tokenizer.id_to_piece(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
     eos = tokenizer.id_to_piece(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
     return render_chat(
-        tokenizer.chat_template, messages, add_generation_prompt=True, bos_token=bos, eos_token=eos, **kwargs
+        template or tokenizer.chat_template,
+        messages,
+        add_generation_prompt=True,
+        bos_token=bos,
+        eos_token=eos,
+        **kwargs,
     )
 
 
@@ -23,6 +31,7 @@ def prompt_ids(
     raw: bool = False,
     system: str | None = None,
     special_in_content: bool = False,
+    template: str | None = None,
 ) -> list[int]:
     """A single user turn: through the chat template for chat models unless ``raw``.
 
@@ -32,12 +41,12 @@ def prompt_ids(
     """
     if raw:
         return tokenizer.encode(prompt, parse_special=True)
-    if not tokenizer.chat_template:
+    if not (template or tokenizer.chat_template):
         return tokenizer.encode(prompt, parse_special=special_in_content)
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}
     ]
-    return chat_ids(tokenizer, messages, special_in_content=special_in_content)
+    return chat_ids(tokenizer, messages, special_in_content=special_in_content, template=template)
 
 
 # Stand-ins for control-token texts inside message content while the template renders: one

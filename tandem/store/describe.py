@@ -22,6 +22,9 @@ def describe_model(model: ModelRef | str) -> dict[str, Any]:
     """What `tandem show` prints: architecture, sizes, quantization, chat template, file facts."""
     ref = resolve_model(model) if isinstance(model, str) else model
     details = _describe_gguf(ref.path) if ref.format == "gguf" else _describe_safetensors(ref.path)
+    derived = (
+        {"derived": ref.defaults.to_json(), "modelfile": ref.defaults.modelfile()} if ref.defaults else {}
+    )
     return {
         "name": ref.name,
         "format": ref.format,
@@ -30,6 +33,7 @@ def describe_model(model: ModelRef | str) -> dict[str, Any]:
         "sha256": ref.sha256,
         "source": ref.source,
         **details,
+        **derived,
     }
 
 

@@ -25,6 +25,7 @@ from tandem.formats.file_access import stat_regular
 from tandem.formats.model_check import check_model_path
 from tandem.paths import models_dir, ollama_models_dir
 from tandem.store.local_paths import confine, looks_like_path
+from tandem.store.modelfile import ModelDefaults
 from tandem.store.pull import disk_full_error, pull_catalogue, pull_hf
 from tandem.store.registry import (
     CATALOGUE,
@@ -144,7 +145,9 @@ def list_models() -> list[ModelRef]:
 
 
 def remove_model(name: str) -> None:
-    """Forget a model; deletes its file only if the store owns it (never a registered or ollama file)."""
+    """Forget a model. Its file goes only when no other manifest still uses it (a copy or a
+    derived model shares its base's file) and the file lies in the store's own data folder: a
+    registered file or an ollama blob is never deleted."""
     key = canonical_name(name)
     with model_lock(key):
         if not manifest_path(key).exists():
@@ -154,13 +157,75 @@ def remove_model(name: str) -> None:
         except ModelStoreError:
             ref = None
         delete_manifest(key)  # first: from here on nothing trusts the file
-        folder = data_dir(key)
-        if ref is None or ref.owned:
-            if linked_below(models_dir() / "data", folder):
-                logger.warning("not deleting %s: it lies behind a link the store did not make", folder)
-            else:
-                shutil.rmtree(folder, ignore_errors=True)
+        if ref is None:
+            _delete_data(data_dir(key))
+        elif users := [r.name for r in iter_manifests() if r.path == ref.path]:
+            logger.info("kept %s: %s still use it", ref.path, ", ".join(users))
+        elif ref.owned:
+            _delete_data(data_dir(key))
+        elif (folder := _store_folder_of(ref.path)) is not None:
+            _delete_data(folder)  # the last copy of a file whose first owner was removed
     logger.info("removed %s", key)
+
+
+def _delete_data(folder: Path) -> None:
+    if linked_below(models_dir() / "data", folder):
+        logger.warning("not deleting %s: it lies behind a link the store did not make", folder)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _store_folder_of(path: Path) -> Path | None:
+    """The model folder (data/[ns/]model@tag) in the store's data tree that holds `path`, if any."""
+    root = models_dir() / "data"
+    for folder in [path, *path.parents]:
+        if folder == root:
+            return None
+        if "@" in folder.name and folder.is_relative_to(root):
+            return folder
+    return None
+
+
+def copy_model(source: str, destination: str) -> ModelRef:
+    """A second name for a stored model (`tandem cp`, `/api/copy`): same file, same defaults."""
+    ref = resolve_model(source)
+    dst = normalize_name(destination)
+    with model_lock(canonical_name(dst)):
+        _check_derived_name(dst)
+        copy = dataclasses.replace(ref, name=dst, owned=False, modified=now())
+        write_manifest(copy)
+    logger.info("copied %s -> %s", ref.name, dst)
+    return copy
+
+
+def create_model(name: str, defaults: ModelDefaults) -> ModelRef:
+    """A derived model (`tandem create`, `/api/create`): the base's file with these defaults.
+    FROM a derived model flattens onto its base, so every derived model names a real file."""
+    base = resolve_model(defaults.base)
+    if base.defaults is not None:
+        defaults = defaults.over(base.defaults)
+    else:
+        defaults = dataclasses.replace(defaults, base=base.name)
+    dst = normalize_name(name)
+    with model_lock(canonical_name(dst)):
+        _check_derived_name(dst)
+        ref = dataclasses.replace(base, name=dst, owned=False, modified=now(), defaults=defaults)
+        write_manifest(ref)
+    logger.info("created %s from %s", dst, defaults.base)
+    return ref
+
+
+def _check_derived_name(name: str) -> None:
+    if catalogue_entry(name) is not None:
+        raise ModelStoreError(f"the name {name!r} belongs to a catalogue model; pick another")
+    try:
+        existing = read_manifest(name)
+    except ModelStoreError:
+        return  # a corrupt manifest is simply replaced
+    # Only a derived model is replaced in place (create again); replacing a pulled, registered
+    # or copied model's record could orphan its file or lose where it came from.
+    if existing is not None and existing.defaults is None:
+        raise ModelStoreError(f"{name} already exists; `tandem rm {name}` first or pick another name")
 
 
 def inspect_path(path: Path, name: str | None = None) -> ModelRef:

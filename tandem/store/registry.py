@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 from tandem.errors import InvalidModelNameError, ModelStoreError
 from tandem.paths import models_dir
+from tandem.store.modelfile import ModelDefaults
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ class ModelRef:
     source: str
     modified: datetime
     owned: bool = False  # the store owns the file (rm deletes it) vs. a registered file it only points at
+    # A derived model (`tandem create`): the base's file, plus these request defaults.
+    defaults: ModelDefaults | None = None
 
 
 # --- names -------------------------------------------------------------------------------------
@@ -184,6 +187,8 @@ def write_manifest(ref: ModelRef) -> None:
         "source": ref.source,
         "pulled_at": ref.modified.astimezone(UTC).isoformat(),
     }
+    if ref.defaults is not None:
+        body["defaults"] = ref.defaults.to_json()
     fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".json", dir=path.parent)
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes it 0600; manifests are as readable as the models
@@ -213,8 +218,9 @@ def _parse_manifest(path: Path) -> ModelRef:
             source=body.get("source", ""),
             modified=datetime.fromisoformat(body["pulled_at"]),
             owned=owned,
+            defaults=ModelDefaults.from_json(body["defaults"]) if body.get("defaults") else None,
         )
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, ModelStoreError) as e:
         raise ModelStoreError(f"corrupt manifest {path}: {e}; delete it and pull again") from e
     if ref.owned and (Path(body["path"]).is_absolute() or ".." in Path(body["path"]).parts):
         raise ModelStoreError(f"corrupt manifest {path}: its model file lies outside the store; delete it")

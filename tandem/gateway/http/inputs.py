@@ -6,6 +6,7 @@ from typing import Any
 
 from tandem.gateway.http.errors import ApiError
 from tandem.gateway.http.params import bad
+from tandem.store.modelfile import ModelDefaults
 
 _ROLES = ("system", "user", "assistant", "tool")
 
@@ -84,3 +85,16 @@ def chat_messages(raw: Any, openai: bool) -> list[dict[str, Any]]:
         msg["content"] = _text_content(m.get("content"), i)
         out.append(msg)
     return out
+
+
+def with_defaults(
+    messages: list[dict[str, Any]], defaults: ModelDefaults | None, system: str | None = None
+) -> list[dict[str, Any]]:
+    """A chat with a derived model's opening MESSAGEs before it and its SYSTEM prompt (or the
+    request's ``system``) first, unless the chat brings its own system message."""
+    if defaults is not None:
+        messages = [dict(m) for m in defaults.messages] + messages
+        system = system or defaults.system
+    if system and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": system}, *messages]
+    return messages

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from tandem.engine.router import EngineError
 from tandem.gateway.http.errors import ApiError
 from tandem.gateway.http.formats import JSONResponse, delta_logprobs, ndjson, ollama_logprobs, rfc3339
-from tandem.gateway.http.inputs import chat_messages, refuse_ollama_features
+from tandem.gateway.http.inputs import chat_messages, refuse_ollama_features, with_defaults
 from tandem.gateway.http.params import bad, get_bool, get_str, ollama_sampling, read_json
 from tandem.gateway.http.params import ollama_logprobs as logprobs_param
 from tandem.gateway.http.state import Gateway, gateway_of
@@ -36,7 +36,11 @@ async def _common(
     model = gw.check_model(body)
     refuse_ollama_features(body, model)
     stream = get_bool(body, "stream", True)
-    params, num_ctx = ollama_sampling(body.get("options"))
+    options = body.get("options")
+    if (d := gw.defaults_of(model)) is not None and d.parameters:
+        # A derived model's PARAMETERs are defaults: the request's own options win.
+        options = d.parameters | (options if isinstance(options, dict) else {})
+    params, num_ctx = ollama_sampling(options)
     params.logprobs = logprobs_param(body)
     return arrival, gw, body, model, stream, params, num_ctx
 
@@ -65,7 +69,9 @@ async def generate(request: Request) -> Response:
     if not prompt and not context:
         return _load_reply(model, body.get("keep_alive"), chat=False)
     raw = get_bool(body, "raw", False)
-    ids = list(context) + await gw.encode_prompt(prompt, raw, get_str(body, "system"))
+    d = gw.defaults_of(model)
+    system = get_str(body, "system") or (d.system if d else None)
+    ids = list(context) + await gw.encode_prompt(prompt, raw, system, d.template if d else None)
     params.max_tokens = gw.fit_context(len(ids), params.max_tokens, num_ctx, clamp=True)
 
     def chunk(text: str, lps: list[dict[str, Any]] | None) -> dict[str, Any]:
@@ -92,12 +98,11 @@ async def generate(request: Request) -> Response:
 async def chat(request: Request) -> Response:
     arrival, gw, body, model, stream, params, num_ctx = await _common(request)
     messages = chat_messages(body.get("messages"), openai=False)
-    system = get_str(body, "system")
-    if system and messages and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system})
     if not messages:
         return _load_reply(model, body.get("keep_alive"), chat=True)
-    ids = await gw.encode_chat(messages)
+    d = gw.defaults_of(model)
+    messages = with_defaults(messages, d, get_str(body, "system"))
+    ids = await gw.encode_chat(messages, d.template if d else None)
     params.max_tokens = gw.fit_context(len(ids), params.max_tokens, num_ctx, clamp=True)
 
     def chunk(text: str, lps: list[dict[str, Any]] | None) -> dict[str, Any]:

@@ -18,9 +18,9 @@ from starlette.responses import Response
 from tandem.engine.router import EngineError
 from tandem.gateway.http.errors import ApiError, openai_error_body
 from tandem.gateway.http.formats import JSONResponse, delta_logprobs, sse
-from tandem.gateway.http.inputs import chat_messages, refuse_openai_features
+from tandem.gateway.http.inputs import chat_messages, refuse_openai_features, with_defaults
 from tandem.gateway.http.openai_shapes import Shape, chat_shape, completion_shape
-from tandem.gateway.http.params import bad, get_bool, openai_sampling, read_json
+from tandem.gateway.http.params import bad, get_bool, openai_defaults, openai_sampling, read_json
 from tandem.gateway.http.state import Gateway, gateway_of
 from tandem.gateway.http.streaming import CancellableStream, Generation, run_cancellable
 from tandem.messages import TokenDelta
@@ -50,7 +50,10 @@ async def chat_completions(request: Request) -> Response:
     messages = chat_messages(body.get("messages"), openai=True)
     if not messages:
         raise bad("messages", "must hold at least one message")
-    ids = await gw.encode_chat(messages)
+    d = gw.defaults_of(model)
+    if d is not None:
+        params = openai_defaults(params, body, d.parameters)
+    ids = await gw.encode_chat(with_defaults(messages, d), d.template if d else None)
     params.max_tokens = gw.fit_context(len(ids), params.max_tokens, None, clamp=False)
     shape = chat_shape(model, f"chatcmpl-{uuid.uuid4().hex}", gw.engine.tokenizer)
     return await _respond(request, gw, Generation(gw, ids, params, arrival), body, shape)
@@ -64,6 +67,8 @@ async def completions(request: Request) -> Response:
     model = gw.check_model(body)
     refuse_openai_features(body, chat=False)
     params = openai_sampling(body, chat=False)
+    if (d := gw.defaults_of(model)) is not None:
+        params = openai_defaults(params, body, d.parameters)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one

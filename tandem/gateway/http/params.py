@@ -255,6 +255,34 @@ def openai_sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
     return validated(p, {"logprobs": "top_logprobs" if chat else "logprobs"})
 
 
+# A derived model's ollama PARAMETER -> (OpenAI request fields that override it, SamplingParams field).
+_OPENAI_OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
+    "temperature": (("temperature",), "temperature"),
+    "top_p": (("top_p",), "top_p"),
+    "top_k": (("top_k",), "top_k"),
+    "min_p": (("min_p",), "min_p"),
+    "repeat_penalty": (("repetition_penalty",), "repetition_penalty"),
+    "presence_penalty": (("presence_penalty",), "presence_penalty"),
+    "frequency_penalty": (("frequency_penalty",), "frequency_penalty"),
+    "seed": (("seed",), "seed"),
+    "stop": (("stop",), "stop"),
+    "num_predict": (("max_tokens", "max_completion_tokens"), "max_tokens"),
+}
+
+
+def openai_defaults(
+    params: SamplingParams, body: dict[str, Any], parameters: dict[str, Any]
+) -> SamplingParams:
+    """A derived model's PARAMETERs on an OpenAI request, for the fields the request leaves unset."""
+    for name, value in parameters.items():
+        fields, attr = _OPENAI_OVERRIDES.get(name, ((), ""))
+        if attr and all(body.get(f) is None for f in fields):
+            if (name == "seed" and value < 0) or (name == "num_predict" and value <= 0):
+                continue  # ollama's -1: random seed, no limit
+            setattr(params, attr, list(value) if name == "stop" else value)
+    return validated(params, {"repetition_penalty": "repeat_penalty", "max_tokens": "num_predict"})
+
+
 async def read_json(request: Request) -> dict[str, Any]:
     """The request's JSON object (the body-size limit is enforced by the app's middleware)."""
     return parse_body(await request.body())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,10 +25,12 @@ from tandem.gateway.http.store_calls import StoreLane
 from tandem.messages import Stats
 from tandem.prompts.build import chat_ids, prompt_ids
 from tandem.prompts.chat_template import ChatTemplateError
+from tandem.store.modelfile import ModelDefaults
 from tandem.tokenizer.build import TokenizerError
 
 log = logging.getLogger(__name__)
 
+DERIVED_TTL_S = 5.0
 _INLINE_TOKENIZE_CHARS = 4096  # longer inputs are tokenized in a thread so the loop keeps streaming
 
 
@@ -83,6 +87,7 @@ class Gateway:
         self.model_name = cfg.model_name or Path(cfg.model_path).stem
         names = {self.model_name, *settings.aliases}
         self.accepted = names | {c for n in names if (c := _canonical(n))}
+        self._derived: dict[str, tuple[float, ModelDefaults | None]] = {}  # name -> (seen at, defaults)
 
     # -- models --------------------------------------------------------------------------------
     def serves(self, name: str) -> bool:
@@ -98,7 +103,38 @@ class Gateway:
         if self.serves(name):
             return name
         check_name(name)
+        if self._derived_from_served(name):
+            return name
         raise self.not_found(name)
+
+    def defaults_of(self, name: str) -> ModelDefaults | None:
+        """A derived model's request defaults (system, parameters, template, messages), if any."""
+        hit = self._derived.get(name)
+        return hit[1] if hit else None
+
+    def forget_derived(self) -> None:
+        """After a create, copy or delete through this server: look the names up again."""
+        self._derived.clear()
+
+    def _derived_from_served(self, name: str) -> bool:
+        """Whether ``name`` is a copy or derived model of the loaded one (same weights file). The
+        answer is kept for DERIVED_TTL_S, so that `tandem create` in another process shows soon."""
+        from tandem.errors import ModelStoreError
+        from tandem.store.model_store import resolve_model
+
+        hit = self._derived.get(name)
+        if hit is not None and time.monotonic() - hit[0] < DERIVED_TTL_S:
+            return True
+        try:
+            ref = resolve_model(name)
+            same = os.path.samefile(ref.path, self.engine.cfg.model_path)
+        except (ModelStoreError, OSError):
+            same = False
+        if same:
+            self._derived[name] = (time.monotonic(), ref.defaults)
+        else:
+            self._derived.pop(name, None)
+        return same
 
     def not_found(self, name: str) -> ApiError:
         from tandem.errors import ModelStoreError
@@ -119,15 +155,19 @@ class Gateway:
         return ApiError(404, msg, param="model", code="model_not_found")
 
     # -- prompts -------------------------------------------------------------------------------
-    async def encode_prompt(self, prompt: str, raw: bool, system: str | None) -> list[int]:
+    async def encode_prompt(
+        self, prompt: str, raw: bool, system: str | None, template: str | None = None
+    ) -> list[int]:
         tok = self.engine.tokenizer
         special = self.settings.special_in_messages
-        return await self._off_loop(len(prompt), partial(prompt_ids, tok, prompt, raw, system, special))
+        fn = partial(prompt_ids, tok, prompt, raw, system, special, template)
+        return await self._off_loop(len(prompt), fn)
 
-    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    async def encode_chat(self, messages: list[dict[str, Any]], template: str | None = None) -> list[int]:
         size = sum(len(str(m.get("content") or "")) for m in messages)
         special = self.settings.special_in_messages
-        return await self._off_loop(size, partial(chat_ids, self.engine.tokenizer, messages, special))
+        fn = partial(chat_ids, self.engine.tokenizer, messages, special, template=template)
+        return await self._off_loop(size, fn)
 
     async def _off_loop(self, size: int, fn: Callable[[], list[int]]) -> list[int]:
         try:
