@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from tandem.commands.options import current_log_level, engine_config, engine_options
+from tandem.commands.options import engine_config, engine_options
 from tandem.messages import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def generate(
     from tandem.store.model_store import ensure_model
 
     ref = ensure_model(model, progress=True)
-    cfg = engine_config(str(ref.path), ref.name, kw, current_log_level())
+    cfg = engine_config(str(ref.path), ref.name, kw)
     t0 = time.perf_counter()
     if sys.stderr.isatty() and not as_json:
         click.echo(f"loading {ref.name}...", err=True, nl=False)

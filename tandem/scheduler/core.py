@@ -106,9 +106,7 @@ class EngineCore:
 
     def _new_scheduler(self, kv_blocks: int) -> Scheduler:
         cfg = self.cfg
-        limits = SchedulerLimits(
-            cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_queue, self.context_length
-        )
+        limits = SchedulerLimits.from_engine(cfg, self.context_length)
         return Scheduler(limits, BlockManager(kv_blocks, cfg.block_size, cfg.enable_prefix_caching))
 
     @property

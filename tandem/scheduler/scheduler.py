@@ -10,20 +10,30 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tandem.messages import ErrorCode
 from tandem.scheduler.block_manager import BlockManager, NoFreeBlocksError
 from tandem.scheduler.sequence import SeqStatus, Sequence
+
+if TYPE_CHECKING:
+    from tandem.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SchedulerLimits:
+    """The engine settings the policy reads (tests give them directly, without a whole config)."""
+
     max_num_seqs: int
     max_num_batched_tokens: int
     max_queue: int
-    context_length: int
+    context_length: int  # resolved: the engine's, capped at the model's
+
+    @classmethod
+    def from_engine(cls, cfg: EngineConfig, context_length: int) -> SchedulerLimits:
+        return cls(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_queue, context_length)
 
 
 class AdmissionError(Exception):
