@@ -59,19 +59,11 @@ class EngineConfig:
 
 @dataclass
 class WorkerConfig:
-    """What the scheduler hands the worker it spawns."""
+    """What the scheduler hands the worker it spawns: the engine's settings, plus what only the
+    worker needs (pickled across the spawn, so plain data only)."""
 
-    model_path: str
-    device: str
-    dtype: str
-    kv_cache_memory: int
-    block_size: int
-    max_num_seqs: int
-    context_length: int
+    engine: EngineConfig
+    context_length: int  # resolved: engine.context_length capped at the model's own
     ring: dict[str, Any]  # RingSegment.handle()
     doorbell_endpoint: str
     results_endpoint: str
-    max_num_batched_tokens: int = 512
-    threads: int | None = None
-    enforce_eager: bool = False
-    inject_fault: str = ""

@@ -10,14 +10,15 @@ from typing import Any
 
 import click
 
-from tandem.commands.options import current_log_level, engine_config, engine_options
+from tandem.commands.options import engine_config, engine_options
 from tandem.messages import SamplingParams
 
 log = logging.getLogger(__name__)
 
 
 def sampling_from_options(kw: dict[str, Any]) -> SamplingParams:
-    params = SamplingParams(
+    """Unchecked: the engine client (or, with --url, the server) checks the request once."""
+    return SamplingParams(
         max_tokens=kw["max_tokens"],
         temperature=kw["temperature"],
         top_k=kw["top_k"],
@@ -28,11 +29,6 @@ def sampling_from_options(kw: dict[str, Any]) -> SamplingParams:
         stop=list(kw["stop"]),
         logprobs=kw["logprobs"],
     )
-    try:
-        params.validate()
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-    return params
 
 
 def sampling_options(fn: Any) -> Any:
@@ -84,7 +80,7 @@ def generate(
     from tandem.store.model_store import ensure_model
 
     ref = ensure_model(model, progress=True)
-    cfg = engine_config(str(ref.path), ref.name, kw, current_log_level())
+    cfg = engine_config(str(ref.path), ref.name, kw)
     t0 = time.perf_counter()
     if sys.stderr.isatty() and not as_json:
         click.echo(f"loading {ref.name}...", err=True, nl=False)

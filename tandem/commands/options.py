@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from tandem.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
+from tandem.config import EngineConfig
 
 _UNITS = {
     "": 1,
@@ -35,92 +35,102 @@ def parse_bytes(text: str) -> int:
     return int(value * _UNITS[unit])
 
 
+class ByteSize(click.ParamType):
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_bytes(value)
+        except click.BadParameter as e:
+            self.fail(e.message, param, ctx)
+
+
+def _default(name: str) -> Any:
+    """The dataclass's default, so the CLI never restates one."""
+    return EngineConfig.__dataclass_fields__[name].default
+
+
+def _option(name: str, *decls: str, **kw: Any) -> tuple[str, Callable[..., Any]]:
+    """An option whose value lands in the EngineConfig field ``name``, defaulting to its default."""
+    return name, click.option(
+        *(decls or (f"--{name.replace('_', '-')}",)), name, default=_default(name), **kw
+    )
+
+
+_ENGINE_OPTIONS = [
+    _option("device", show_default=True, help="cpu, cuda or cuda:N."),
+    _option(
+        "dtype",
+        show_default=True,
+        type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+        help="auto: on a CPU, quantized GGUF weights stay packed (int4 kernels) and compute is bf16 "
+        "where the CPU has it; float32: the exact reference path.",
+    ),
+    _option(
+        "kv_cache_memory",
+        type=ByteSize(),
+        show_default=f"{_default('kv_cache_memory') // 2**20}M",
+        help="Memory for the paged KV cache (e.g. 512M, 4G).",
+    ),
+    _option("max_num_seqs", show_default=True, type=click.IntRange(1), help="Most sequences in one step."),
+    _option(
+        "max_num_batched_tokens",
+        show_default=True,
+        type=click.IntRange(1),
+        help="Most tokens in one step (prefill chunk budget).",
+    ),
+    _option(
+        "max_queue",
+        show_default=True,
+        type=click.IntRange(1),
+        help="Requests waiting beyond this are refused as busy.",
+    ),
+    _option(
+        "context_length",
+        "--num-ctx",
+        type=click.IntRange(2),
+        help="Context length (default: the model's).",
+    ),
+    _option(
+        "overlap",
+        "--overlap/--no-overlap",
+        show_default=True,
+        help="Prepare the next step while the worker runs this one (--no-overlap: wait for each).",
+    ),
+    _option("threads", type=click.IntRange(1), help="CPU threads of the worker."),
+    _option(
+        "enforce_eager",
+        is_flag=True,
+        help="GPU: run decode steps eagerly instead of replaying CUDA graphs (the CPU never uses graphs).",
+    ),
+    _option(
+        "step_timeout",
+        type=click.FloatRange(0, min_open=True),
+        show_default=True,
+        help="Seconds a step may run past its expected duration (measured) before the worker "
+        "counts as hung and is restarted.",
+    ),
+    # Test hook: makes the worker misbehave on purpose (the fault tests), never for users.
+    _option("inject_fault", hidden=True),
+]
+ENGINE_OPTION_FIELDS = tuple(name for name, _ in _ENGINE_OPTIONS)
+
+
 def engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    opts = [
-        click.option("--device", default=EngineConfig.device, show_default=True, help="cpu, cuda or cuda:N."),
-        click.option(
-            "--dtype",
-            default="auto",
-            show_default=True,
-            type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-            help="auto: on a CPU, quantized GGUF weights stay packed (int4 kernels) and compute is bf16 "
-            "where the CPU has it; float32: the exact reference path.",
-        ),
-        click.option(
-            "--kv-cache-memory",
-            default=f"{DEFAULT_KV_CACHE_MEMORY // 2**20}M",
-            show_default=True,
-            help="Memory for the paged KV cache (e.g. 512M, 4G).",
-        ),
-        click.option(
-            "--max-num-seqs",
-            default=EngineConfig.max_num_seqs,
-            show_default=True,
-            type=click.IntRange(1),
-            help="Most sequences in one step.",
-        ),
-        click.option(
-            "--max-num-batched-tokens",
-            default=EngineConfig.max_num_batched_tokens,
-            show_default=True,
-            type=click.IntRange(1),
-            help="Most tokens in one step (prefill chunk budget).",
-        ),
-        click.option(
-            "--max-queue",
-            default=EngineConfig.max_queue,
-            show_default=True,
-            type=click.IntRange(1),
-            help="Requests waiting beyond this are refused as busy.",
-        ),
-        click.option(
-            "--num-ctx",
-            "context_length",
-            type=click.IntRange(2),
-            default=None,
-            help="Context length (default: the model's).",
-        ),
-        click.option("--no-overlap", is_flag=True, help="Wait for each step before preparing the next."),
-        click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads of the worker."),
-        click.option(
-            "--enforce-eager",
-            is_flag=True,
-            help="GPU: run decode steps eagerly instead of replaying CUDA graphs (the CPU never "
-            "uses graphs).",
-        ),
-        click.option(
-            "--step-timeout",
-            type=click.FloatRange(0, min_open=True),
-            default=EngineConfig.step_timeout,
-            show_default=True,
-            help="Seconds a step may run past its expected duration (measured) before the worker "
-            "counts as hung and is restarted.",
-        ),
-        # Test hook: makes the worker misbehave on purpose (the fault tests), never for users.
-        click.option("--inject-fault", default="", hidden=True),
-    ]
-    for opt in reversed(opts):
+    for _, opt in reversed(_ENGINE_OPTIONS):
         fn = opt(fn)
     return fn
 
 
-def engine_config(model_path: str, model_name: str, kw: dict[str, Any], log_level: int) -> EngineConfig:
+def engine_config(model_path: str, model_name: str, kw: dict[str, Any], **extra: Any) -> EngineConfig:
+    """The one way a command builds its EngineConfig: engine_options' values (picked out of the
+    command's keyword arguments by field name), the model, the log level, and ``extra`` fields
+    a command sets from options of its own (serve's --trace-steps)."""
+    options = {name: kw[name] for name in ENGINE_OPTION_FIELDS}
     return EngineConfig(
-        model_path=model_path,
-        model_name=model_name,
-        device=kw["device"],
-        dtype=kw["dtype"],
-        kv_cache_memory=parse_bytes(kw["kv_cache_memory"]),
-        max_num_seqs=kw["max_num_seqs"],
-        max_num_batched_tokens=kw["max_num_batched_tokens"],
-        max_queue=kw["max_queue"],
-        context_length=kw["context_length"],
-        overlap=not kw["no_overlap"],
-        threads=kw["threads"],
-        enforce_eager=kw["enforce_eager"],
-        step_timeout=kw["step_timeout"],
-        inject_fault=kw["inject_fault"],
-        log_level=log_level,
+        model_path=model_path, model_name=model_name, log_level=current_log_level(), **options, **extra
     )
 
 

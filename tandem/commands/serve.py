@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from tandem.commands.options import current_log_level, engine_config, engine_options
+from tandem.commands.options import engine_config, engine_options
 
 
 def _split_host(value: str) -> tuple[str, int | None]:
@@ -139,30 +139,34 @@ def serve(
     **kw: Any,
 ) -> None:
     """Serve a model over HTTP (ollama and OpenAI APIs) and the ZeroMQ protocol."""
+    from tandem.gateway.http.state import HttpSettings
     from tandem.gateway.listen import ServeError
     from tandem.gateway.server import ServeConfig
     from tandem.gateway.server import serve as run
+    from tandem.store.local_paths import allowed_roots
     from tandem.store.model_store import ensure_model
 
     h, p = _split_host(host)
     allowed_origins = _origins(origins)
     ref = ensure_model(model, progress=True)
-    engine = engine_config(str(ref.path), ref.name, kw, current_log_level())
-    engine.trace_steps = trace_steps
+    engine = engine_config(str(ref.path), ref.name, kw, trace_steps=trace_steps)
+    settings = HttpSettings(
+        allowed_hosts=allowed_host,
+        origins=allowed_origins,
+        local_model_dirs=allowed_roots(local_model_dirs),
+        store_timeout=store_timeout,
+        send_timeout=send_timeout,
+        special_in_messages=special_tokens_in_messages,
+    )
     cfg = ServeConfig(
         engine=engine,
+        http_settings=settings,
         host=h,
         port=port if port is not None else (p if p is not None else 11434),
         http=not no_http,
         zmq_tcp_port=zmq_port,
         zmq_host=zmq_host.strip("[]"),
-        allowed_hosts=allowed_host,
-        origins=allowed_origins,
-        local_model_dirs=local_model_dirs,
-        store_timeout=store_timeout,
         drain_timeout=drain_timeout,
-        send_timeout=send_timeout,
-        special_in_messages=special_tokens_in_messages,
     )
     try:
         code = run(cfg)

@@ -56,6 +56,8 @@ class AsyncEngine:
         await asyncio.to_thread(self.process.spawn)
         self.load_seconds = time.perf_counter() - t0
         self.started_at = time.time()
+        self.router.vocab_size = self.tokenizer.vocab_size
+        self.router.context_length = self.context_length
         self._reader = asyncio.create_task(self._read_loop(), name="engine-reader")
         self._watchdog = asyncio.create_task(self._watch(), name="engine-watchdog")
         return self
@@ -99,15 +101,21 @@ class AsyncEngine:
 
     # -- requests ------------------------------------------------------------------------
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        *,
+        checked: bool = False,
     ) -> AsyncIterator[Event]:
-        """Stream a request's deltas and its Finished; raise EngineError on its error frame.
+        """Stream a request's deltas and its Finished; raise EngineError on its error frame, or
+        when it breaks a rule of request_checks (unless ``checked``: see Router.submit).
 
         Closing the iterator early (the consumer went away) cancels the request.
         """
         if self.dead is not None:
             raise EngineError(ErrorCode.WORKER_DIED, self.dead)
-        rid, frame = self.router.submit(prompt_ids, params, request_id)
+        rid, frame = self.router.submit(prompt_ids, params, request_id, checked=checked)
         queue: asyncio.Queue[Event | RequestError] = asyncio.Queue()
         self._queues[rid] = queue
         finished = False

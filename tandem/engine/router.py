@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 from tandem.messages import (
     CancelRequest,
+    ErrorCode,
     Finished,
+    InvalidParameterError,
     OutputBatch,
     RequestError,
     SamplingParams,
@@ -27,6 +29,7 @@ from tandem.messages import (
     encode,
     merge_delta,
 )
+from tandem.request_checks import ContextError, check_request
 
 Event = TokenDelta | Finished | RequestError
 
@@ -76,17 +79,35 @@ class Routed:
 
 
 class Router:
-    def __init__(self) -> None:
+    def __init__(self, vocab_size: int = 0, context_length: int = 0) -> None:
         self.active: set[str] = set()
         self._qids = itertools.count(1)
+        # The engine's, for request_checks: set once the engine has started.
+        self.vocab_size = vocab_size
+        self.context_length = context_length
 
     def new_request_id(self) -> str:
         return uuid.uuid4().hex
 
     def submit(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        *,
+        checked: bool = False,
     ) -> tuple[str, bytes]:
-        """(request id, the frame that submits it); EngineError if the id is in flight."""
+        """(request id, the frame that submits it); EngineError if the id is in flight, or if the
+        request breaks a rule of request_checks. ``checked``: the caller applied those rules
+        itself (the gateway's front ends, which name their own parameters), so they run once."""
+        if not checked:
+            assert self.vocab_size > 0 and self.context_length > 0, "the engine has not started"
+            try:
+                check_request(prompt_ids, params, self.vocab_size, self.context_length)
+            except ContextError as e:
+                raise EngineError(e.code, str(e)) from None
+            except InvalidParameterError as e:
+                raise EngineError(ErrorCode.INVALID_REQUEST, str(e)) from None
         rid = request_id or self.new_request_id()
         if rid in self.active:
             raise EngineError("invalid_request", f"request id {rid!r} is already in use")

@@ -17,7 +17,8 @@ from tandem.messages import ErrorCode, Finished, RequestError, SamplingParams, S
 class SyncEngine:
     def __init__(self, process: EngineProcess, health_interval: float = 0.25) -> None:
         self.process = process
-        self.router = Router()
+        tok = process.tokenizer
+        self.router = Router(tok.vocab_size if tok is not None else 0, process.context_length)
         self.health_interval = health_interval
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
@@ -89,7 +90,11 @@ class SyncEngine:
         results: dict[str, Completion | EngineError] = {}
         pending = {rid: Completion(rid, list(ids)) for rid, (ids, _) in requests.items()}
         for rid, (ids, params) in requests.items():
-            self.submit(ids, params, rid)
+            try:
+                self.submit(ids, params, rid)
+            except EngineError as e:  # refused before it was sent
+                results[rid] = e
+                del pending[rid]
         deadline = time.monotonic() + timeout
         while pending:
             left = deadline - time.monotonic()

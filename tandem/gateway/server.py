@@ -17,13 +17,14 @@ import logging
 import os
 import signal
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import zmq
 
 from tandem.config import EngineConfig
 from tandem.engine.aio import AsyncEngine
+from tandem.gateway.http.state import HttpSettings
 from tandem.gateway.listen import ServeError, bind_error, is_loopback, listen_tcp
 from tandem.gateway.zmq_frontend import ZmqFrontend
 from tandem.paths import tandem_home
@@ -37,20 +38,15 @@ HTTP_SEND_BUFFER = 64 * 2**10  # bytes; the kernel doubles it for its bookkeepin
 @dataclass
 class ServeConfig:
     engine: EngineConfig
+    # What the HTTP routes read (their special_in_messages applies to the ZeroMQ front end too);
+    # its zmq_endpoints and bind_host are filled in here once the ports are bound.
+    http_settings: HttpSettings = field(default_factory=HttpSettings)
     host: str = "127.0.0.1"
     port: int = 11434
     http: bool = True
     zmq_tcp_port: int | None = None  # also serve the ZeroMQ protocol on tcp://zmq_host:PORT
     zmq_host: str = "127.0.0.1"  # not `host`: the ZeroMQ protocol has no authentication at all
-    allowed_hosts: tuple[str, ...] = ()  # extra Host header names accepted besides loopback ones
-    origins: tuple[str, ...] = ()  # extra Origin patterns allowed besides local pages and apps
-    local_model_dirs: tuple[Path, ...] = ()  # folders /api/pull may register local files from
-    store_timeout: float = 30.0  # seconds a model-store read or delete may take over HTTP
-    max_body_bytes: int = 8 * 2**20
-    send_timeout: float = 10.0  # seconds a streamed write may wait on a client that stopped reading
-    special_in_messages: bool = False  # parse control-token text in chat messages (injection)
     drain_timeout: float = 30.0
-    aliases: tuple[str, ...] = field(default_factory=tuple)
 
 
 def server_info_path() -> Path:
@@ -123,7 +119,9 @@ class Server:
         endpoints = ["ipc://"]  # a fresh 0700 directory of its own
         if cfg.zmq_tcp_port is not None:
             endpoints.append(f"tcp://{_url_host(cfg.zmq_host)}:{cfg.zmq_tcp_port}")
-        self.frontend = ZmqFrontend(self.engine, endpoints, special_in_messages=cfg.special_in_messages)
+        self.frontend = ZmqFrontend(
+            self.engine, endpoints, special_in_messages=cfg.http_settings.special_in_messages
+        )
         try:
             self.frontend.bind()
         except zmq.ZMQError as e:
@@ -156,20 +154,10 @@ class Server:
         if self.cfg.http:
             import uvicorn
 
-            from tandem.gateway.http.app import HttpSettings, build_app
-            from tandem.store.local_paths import allowed_roots
+            from tandem.gateway.http.app import build_app
 
-            settings = HttpSettings(
-                allowed_hosts=self.cfg.allowed_hosts,
-                origins=self.cfg.origins,
-                local_model_dirs=allowed_roots(self.cfg.local_model_dirs),
-                store_timeout=self.cfg.store_timeout,
-                max_body_bytes=self.cfg.max_body_bytes,
-                send_timeout=self.cfg.send_timeout,
-                special_in_messages=self.cfg.special_in_messages,
-                aliases=self.cfg.aliases,
-                zmq_endpoints=tuple(self.zmq_endpoints),
-                bind_host=self.cfg.host,
+            settings = replace(
+                self.cfg.http_settings, zmq_endpoints=tuple(self.zmq_endpoints), bind_host=self.cfg.host
             )
             app = build_app(self.engine, settings)
             undecodable = app.state.gateway.metrics.zmq_undecodable_frames

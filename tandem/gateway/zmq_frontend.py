@@ -63,6 +63,7 @@ from tandem.messages import (
 )
 from tandem.prompts.build import chat_ids, prompt_ids
 from tandem.prompts.chat_template import ChatTemplateError
+from tandem.request_checks import ContextError, check_prompt_ids, fit_context
 from tandem.tokenizer.build import TokenizerError
 from tandem.tokenizer.tokenizer import Tokenizer
 
@@ -310,7 +311,9 @@ class ZmqFrontend:
             self._refuse(client, rid, ErrorCode.CONTEXT_LENGTH, too_long)
             return
         try:
-            msg.validate(self.engine.tokenizer.vocab_size)
+            msg.validate()
+            if msg.prompt_token_ids is not None:
+                check_prompt_ids(msg.prompt_token_ids, self.engine.tokenizer.vocab_size)
         except ValueError as e:
             self._refuse(client, rid, ErrorCode.INVALID_REQUEST, str(e))
             return
@@ -333,10 +336,10 @@ class ZmqFrontend:
         ctx = self.engine.context_length
         ids = msg.prompt_token_ids
         if isinstance(ids, list) and len(ids) >= ctx:
-            return (
-                f"prompt is {len(ids)} tokens but the context holds {ctx} "
-                "(prompt + at least 1 generated token must fit)"
-            )
+            try:
+                fit_context(len(ids), None, ctx)
+            except ContextError as e:
+                return str(e)
         size = _text_bytes(msg)
         if size > self._max_prompt_bytes:
             per_token = self._max_prompt_bytes // max(ctx, 1)
@@ -349,8 +352,10 @@ class ZmqFrontend:
     # -- one request ---------------------------------------------------------------------
     async def _run(self, client: Client, req: ClientRequest, msg: GenerateRequest) -> None:
         ids = await asyncio.to_thread(self._tokenize, msg)
-        if not ids:
-            req.terminal = RequestError(req.rid, ErrorCode.INVALID_REQUEST, "the prompt is empty")
+        try:
+            fit_context(len(ids), msg.params.max_tokens, self.engine.context_length)
+        except ContextError as e:
+            req.terminal = RequestError(req.rid, e.code, str(e))
             return
         req.prompt_tokens = len(ids)
         if not await self._peers.send(client, Accepted(req.rid, len(ids), ids)):
@@ -359,7 +364,8 @@ class ZmqFrontend:
         if req.cancel_reason:  # cancelled while being tokenized
             return
         parts: list[TokenDelta] = []
-        events = self.engine.generate(ids, msg.params, request_id=f"z{uuid.uuid4().hex}")
+        # checked: _submit applied the request rules (params, token ids), and fit_context above.
+        events = self.engine.generate(ids, msg.params, request_id=f"z{uuid.uuid4().hex}", checked=True)
         try:
             # aclosing: leaving early closes the generator now, which cancels in the scheduler
             async with contextlib.aclosing(events):  # type: ignore[type-var]

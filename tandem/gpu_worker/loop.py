@@ -28,8 +28,8 @@ def worker_main(ctx: ActorContext) -> None:
     ring = RingSegment.from_handle(cfg.ring)
     ctx.add_cleanup(ring.close)
     runner = ModelRunner(cfg)
-    runner.prepare_launch(enforce_eager=cfg.enforce_eager)
-    faults = FaultPlan(cfg.inject_fault)
+    runner.prepare_launch(enforce_eager=cfg.engine.enforce_eager)
+    faults = FaultPlan(cfg.engine.inject_fault)
     bells = ctx.zmq_ctx.socket(zmq.PULL)
     bells.setsockopt(zmq.LINGER, 0)
     bells.connect(cfg.doorbell_endpoint)
@@ -41,7 +41,7 @@ def worker_main(ctx: ActorContext) -> None:
     c = runner.config
     ctx.send_ready(
         {
-            "memory_plan": runner.memory_plan(cfg.max_num_batched_tokens),
+            "memory_plan": runner.memory_plan(cfg.engine.max_num_batched_tokens),
             "model": {"architecture": c.architecture, "vocab_size": c.vocab_size, "num_layers": c.num_layers},
         }
     )

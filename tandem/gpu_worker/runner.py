@@ -93,25 +93,26 @@ class PendingResult:
 class ModelRunner:
     def __init__(self, cfg: WorkerConfig) -> None:
         self.cfg = cfg
-        self.device = torch.device(cfg.device)
+        eng = cfg.engine
+        self.device = torch.device(eng.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(
-                f"device {cfg.device!r} requested but CUDA is not available (use --device cpu)"
+                f"device {eng.device!r} requested but CUDA is not available (use --device cpu)"
             )
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        if eng.threads:
+            torch.set_num_threads(eng.threads)
         elif self.device.type == "cpu":
             torch.set_num_threads(default_threads())
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.dtype = resolve_dtype(eng.dtype, self.device)
         start = time.perf_counter()
-        self.model = build_model(cfg.model_path, cfg.dtype, self.device)
+        self.model = build_model(eng.model_path, eng.dtype, self.device)
         self.config = self.model.config
         self.load_seconds = time.perf_counter() - start
         self.weights_bytes = self.model.weights_bytes
         self.kv = KVCache.from_memory_budget(
-            self.config, cfg.kv_cache_memory, cfg.block_size, self.dtype, self.device
+            self.config, eng.kv_cache_memory, eng.block_size, self.dtype, self.device
         )
-        n = cfg.max_num_seqs
+        n = eng.max_num_seqs
         self.prev_sampled = torch.zeros(n, dtype=torch.long, device=self.device)
         # Penalty state per worker slot, allocated the first time a request asks for penalties.
         self.prompt_mask: torch.Tensor | None = None
@@ -123,7 +124,7 @@ class ModelRunner:
             self.dtype,
             self.load_seconds,
             self.kv.num_blocks,
-            cfg.block_size,
+            eng.block_size,
         )
 
     def memory_plan(self, max_num_batched_tokens: int) -> dict[str, int | float | str]:
@@ -131,7 +132,7 @@ class ModelRunner:
         elem = torch.empty((), dtype=self.dtype).element_size()
         # Peak live activations of one step: the widest layer intermediates plus the logits rows.
         activations = max_num_batched_tokens * (3 * c.hidden_size + 2 * c.intermediate_size) * elem
-        activations += self.cfg.max_num_seqs * c.vocab_size * 4
+        activations += self.cfg.engine.max_num_seqs * c.vocab_size * 4
         return {
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch.") + ("+packed" * self.model.has_packed_weights),
@@ -157,7 +158,7 @@ class ModelRunner:
         if self.device.type == "cuda" and not self._paged_kernel:
             log.warning("triton is not installed: GPU decode attention runs the portable matmul path")
         if self.device.type == "cuda" and not enforce_eager and self._paged_kernel:
-            self._graphs = DecodeGraphs.capture(self, self.cfg.max_num_seqs, self.cfg.context_length)
+            self._graphs = DecodeGraphs.capture(self, self.cfg.engine.max_num_seqs, self.cfg.context_length)
 
     @property
     def staging(self) -> StepStaging:
@@ -168,7 +169,7 @@ class ModelRunner:
     def _update_penalty_state(self, dev: dict[str, torch.Tensor], input_ids: torch.Tensor) -> None:
         """Fold this step's inputs of penalized sequences into their per-slot state (no host reads)."""
         if self.prompt_mask is None:
-            shape = (self.cfg.max_num_seqs, self.config.vocab_size)
+            shape = (self.cfg.engine.max_num_seqs, self.config.vocab_size)
             self.prompt_mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
             self.output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
         assert self.output_counts is not None

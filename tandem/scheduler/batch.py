@@ -101,6 +101,19 @@ class Packer:
             if dtype.kind == "f" and not np.isfinite(cell[0]):
                 raise ValueError(f"{name}={value!r} does not fit the step's {dtype} column")
 
+    @staticmethod
+    def check_prompt(token_ids: list[int], vocab_size: int) -> None:
+        """Raise ValueError unless every prompt id is a row of the model's embedding: one that is
+        not would fail the worker's whole step, and with it every request in the step."""
+        try:
+            ids = np.asarray(token_ids, dtype=np.int64)
+        except (OverflowError, ValueError, TypeError):
+            raise ValueError("prompt token ids do not fit the step's int64 input_ids column") from None
+        if ids.ndim != 1 or (ids.size and not (0 <= ids.min() and ids.max() < vocab_size)):
+            raise ValueError(
+                f"prompt token ids are not all rows of the model's embedding (0..{vocab_size - 1})"
+            )
+
     def forget(self) -> None:
         self._memo.clear()
 

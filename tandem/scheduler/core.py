@@ -106,9 +106,7 @@ class EngineCore:
 
     def _new_scheduler(self, kv_blocks: int) -> Scheduler:
         cfg = self.cfg
-        limits = SchedulerLimits(
-            cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_queue, self.context_length
-        )
+        limits = SchedulerLimits.from_engine(cfg, self.context_length)
         return Scheduler(limits, BlockManager(kv_blocks, cfg.block_size, cfg.enable_prefix_caching))
 
     @property
@@ -126,33 +124,21 @@ class EngineCore:
             return out
         try:
             seq = self._sequence(req)
+            # The front end checked the request (engine/request_checks.py); these only keep a frame
+            # that bypassed it from failing other requests' steps: what the ring and the model hold.
+            self.packer.check_prompt(seq.token_ids, self.vocab_size)
             self.packer.check_params(seq, self.ring.slot(0))
             self.sched.add(seq)
         except AdmissionError as e:
             retry = self.queue_wait_s() if e.code == ErrorCode.BUSY else 0.0
             out.errors.append(RequestError(req.request_id, e.code, str(e), retry))
-        except ValueError as e:  # InvalidParameterError, and values the ring cannot hold
+        except ValueError as e:  # values the ring or the model cannot hold
             out.errors.append(RequestError(req.request_id, ErrorCode.INVALID_REQUEST, str(e)))
         return out
 
     def _sequence(self, req: SubmitRequest) -> Sequence:
         if not isinstance(req.request_id, str) or not isinstance(req.prompt_token_ids, list):
             raise AdmissionError(ErrorCode.INVALID_REQUEST, "malformed request")
-        req.params.validate()
-        vocab = self.vocab_size
-        bad = next(
-            (
-                t
-                for t in req.prompt_token_ids
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab
-            ),
-            None,
-        )
-        if bad is not None:
-            raise AdmissionError(
-                ErrorCode.INVALID_REQUEST,
-                f"prompt token id {bad!r} is outside the vocabulary (0..{vocab - 1})",
-            )
         n = len(req.prompt_token_ids)
         params = req.params
         return Sequence(

@@ -109,20 +109,11 @@ class SchedulerProcess:
     def _start_worker(self) -> None:
         cfg = self.cfg
         wcfg = WorkerConfig(
-            model_path=cfg.model_path,
-            device=cfg.device,
-            dtype=cfg.dtype,
-            kv_cache_memory=cfg.kv_cache_memory,
-            block_size=cfg.block_size,
-            max_num_seqs=cfg.max_num_seqs,
+            engine=cfg,
             context_length=self.context_length,
             ring=self.ring.handle(),
             doorbell_endpoint=self.bell_addr,
             results_endpoint=self.results_addr,
-            max_num_batched_tokens=cfg.max_num_batched_tokens,
-            threads=cfg.threads,
-            enforce_eager=cfg.enforce_eager,
-            inject_fault=cfg.inject_fault,
         )
         assert cfg.runtime_dir is not None
         spec = ActorSpec(

@@ -10,20 +10,31 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tandem.messages import ErrorCode
+from tandem.request_checks import ContextError, fit_context
 from tandem.scheduler.block_manager import BlockManager, NoFreeBlocksError
 from tandem.scheduler.sequence import SeqStatus, Sequence
+
+if TYPE_CHECKING:
+    from tandem.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SchedulerLimits:
+    """The engine settings the policy reads (tests give them directly, without a whole config)."""
+
     max_num_seqs: int
     max_num_batched_tokens: int
     max_queue: int
-    context_length: int
+    context_length: int  # resolved: the engine's, capped at the model's
+
+    @classmethod
+    def from_engine(cls, cfg: EngineConfig, context_length: int) -> SchedulerLimits:
+        return cls(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_queue, context_length)
 
 
 class AdmissionError(Exception):
@@ -63,21 +74,10 @@ class Scheduler:
     # -- admission -------------------------------------------------------------------
     def check_feasible(self, prompt_len: int, max_tokens: int | None) -> None:
         """Refuse now what could never run, instead of queueing it forever."""
-        ctx = self.limits.context_length
-        if prompt_len < 1:
-            raise AdmissionError(ErrorCode.INVALID_REQUEST, "the prompt is empty (0 tokens)")
-        if prompt_len >= ctx:
-            raise AdmissionError(
-                ErrorCode.CONTEXT_LENGTH,
-                f"prompt is {prompt_len} tokens but the context holds {ctx} "
-                f"(prompt + at least 1 generated token must fit)",
-            )
-        if max_tokens is not None and prompt_len + max_tokens > ctx:
-            raise AdmissionError(
-                ErrorCode.CONTEXT_LENGTH,
-                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {prompt_len + max_tokens} "
-                f"exceeds the context of {ctx} tokens",
-            )
+        try:  # the front end's rule, once more: the ring's block tables hold the context, no more
+            fit_context(prompt_len, max_tokens, self.limits.context_length)
+        except ContextError as e:
+            raise AdmissionError(e.code, str(e)) from None
         total = prompt_len + (max_tokens if max_tokens is not None else 1)
         pool = self.blocks.num_blocks * self.blocks.block_size
         if total > pool:

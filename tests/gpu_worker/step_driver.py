@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tandem.config import WorkerConfig
+from tandem.config import EngineConfig, WorkerConfig
 from tandem.gpu_worker.runner import ModelRunner, PendingResult
 from tandem.messages import Doorbell
 from tandem.shm import RingSegment
@@ -44,19 +44,16 @@ def make_runner(
 ) -> tuple[ModelRunner, RingSegment]:
     layout = batch_layout(128, max_num_seqs, -(-context // BLOCK), 2)
     ring = RingSegment.create(layout, prefix="tandemtest")
-    cfg = WorkerConfig(
+    engine = EngineConfig(
         model_path=str(model_path),
         device=device,
         dtype=dtype,
         kv_cache_memory=8 << 20,
         block_size=BLOCK,
         max_num_seqs=max_num_seqs,
-        context_length=context,
-        ring=ring.handle(),
-        doorbell_endpoint="",
-        results_endpoint="",
         threads=torch.get_num_threads(),  # leave the test process's thread count as it is
     )
+    cfg = WorkerConfig(engine, context, ring.handle(), doorbell_endpoint="", results_endpoint="")
     return ModelRunner(cfg), ring
 
 

@@ -19,7 +19,7 @@ from tandem.formats.tiny import TinySpec, write_tiny_gguf
 @click.command()
 @engine_options
 def _show(**kw: Any) -> None:
-    click.echo(json.dumps(engine_config("m.gguf", "m", kw, 0).enforce_eager))
+    click.echo(json.dumps(engine_config("m.gguf", "m", kw).enforce_eager))
 
 
 def test_the_flag_sets_the_engine_config() -> None:

@@ -13,6 +13,8 @@ import pytest
 from gguf import GGMLQuantizationType
 from pipeline_driver import Outcome, cancel, make_engine, pump, run_all, stats, submit
 
+from tandem.engine.router import EngineError
+from tandem.engine.sync import SyncEngine
 from tandem.formats.tiny import TinySpec, write_tiny_gguf
 from tandem.messages import SamplingParams
 
@@ -144,6 +146,7 @@ def test_cancel_during_chunked_prefill(tiny_gguf: Path) -> None:
 
 
 def test_admission_errors_are_immediate_and_clear(engine) -> None:
+    """Through the engine client, which applies the request rules (request_checks) once."""
     ctx = engine.context_length
     reqs = {
         "too_long": ([5] * (ctx + 3), SamplingParams(max_tokens=4)),
@@ -153,15 +156,15 @@ def test_admission_errors_are_immediate_and_clear(engine) -> None:
         "bad_token": ([5, 10**6], SamplingParams(max_tokens=2)),
         "empty": ([], SamplingParams(max_tokens=2)),
     }
-    out = run_all(engine, reqs, timeout=10)
-    for rid, o in out.items():
-        assert o.terminals == 1 and o.error is not None, rid
-    assert out["too_long"].error.code == "context_length"
-    assert str(ctx + 3) in out["too_long"].error.message and str(ctx) in out["too_long"].error.message
-    assert "max_tokens" in out["too_much"].error.message
-    assert "temperature" in out["bad_temp"].error.message
-    assert "top_p" in out["bad_top_p"].error.message
-    assert "1000000" in out["bad_token"].error.message
+    out = SyncEngine(engine).run_all(reqs, timeout=10)
+    assert all(isinstance(e, EngineError) for e in out.values()), out
+    assert out["too_long"].code == "context_length"
+    assert str(ctx + 3) in str(out["too_long"]) and str(ctx) in str(out["too_long"])
+    assert out["too_much"].code == "context_length" and str(10 + ctx) in str(out["too_much"])
+    assert "temperature" in str(out["bad_temp"])
+    assert "top_p" in str(out["bad_top_p"])
+    assert "1000000" in str(out["bad_token"])
+    assert out["empty"].code == "invalid_request"
 
 
 def test_request_larger_than_kv_pool_is_refused_not_queued(tiny_gguf: Path) -> None:
@@ -272,14 +275,16 @@ def test_quantized_file_is_served_from_packed_weights(tmp_path: Path) -> None:
 
 
 def test_one_requests_bad_data_never_kills_the_scheduler(engine) -> None:
-    """Frames that bypass the gateway's validation (a buggy or hostile peer of the scheduler
-    socket) fail their own request; the scheduler keeps serving everyone else."""
+    """Frames that bypass the engine client's checks (a buggy or hostile peer of the scheduler
+    socket) fail their own request, by the scheduler's guards of what its ring and the model can
+    hold; the scheduler keeps serving everyone else. (A value that is out of range but harmless,
+    such as a stop token id past the vocabulary, is the front end's to refuse, not the guards'.)"""
     bad = {
         "huge_top_k": ([5, 6], SamplingParams(max_tokens=2, top_k=2**31)),
         "logits_300": ([5, 6], SamplingParams(max_tokens=2, return_logits=300)),  # type: ignore[arg-type]
         "str_token": ([5, "six"], SamplingParams(max_tokens=2)),  # type: ignore[list-item]
+        "big_token": ([5, 10**6], SamplingParams(max_tokens=2)),
         "str_temp": ([5, 6], SamplingParams(max_tokens=2, temperature="hot")),  # type: ignore[arg-type]
-        "stop_ids": ([5, 6], SamplingParams(max_tokens=2, stop_token_ids=[2**40])),
     }
     good = {"good": ([5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0))}
     out = run_all(engine, {**bad, **good}, timeout=30)
@@ -287,7 +292,8 @@ def test_one_requests_bad_data_never_kills_the_scheduler(engine) -> None:
         assert out[rid].terminals == 1 and out[rid].error is not None, rid
         assert out[rid].error.code in ("invalid_request", "internal"), rid
     assert "top_k" in out["huge_top_k"].error.message
-    assert "return_logits" in out["logits_300"].error.message
+    assert "want_logits" in out["logits_300"].error.message  # the ring column return_logits fills
+    assert "embedding" in out["big_token"].error.message
     assert out["good"].error is None and len(out["good"].token_ids) == 4
     again = run_all(engine, good, timeout=30)["good"]
     assert again.token_ids == out["good"].token_ids

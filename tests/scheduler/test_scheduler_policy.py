@@ -629,6 +629,24 @@ def test_a_request_lost_twice_before_its_first_token_fails(tok: Tokenizer) -> No
     sim.finish_all(first_tick=2)
 
 
+def test_a_failed_step_spares_a_sequence_preempted_and_readmitted_since(tok: Tokenizer) -> None:
+    """A step that fails on the worker fails the sequences it sampled for, unless one of them was
+    preempted after the step went out: its entry is stale (older epoch), even if the sequence is
+    running again by the time the failure arrives, and it finishes as if nothing happened."""
+    sim = Sim(tok, depth=2)
+    req = Req("r0", prompt(7), max_tokens=6)
+    seq = sim.submit(req)
+    assert sim.launch()  # step 0: the prefill, sampling the first token
+    sim.sched._preempt(seq)  # as KV pressure at the next launch would
+    assert sim.launch() and seq.status is SeqStatus.RUNNING and seq.epoch == 1  # back, recomputing
+    stale = sim.results[0]
+    sim.results[0] = StepResult(stale.step, stale.slot, 0, b"", b"", error="RuntimeError: boom")
+    sim.apply_oldest()
+    assert sim.outcomes["r0"].ends == 0 and seq.status is SeqStatus.RUNNING
+    sim.finish_all(first_tick=1)
+    assert (sim.outcomes["r0"].tokens, sim.outcomes["r0"].reason) == reference(sim.fn, req, 64)
+
+
 # -- admission -------------------------------------------------------------------------------------
 
 

@@ -22,9 +22,10 @@ from tandem.gateway.http.errors import ApiError, from_engine_error
 from tandem.gateway.http.metrics import Metrics
 from tandem.gateway.http.params import bad
 from tandem.gateway.http.store_calls import StoreLane
-from tandem.messages import Stats
+from tandem.messages import ErrorCode, InvalidParameterError, Stats
 from tandem.prompts.build import chat_ids, prompt_ids
 from tandem.prompts.chat_template import ChatTemplateError
+from tandem.request_checks import ContextError, check_prompt_ids, fit_context
 from tandem.store.modelfile import ModelDefaults
 from tandem.tokenizer.build import TokenizerError
 
@@ -180,50 +181,26 @@ class Gateway:
             raise ApiError(400, f"cannot tokenize the input: {e}") from None
 
     def check_token_ids(self, ids: list[Any], param: str) -> list[int]:
-        vocab = self.engine.tokenizer.vocab_size
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise ApiError(
-                    400,
-                    f"invalid parameter '{param}': token id {t!r} is not in 0..{vocab - 1}",
-                    param=param,
-                    code="invalid_parameter",
-                )
-        return list(ids)
+        try:
+            return check_prompt_ids(ids, self.engine.tokenizer.vocab_size, param)
+        except InvalidParameterError as e:
+            raise ApiError(400, str(e), param=param, code="invalid_parameter") from None
 
     def fit_context(
         self, n_prompt: int, max_tokens: int | None, num_ctx: int | None, clamp: bool
     ) -> int | None:
-        """max_tokens that fits the context; 400 with both counts when the prompt does not.
-
-        ``clamp``: shorten max_tokens to what fits (ollama) rather than refuse (OpenAI, vLLM).
-        """
-        ctx = self.engine.context_length
-        if num_ctx is not None and num_ctx < ctx:
-            ctx = num_ctx
-        if n_prompt == 0:
-            raise ApiError(400, "the prompt is empty (0 tokens)", param="prompt")
-        if n_prompt >= ctx:
-            raise ApiError(
-                400,
-                f"the prompt is {n_prompt} tokens, longer than the context of {ctx} tokens "
-                "(prompt + at least 1 generated token must fit)",
-                code="context_length_exceeded",
-            )
-        room = ctx - n_prompt
-        if max_tokens is None or max_tokens <= room:
-            return (
-                max_tokens if max_tokens is not None else (room if ctx < self.engine.context_length else None)
-            )
-        if clamp:
-            return room
-        raise ApiError(
-            400,
-            f"the context holds {ctx} tokens but the request needs {n_prompt + max_tokens} "
-            f"({n_prompt} in the prompt, {max_tokens} to generate)",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
+        """max_tokens that fits the context (``num_ctx``, when smaller than the engine's); 400 with
+        both counts when the request does not (request_checks.fit_context, ``clamp`` as there)."""
+        full = self.engine.context_length
+        ctx = num_ctx if num_ctx is not None and num_ctx < full else full
+        try:
+            fitted = fit_context(n_prompt, max_tokens, ctx, clamp)
+        except ContextError as e:
+            code = "context_length_exceeded" if e.code == ErrorCode.CONTEXT_LENGTH else None
+            raise ApiError(400, str(e), param=e.param, code=code) from None
+        if fitted is None and ctx < full:
+            return ctx - n_prompt  # a smaller num_ctx ends generation where it is full
+        return fitted
 
     # -- engine --------------------------------------------------------------------------------
     async def stats(self, timeout: float = 2.0) -> Stats | None:

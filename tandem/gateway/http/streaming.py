@@ -139,7 +139,8 @@ class Generation:
         self.finished: Finished | None = None
         self.error: EngineError | None = None
         self.token_ids: list[int] = []
-        self._it = gw.engine.generate(prompt_ids, params)
+        # Every route checked the request (params, token ids, fit_context) to name its own fields.
+        self._it = gw.engine.generate(prompt_ids, params, checked=True)
         self._first: Event | None = None
         self._outcome_recorded = False
 
