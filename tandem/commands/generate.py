@@ -12,6 +12,7 @@ import click
 
 from tandem.commands.options import current_log_level, engine_config, engine_options
 from tandem.messages import SamplingParams
+from tandem.validation import validate_sampling
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def sampling_from_options(kw: dict[str, Any]) -> SamplingParams:
         logprobs=kw["logprobs"],
     )
     try:
-        params.validate()
+        validate_sampling(params)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     return params

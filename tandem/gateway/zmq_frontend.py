@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import socket
@@ -25,6 +24,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import zmq
 import zmq.asyncio
 from gguf import TokenType
@@ -55,7 +55,6 @@ from tandem.messages import (
     GenerateRequest,
     Health,
     HealthRequest,
-    InvalidParameterError,
     RequestError,
     ServerHello,
     TokenDelta,
@@ -65,6 +64,7 @@ from tandem.prompts.build import chat_ids, prompt_ids
 from tandem.prompts.chat_template import ChatTemplateError
 from tandem.tokenizer.build import TokenizerError
 from tandem.tokenizer.tokenizer import Tokenizer
+from tandem.validation import InvalidParameterError, validate_request
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,12 @@ class ZmqFrontend:
         try:
             msg = read_frame(rest[-1])
         except UnreadableFrame as e:
-            self._refuse(client, e.request_id, ErrorCode.INVALID_REQUEST, e.message)
+            if (
+                e.request_id and e.request_id in client.requests
+            ):  # as in _submit: the request in flight keeps its terminal
+                self._refuse(client, e.request_id, ErrorCode.INVALID_REQUEST, _in_flight(e.request_id))
+            else:
+                self._refuse(client, e.request_id, ErrorCode.INVALID_REQUEST, e.message)
             return
         if isinstance(msg, GenerateRequest):
             self._submit(client, msg)
@@ -302,7 +307,7 @@ class ZmqFrontend:
         rid = readable_id(msg.request_id) or ""
         if rid in client.requests:
             # Not this request's terminal frame: the one in flight under this id still gets its own.
-            self._refuse(client, rid, ErrorCode.INVALID_REQUEST, f"request id {rid!r} is in flight")
+            self._refuse(client, rid, ErrorCode.INVALID_REQUEST, _in_flight(rid))
             return
         # Before validating, which walks every token id: a prompt far over the context costs nothing.
         too_long = self._over_context(msg)
@@ -310,7 +315,7 @@ class ZmqFrontend:
             self._refuse(client, rid, ErrorCode.CONTEXT_LENGTH, too_long)
             return
         try:
-            msg.validate(self.engine.tokenizer.vocab_size)
+            validate_request(msg, self.engine.tokenizer.vocab_size)
         except ValueError as e:
             self._refuse(client, rid, ErrorCode.INVALID_REQUEST, str(e))
             return
@@ -366,7 +371,7 @@ class ZmqFrontend:
                 async for ev in events:
                     if isinstance(ev, TokenDelta):
                         req.completion_tokens += len(ev.token_ids)
-                        ev = dataclasses.replace(ev, request_id=req.rid)
+                        ev = msgspec.structs.replace(ev, request_id=req.rid)
                         if not msg.stream:
                             parts.append(ev)
                         elif not await self._peers.send(client, ev):
@@ -374,7 +379,7 @@ class ZmqFrontend:
                     else:
                         if not msg.stream and not await self._peers.send(client, _merge(req.rid, parts)):
                             return
-                        req.terminal = dataclasses.replace(ev, request_id=req.rid)
+                        req.terminal = msgspec.structs.replace(ev, request_id=req.rid)
         except EngineError as e:
             req.terminal = RequestError(req.rid, e.code, str(e))
 
@@ -458,6 +463,10 @@ def _text_bytes(msg: GenerateRequest) -> int:
     if isinstance(msg.messages, list):
         texts += [part for m in msg.messages if isinstance(m, ChatMessage) for part in (m.role, m.content)]
     return sum(len(t.encode("utf-8")) for t in texts if isinstance(t, str))
+
+
+def _in_flight(rid: str) -> str:
+    return f"request id {rid!r} is in flight"
 
 
 def _clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:

@@ -56,6 +56,7 @@ from tandem.scheduler.sequence import SeqStatus, Sequence
 from tandem.scheduler.watchdog import StepWatchdog
 from tandem.shm.slot import SlotView
 from tandem.tokenizer.tokenizer import Tokenizer
+from tandem.validation import validate_sampling
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class EngineCore:
     def _sequence(self, req: SubmitRequest) -> Sequence:
         if not isinstance(req.request_id, str) or not isinstance(req.prompt_token_ids, list):
             raise AdmissionError(ErrorCode.INVALID_REQUEST, "malformed request")
-        req.params.validate()
+        validate_sampling(req.params)
         vocab = self.vocab_size
         bad = next(
             (
