@@ -12,8 +12,11 @@ wire does not have, so the tag is spliced in front of the fields here, in the fr
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import re
+import types
+import typing
 from typing import Any, ClassVar, TypeVar
 
 import msgspec
@@ -28,18 +31,29 @@ _ENCODER = msgspec.msgpack.Encoder()
 _PROBE = msgspec.msgpack.Decoder()  # untyped: only to say why a frame is not a message
 _INT_SIZES = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}  # msgpack int markers
 _FIXARRAY = [bytes((0x90 | n,)) for n in range(15)]  # the fields' header, by count
-_FIELD_PATH = re.compile(r"\$\[(\d+)\](.*)`")  # msgspec's path of the value at fault
+_INDEX = re.compile(r"\[(\d+)\]")  # one step of msgspec's path to the value at fault
 M = TypeVar("M", bound="Message")
 
 
 class MessageError(ValueError):
     """A frame that does not decode into a known message. When a field's value is of the wrong type
-    or shape, ``field`` names it and ``reason`` says what is wrong with it."""
+    or shape, ``field`` names it (the innermost, for a field of a nested message) and ``reason`` says
+    what is wrong with it. ``message_type`` is the message the frame's tag names, and ``request_id``
+    the frame's request id when it has a readable one, so that the request can still be answered."""
 
-    def __init__(self, text: str, field: str | None = None, reason: str = "") -> None:
+    def __init__(
+        self,
+        text: str,
+        field: str | None = None,
+        reason: str = "",
+        message_type: type | None = None,
+        request_id: str | None = None,
+    ) -> None:
         super().__init__(text)
         self.field = field
         self.reason = reason
+        self.message_type = message_type
+        self.request_id = request_id
 
 
 class Message(msgspec.Struct, array_like=True):
@@ -104,7 +118,7 @@ def decode(data: bytes) -> Any:
     try:
         return dec.decode(fields)
     except msgspec.ValidationError as exc:
-        raise _malformed(_REGISTRY[tag], str(exc)) from None
+        raise _malformed(_REGISTRY[tag], str(exc), fields) from None
     except msgspec.DecodeError as exc:
         raise MessageError(f"frame is not valid msgpack: {exc}") from None
 
@@ -146,15 +160,41 @@ def _not_a_message(data: bytes) -> MessageError:
     return MessageError("frame is not a tandem message (expected [tag, ...fields])")
 
 
-def _malformed(cls: type, why: str) -> MessageError:
-    """msgspec's reason, with its path into the fields (``$[i]...``) told by the field's name."""
-    reason, _, path = why.partition(" - at `")
-    at = _FIELD_PATH.fullmatch(path)
-    names = cls.__struct_fields__  # type: ignore[attr-defined]
-    if at is None or int(at.group(1)) >= len(names):
-        return MessageError(f"malformed {cls.__name__}: {why}")
-    name = names[int(at.group(1))]
-    return MessageError(f"malformed {cls.__name__}: {reason} at `{name}{at.group(2)}`", name, reason)
+def _malformed(cls: type[Message], why: str, fields: bytes) -> MessageError:
+    """msgspec's reason, with its path into the fields (``$[6][13]``) told by field names
+    (``params.return_logits``), and the request id if the fields have a readable one."""
+    rid = None
+    if cls.__struct_fields__[:1] == ("request_id",):
+        with contextlib.suppress(msgspec.DecodeError):  # a string that is not UTF-8
+            values = _PROBE.decode(fields)
+            rid = values[0] if values and type(values[0]) is str else None
+    reason, _, path = why.partition(" - at `$")
+    if not path.endswith("`"):
+        return MessageError(f"malformed {cls.__name__}: {why}", message_type=cls, request_id=rid)
+    name, where = _named_path(cls, path[:-1])
+    return MessageError(f"malformed {cls.__name__}: {reason} at `{where}`", name, reason, cls, rid)
+
+
+def _named_path(cls: type[Message], path: str) -> tuple[str | None, str]:
+    """(the innermost field named, ``path`` with field names for the indexes into messages)."""
+    name, out, pos, hint = None, "", 0, cls
+    while (at := _INDEX.match(path, pos)) is not None:
+        i, pos = int(at.group(1)), at.end()
+        if isinstance(hint, type) and issubclass(hint, Message) and i < len(hint.__struct_fields__):
+            name = hint.__struct_fields__[i]
+            out += f".{name}" if out else name
+            hint = _unwrap(msgspec.structs.fields(hint)[i].type)
+        else:
+            out += f"[{i}]"
+            args = typing.get_args(hint)
+            hint = _unwrap(args[0]) if typing.get_origin(hint) is list and args else None
+    return name, out + path[pos:]
+
+
+def _unwrap(hint: Any) -> Any:
+    """``hint`` without None (``T | None`` -> ``T``)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if isinstance(hint, types.UnionType) and len(args) == 1 else hint
 
 
 # --------------------------------------------------------------------------------------

@@ -355,7 +355,15 @@ def test_a_field_of_the_wrong_type_is_named() -> None:
     assert e.value.field == "request_id" and "Expected `str`, got `int`" in e.value.reason
     with pytest.raises(m.MessageError) as e:
         m.decode(frame(53, ["r1", "hi", None, None, False, None, [3, "hot"]]))
-    assert e.value.field == "params" and "at `params[1]`" in str(e.value)
+    assert e.value.field == "temperature" and "at `params.temperature`" in str(e.value)
+    assert e.value.message_type is m.GenerateRequest and e.value.request_id == "r1"
+    with pytest.raises(m.MessageError) as e:
+        m.decode(frame(11, ["r2", [5, "six"], []]))
+    assert e.value.field == "prompt_token_ids" and "at `prompt_token_ids[1]`" in str(e.value)
+    assert e.value.request_id == "r2"  # so that the request can still be answered
+    with pytest.raises(m.MessageError) as e:
+        m.decode(frame(16, [[[*wire(DELTA)[:4], [[[1, "x"]]]]]]))
+    assert "at `deltas[0].top_logprobs[0][0][1]`" in str(e.value) and e.value.request_id is None
 
 
 def test_only_messages_encode() -> None:
