@@ -1,196 +1,207 @@
-"""Every message that crosses a process boundary, as typed dataclasses with one msgpack codec.
+"""Every message that crosses a process boundary, as typed msgspec Structs with one msgpack codec.
 
-Wire form: ``[tag, field0, field1, ...]`` in declaration order. New fields are only ever
-appended with defaults, so a peer one version behind decodes what it knows and ignores the
-rest (PROTOCOL.md, "Versioning"). Tensors travel as raw bytes plus dtype/shape or in the
-shared-memory ring, never as lists of floats.
+Wire form: ``[tag, field0, field1, ...]`` in declaration order; a message nested in another is the
+array of its fields, without a tag. New fields are only ever appended with defaults, so a peer one
+version behind decodes what it knows and ignores the rest (PROTOCOL.md, "Versioning"). Tensors
+travel as raw bytes plus dtype/shape or in the shared-memory ring, never as lists of floats.
+
+The fields are encoded and decoded (and their types checked) by msgspec, each message as an
+array-like Struct. msgspec's own tagging would put the tag into nested messages too, which the
+wire does not have, so the tag is spliced in front of the fields here, in the frame's array header.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import enum
-import math
-import operator
+import re
 import types
 import typing
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar, get_args, get_origin
+from typing import Any, ClassVar, TypeVar
 
-import msgpack
+import msgspec
+from msgspec import field
 
 PROTOCOL_VERSION = 1
 
-_REGISTRY: dict[int, type] = {}
-_DECODERS: dict[type, list[Any]] = {}
-_ENCODERS: dict[type, Callable[[Any], Any]] = {}
-_BUILDERS: dict[type, Callable[[list[Any]], Any]] = {}
-T = TypeVar("T")
+_REGISTRY: dict[int, type[Message]] = {}
+_DECODERS: dict[int, msgspec.msgpack.Decoder] = {}
+_FRAMING: dict[type, tuple[bytes, int]] = {}  # class -> (array header and tag, its fields' header length)
+_ENCODER = msgspec.msgpack.Encoder()
+_PROBE = msgspec.msgpack.Decoder()  # untyped: only to say why a frame is not a message
+_INT_SIZES = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}  # msgpack int markers
+_FIXARRAY = [bytes((0x90 | n,)) for n in range(15)]  # the fields' header, by count
+_INDEX = re.compile(r"\[(\d+)\]")  # one step of msgspec's path to the value at fault
+M = TypeVar("M", bound="Message")
 
 
 class MessageError(ValueError):
-    """A frame that does not decode into a known message."""
+    """A frame that does not decode into a known message. When a field's value is of the wrong type
+    or shape, ``field`` names it (the innermost, for a field of a nested message) and ``reason`` says
+    what is wrong with it. ``message_type`` is the message the frame's tag names, and ``request_id``
+    the frame's request id when it has a readable one, so that the request can still be answered."""
+
+    def __init__(
+        self,
+        text: str,
+        field: str | None = None,
+        reason: str = "",
+        message_type: type | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(text)
+        self.field = field
+        self.reason = reason
+        self.message_type = message_type
+        self.request_id = request_id
+
+
+class Message(msgspec.Struct, array_like=True):
+    """A message: its fields in wire order, its tag in ``TAG`` (set by ``@message``)."""
+
+    TAG: ClassVar[int]
 
 
 def message(tag: int):
-    def wrap(cls: type[T]) -> type[T]:
+    def wrap(cls: type[M]) -> type[M]:
         if tag in _REGISTRY:
             raise RuntimeError(f"message tag {tag} used twice ({_REGISTRY[tag].__name__}, {cls.__name__})")
-        cls = dataclass(cls)  # type: ignore[assignment]
-        cls.TAG = tag  # type: ignore[attr-defined]
+        cls.TAG = tag
         _REGISTRY[tag] = cls
         return cls
 
     return wrap
 
 
-def _to_wire(value: Any) -> Any:
-    """A message as the sequence of its field values (msgpack packs a tuple as the same array as
-    a list); only fields typed as messages recurse (msgpack packs lists of numbers and strings
-    itself, and a step's 256 deltas must be cheap)."""
-    enc = _ENCODERS.get(type(value))
-    if enc is None:
-        enc = _encoder(type(value))
-    return enc(value)
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
 
 
-def _encoder(cls: type) -> Callable[[Any], Any]:
-    """The function that turns a ``cls`` message into its field values, built once per class:
-    one C-level attrgetter call for the fields, a Python loop only over message-typed ones."""
-    fields = _decoders(cls)
-    names = [name for name, _ in fields]
-    if len(names) == 1:
-        one = operator.attrgetter(names[0])
-
-        def get(value: Any) -> tuple:
-            return (one(value),)
-
-    elif names:
-        get = operator.attrgetter(*names)
-    else:
-
-        def get(value: Any) -> tuple:
-            return ()
-
-    nested = [(i, *spec) for i, (_, spec) in enumerate(fields) if spec is not None]
-    if not nested:
-        enc = get
-    else:
-
-        def enc(value: Any) -> Any:
-            out = list(get(value))
-            for i, kind, sub in nested:
-                v = out[i]
-                if v is None:
-                    continue
-                if kind == "list":
-                    sub_enc = _ENCODERS.get(sub) or _encoder(sub)
-                    out[i] = [sub_enc(x) if type(x) is sub else _to_wire(x) for x in v]
-                else:
-                    out[i] = _to_wire(v)
-            return out
-
-    _ENCODERS[cls] = enc
-    return enc
+def _framing(cls: type) -> tuple[bytes, int]:
+    tag = getattr(cls, "TAG", None)
+    if not isinstance(tag, int) or _REGISTRY.get(tag) is not cls:
+        raise TypeError(f"{cls.__name__} is not a message")
+    n = len(cls.__struct_fields__)  # type: ignore[attr-defined]
+    framing = (_array_header(n + 1) + _ENCODER.encode(tag), len(_array_header(n)))
+    _FRAMING[cls] = framing
+    return framing
 
 
-def encode(msg: Any) -> bytes:
-    return msgpack.packb([msg.TAG, *_to_wire(msg)], use_bin_type=True)
-
-
-def _nested_type(hint: Any) -> tuple[str, type] | None:
-    """('one' | 'list', cls) when a field holds message dataclasses that need rebuilding."""
-    origin = get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        for arg in get_args(hint):
-            found = _nested_type(arg)
-            if found:
-                return found
-        return None
-    if origin is list:
-        (arg,) = get_args(hint) or (Any,)
-        if isinstance(arg, type) and hasattr(arg, "TAG"):
-            return ("list", arg)
-        return None
-    if isinstance(hint, type) and hasattr(hint, "TAG"):
-        return ("one", hint)
-    return None
-
-
-def _decoders(cls: type) -> list[Any]:
-    if cls not in _DECODERS:
-        hints = typing.get_type_hints(cls)
-        _DECODERS[cls] = [(f.name, _nested_type(hints[f.name])) for f in dataclasses.fields(cls)]
-    return _DECODERS[cls]
-
-
-def _from_wire(cls: type[T], values: list[Any]) -> T:
-    if type(values) is not list:  # malformed (a map, a string...): read the way it always was
-        return _from_iterable(cls, values)
-    dec = _BUILDERS.get(cls)
-    if dec is None:
-        dec = _builder(cls)
-    return dec(values)
-
-
-def _from_iterable(cls: type[T], values: Any) -> T:
-    kwargs = {}
-    for (name, nested), value in zip(_decoders(cls), values, strict=False):
-        if nested is not None and value is not None:
-            kind, sub = nested
-            value = [_from_wire(sub, v) for v in value] if kind == "list" else _from_wire(sub, value)
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
-def _builder(cls: type[T]) -> Callable[[list[Any]], T]:
-    """The function that rebuilds a ``cls`` message from its field values, made once per class.
-    Values past the fields this version knows are ignored (a newer peer's appended fields); fields
-    a shorter list lacks take their defaults. Fields are passed by position, in declaration order."""
-    fields = _decoders(cls)
-    n = len(fields)
-    nested = [(i, *spec) for i, (_, spec) in enumerate(fields) if spec is not None]
-    if not nested:
-
-        def build(values: list[Any]) -> T:
-            return cls(*values[:n])
-
-    else:
-
-        def build(values: list[Any]) -> T:
-            values = values[:n]
-            for i, kind, sub in nested:
-                if i < len(values) and values[i] is not None:
-                    v = values[i]
-                    values[i] = [_from_wire(sub, x) for x in v] if kind == "list" else _from_wire(sub, v)
-            return cls(*values)
-
-    _BUILDERS[cls] = build
-    return build
+def encode(msg: Message) -> bytes:
+    try:
+        prefix, skip = _FRAMING[type(msg)]
+    except KeyError:
+        prefix, skip = _framing(type(msg))
+    return prefix + _ENCODER.encode(msg)[skip:]
 
 
 def decode(data: bytes) -> Any:
+    """The message in ``data``; MessageError when it is none. Fields past those this version knows
+    are ignored, fields a shorter frame lacks take their defaults."""
+    b0 = data[0] if len(data) > 3 else -1
+    # Nearly every frame: a tag under 128, and under 16 fields or exactly 16 (then 15 after the tag).
+    if 0x91 <= b0 <= 0x9F and data[1] < 0x80:
+        tag, fields = data[1], _FIXARRAY[b0 - 0x91] + data[2:]
+    elif b0 == 0xDC and data[1] == 0 and data[2] == 16 and data[3] < 0x80:
+        tag, fields = data[3], b"\x9f" + data[4:]
+    else:
+        tag, n, start = _frame_head(data)
+        fields = _array_header(n - 1) + data[start:]
     try:
-        arr = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several unrelated types
+        dec = _DECODERS[tag]
+    except KeyError:
+        dec = _decoder(tag)
+    try:
+        return dec.decode(fields)
+    except msgspec.ValidationError as exc:
+        raise _malformed(_REGISTRY[tag], str(exc), fields) from None
+    except msgspec.DecodeError as exc:
         raise MessageError(f"frame is not valid msgpack: {exc}") from None
-    if not isinstance(arr, list) or not arr or not isinstance(arr[0], int):
-        raise MessageError("frame is not a tandem message (expected [tag, ...fields])")
-    cls = _REGISTRY.get(arr[0])
+
+
+def _decoder(tag: int) -> msgspec.msgpack.Decoder:
+    cls = _REGISTRY.get(tag)
     if cls is None:
-        raise MessageError(f"unknown message tag {arr[0]}")
+        raise MessageError(f"unknown message tag {tag}")
+    dec = _DECODERS[tag] = msgspec.msgpack.Decoder(cls)
+    return dec
+
+
+def _frame_head(data: bytes) -> tuple[int, int, int]:
+    """(tag, array length, offset of the first field) of the frame ``data``."""
+    b = data[0] if len(data) else -1
+    if 0x90 <= b <= 0x9F:
+        n, pos = b & 0x0F, 1
+    elif b in (0xDC, 0xDD):
+        pos = 3 if b == 0xDC else 5
+        n = int.from_bytes(data[1:pos], "big")
+    else:
+        raise _not_a_message(data)
+    t = data[pos] if n and pos < len(data) else -1
+    if 0 <= t < 0x80:
+        return t, n, pos + 1
+    if t >= 0xE0:  # negative fixint
+        return t - 0x100, n, pos + 1
+    size = _INT_SIZES.get(t)
+    if size is None or pos + 1 + size > len(data):
+        raise _not_a_message(data)
+    return int.from_bytes(data[pos + 1 : pos + 1 + size], "big", signed=t >= 0xD0), n, pos + 1 + size
+
+
+def _not_a_message(data: bytes) -> MessageError:
     try:
-        return _from_wire(cls, arr[1:])
-    except TypeError as exc:
-        raise MessageError(f"malformed {cls.__name__}: {exc}") from None
+        _PROBE.decode(data)
+    except msgspec.DecodeError as exc:
+        return MessageError(f"frame is not valid msgpack: {exc}")
+    return MessageError("frame is not a tandem message (expected [tag, ...fields])")
+
+
+def _malformed(cls: type[Message], why: str, fields: bytes) -> MessageError:
+    """msgspec's reason, with its path into the fields (``$[6][13]``) told by field names
+    (``params.return_logits``), and the request id if the fields have a readable one."""
+    rid = None
+    if cls.__struct_fields__[:1] == ("request_id",):
+        with contextlib.suppress(msgspec.DecodeError):  # a string that is not UTF-8
+            values = _PROBE.decode(fields)
+            rid = values[0] if values and type(values[0]) is str else None
+    reason, _, path = why.partition(" - at `$")
+    if not path.endswith("`"):
+        return MessageError(f"malformed {cls.__name__}: {why}", message_type=cls, request_id=rid)
+    name, where = _named_path(cls, path[:-1])
+    return MessageError(f"malformed {cls.__name__}: {reason} at `{where}`", name, reason, cls, rid)
+
+
+def _named_path(cls: type[Message], path: str) -> tuple[str | None, str]:
+    """(the innermost field named, ``path`` with field names for the indexes into messages)."""
+    name, out, pos, hint = None, "", 0, cls
+    while (at := _INDEX.match(path, pos)) is not None:
+        i, pos = int(at.group(1)), at.end()
+        if isinstance(hint, type) and issubclass(hint, Message) and i < len(hint.__struct_fields__):
+            name = hint.__struct_fields__[i]
+            out += f".{name}" if out else name
+            hint = _unwrap(msgspec.structs.fields(hint)[i].type)
+        else:
+            out += f"[{i}]"
+            args = typing.get_args(hint)
+            hint = _unwrap(args[0]) if typing.get_origin(hint) is list and args else None
+    return name, out + path[pos:]
+
+
+def _unwrap(hint: Any) -> Any:
+    """``hint`` without None (``T | None`` -> ``T``)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if isinstance(hint, types.UnionType) and len(args) == 1 else hint
 
 
 # --------------------------------------------------------------------------------------
 # Actor control (any actor -> its parent, parent -> actor)
 # --------------------------------------------------------------------------------------
 @message(1)
-class Ready:
+class Ready(Message):
     name: str
     pid: int
     version: int = PROTOCOL_VERSION
@@ -198,14 +209,14 @@ class Ready:
 
 
 @message(2)
-class Heartbeat:
+class Heartbeat(Message):
     name: str
     pid: int
     time: float
 
 
 @message(3)
-class ActorFailed:
+class ActorFailed(Message):
     name: str
     pid: int
     error: str
@@ -213,7 +224,7 @@ class ActorFailed:
 
 
 @message(4)
-class Stop:
+class Stop(Message):
     reason: str = ""
     drain: bool = False
 
@@ -243,51 +254,8 @@ class FinishReason(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
-class InvalidParameterError(ValueError):
-    def __init__(self, param: str, reason: str) -> None:
-        super().__init__(f"invalid parameter '{param}': {reason}")
-        self.param = param
-
-
-def _finite(
-    name: str, v: Any, lo: float | None = None, hi: float | None = None, lo_open: bool = False
-) -> None:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        raise InvalidParameterError(name, f"must be a finite number, got {v!r}")
-    if lo is not None and (v <= lo if lo_open else v < lo):
-        raise InvalidParameterError(name, f"must be {'>' if lo_open else '>='} {lo}, got {v}")
-    if hi is not None and v > hi:
-        raise InvalidParameterError(name, f"must be <= {hi}, got {v}")
-
-
-def _int(name: str, v: Any, lo: int | None = None, hi: int | None = None) -> None:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise InvalidParameterError(name, f"must be an integer, got {v!r}")
-    if lo is not None and v < lo:
-        raise InvalidParameterError(name, f"must be >= {lo}, got {v}")
-    if hi is not None and v > hi:
-        raise InvalidParameterError(name, f"must be <= {hi}, got {v}")
-
-
-def _bool(name: str, v: Any) -> None:
-    if not isinstance(v, bool):
-        raise InvalidParameterError(name, f"must be true or false, got {v!r}")
-
-
-def _text(name: str, v: Any) -> None:
-    if not isinstance(v, str):
-        raise InvalidParameterError(name, f"must be a string, got {type(v).__name__}")
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidParameterError(name, "is not valid Unicode (lone surrogate)") from None
-
-
-INT32_MAX = 2**31 - 1
-
-
 @message(10)
-class SamplingParams:
+class SamplingParams(Message):
     max_tokens: int | None = None  # None: until EOS or the context is full
     temperature: float = 1.0
     top_k: int = 0  # <= 0: off
@@ -304,64 +272,9 @@ class SamplingParams:
     return_logits: bool = False  # full logits row of every generated position (debugging, evals)
     skip_special_tokens: bool = True
 
-    # Every bound is one the ring's column can hold (int32 counts and top_k, float32 knobs, 64-bit
-    # seeds), so a request that passes here can never fail while its step is packed. The stop
-    # caps keep one request from slowing every other one's detokenization (each stop string is
-    # searched for after every token).
-    MAX_TOP_LOGPROBS: typing.ClassVar[int] = 20
-    MAX_TEMPERATURE: typing.ClassVar[float] = 100.0
-    MAX_REPETITION_PENALTY: typing.ClassVar[float] = 100.0
-    MAX_STOP: typing.ClassVar[int] = 16
-    MAX_STOP_CHARS: typing.ClassVar[int] = 4096
-    MAX_STOP_TOKEN_IDS: typing.ClassVar[int] = 64
-
-    def validate(self) -> None:
-        """Raise InvalidParameterError naming the first bad field."""
-        if self.max_tokens is not None:
-            _int("max_tokens", self.max_tokens, 1, INT32_MAX)
-        _finite("temperature", self.temperature, 0.0, self.MAX_TEMPERATURE)
-        _int("top_k", self.top_k, -INT32_MAX - 1, INT32_MAX)
-        _finite("top_p", self.top_p, 0.0, 1.0, lo_open=True)
-        _finite("min_p", self.min_p, 0.0, 1.0)
-        _finite("repetition_penalty", self.repetition_penalty, 0.0, self.MAX_REPETITION_PENALTY, lo_open=True)
-        _finite("presence_penalty", self.presence_penalty, -2.0, 2.0)
-        _finite("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
-        if self.seed is not None:
-            _int("seed", self.seed, -(2**63), 2**64 - 1)
-        self._validate_stops()
-        if self.logprobs is not None:
-            _int("logprobs", self.logprobs, 0, self.MAX_TOP_LOGPROBS)
-        _bool("ignore_eos", self.ignore_eos)
-        _bool("return_logits", self.return_logits)
-        _bool("skip_special_tokens", self.skip_special_tokens)
-
-    def _validate_stops(self) -> None:
-        if not isinstance(self.stop, list):
-            raise InvalidParameterError("stop", "must be a list of non-empty strings")
-        if len(self.stop) > self.MAX_STOP:
-            raise InvalidParameterError("stop", f"at most {self.MAX_STOP} stop strings, got {len(self.stop)}")
-        for s in self.stop:
-            _text("stop", s)
-            if not s:
-                raise InvalidParameterError("stop", "must be a list of non-empty strings")
-        total = sum(map(len, self.stop))
-        if total > self.MAX_STOP_CHARS:
-            raise InvalidParameterError(
-                "stop", f"stop strings total {total} characters, more than the limit of {self.MAX_STOP_CHARS}"
-            )
-        ids = self.stop_token_ids
-        if not isinstance(ids, list):
-            raise InvalidParameterError("stop_token_ids", "must be a list of token ids")
-        if len(ids) > self.MAX_STOP_TOKEN_IDS:
-            raise InvalidParameterError(
-                "stop_token_ids", f"at most {self.MAX_STOP_TOKEN_IDS} stop token ids, got {len(ids)}"
-            )
-        for t in ids:
-            _int("stop_token_ids", t, 0, INT32_MAX)
-
 
 @message(11)
-class SubmitRequest:
+class SubmitRequest(Message):
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -369,19 +282,19 @@ class SubmitRequest:
 
 
 @message(12)
-class CancelRequest:
+class CancelRequest(Message):
     request_id: str
     reason: str = "cancelled"
 
 
 @message(13)
-class TokenDelta:
+class TokenDelta(Message):
     request_id: str
     token_ids: list[int]
     text: str
     logprobs: list[float] | None = None
     # per token: [[id, logprob], ...] best first
-    top_logprobs: list[list[list[float]]] | None = None
+    top_logprobs: list[list[list[int | float]]] | None = None
     logits: list[bytes] | None = None  # per token: float32 row of the vocabulary
 
 
@@ -397,7 +310,7 @@ def merge_delta(into: Any, d: TokenDelta) -> None:
 
 
 @message(14)
-class Finished:
+class Finished(Message):
     request_id: str
     finish_reason: str  # a FinishReason
     prompt_tokens: int
@@ -410,7 +323,7 @@ class Finished:
 
 
 @message(15)
-class RequestError:
+class RequestError(Message):
     request_id: str
     code: str  # an ErrorCode
     message: str
@@ -418,7 +331,7 @@ class RequestError:
 
 
 @message(16)
-class OutputBatch:
+class OutputBatch(Message):
     """Everything one scheduler step produced: one frame instead of one per request."""
 
     deltas: list[TokenDelta] = field(default_factory=list)
@@ -427,12 +340,12 @@ class OutputBatch:
 
 
 @message(17)
-class StatsRequest:
+class StatsRequest(Message):
     query_id: int = 0
 
 
 @message(18)
-class Stats:
+class Stats(Message):
     query_id: int
     worker_alive: bool
     waiting: int
@@ -457,7 +370,7 @@ class Stats:
 
 
 @message(19)
-class TraceRequest:
+class TraceRequest(Message):
     """Ask the scheduler for its recorded step timings (serve --trace-steps) from ``since_step`` on."""
 
     query_id: int = 0
@@ -465,7 +378,7 @@ class TraceRequest:
 
 
 @message(20)
-class StepTrace:
+class StepTrace(Message):
     """Per-step timings, one row per step in STEP_TRACE_FIELDS order (time.monotonic_ns() of
     this machine, shared by the scheduler and the worker); ``enabled`` False when tracing is off."""
 
@@ -495,7 +408,7 @@ STEP_TRACE_FIELDS = (
 # Scheduler <-> GPU worker
 # --------------------------------------------------------------------------------------
 @message(30)
-class Doorbell:
+class Doorbell(Message):
     """Step ``step`` is in ring slot ``slot``; the worker may read it now."""
 
     step: int
@@ -509,7 +422,7 @@ class Doorbell:
 
 
 @message(31)
-class StepResult:
+class StepResult(Message):
     """Sampled tokens of one step, one row per sequence that sampled, plus the slot's credit."""
 
     step: int
@@ -532,17 +445,16 @@ class StepResult:
 # --------------------------------------------------------------------------------------
 # ZeroMQ client protocol (client DEALER <-> gateway ROUTER); see PROTOCOL.md. Tags 50-69.
 # --------------------------------------------------------------------------------------
-MAX_REQUEST_ID_LEN = 256
 
 
 @message(50)
-class ClientHello:
+class ClientHello(Message):
     version: int  # the client's PROTOCOL_VERSION (major: a mismatch is refused)
     client_name: str = ""
 
 
 @message(51)
-class ServerHello:
+class ServerHello(Message):
     version: int
     model: str
     context_length: int
@@ -554,13 +466,13 @@ class ServerHello:
 
 
 @message(52)
-class ChatMessage:
+class ChatMessage(Message):
     role: str
     content: str
 
 
 @message(53)
-class GenerateRequest:
+class GenerateRequest(Message):
     request_id: str  # chosen by the client, unique among its requests in flight
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
@@ -570,57 +482,14 @@ class GenerateRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = True  # False: one TokenDelta with everything, then the terminal frame
 
-    def validate(self, vocab_size: int | None = None) -> None:
-        """Raise InvalidParameterError naming the first bad field (request_id is checked first)."""
-        rid = self.request_id
-        if not isinstance(rid, str) or not 0 < len(rid) <= MAX_REQUEST_ID_LEN:
-            raise InvalidParameterError("request_id", f"must be a string of 1..{MAX_REQUEST_ID_LEN} chars")
-        given = [n for n in ("prompt", "prompt_token_ids", "messages") if getattr(self, n) is not None]
-        if len(given) != 1:
-            raise InvalidParameterError(
-                "prompt", f"give exactly one of prompt, prompt_token_ids, messages (got {given or 'none'})"
-            )
-        if self.prompt is not None and not isinstance(self.prompt, str):
-            raise InvalidParameterError("prompt", "must be a string")
-        if self.prompt_token_ids is not None:
-            ids = self.prompt_token_ids
-            if not isinstance(ids, list) or not ids:
-                raise InvalidParameterError("prompt_token_ids", "must be a non-empty list of token ids")
-            for t in ids:
-                if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-                    raise InvalidParameterError("prompt_token_ids", f"not a token id: {t!r}")
-                if vocab_size is not None and t >= vocab_size:
-                    raise InvalidParameterError(
-                        "prompt_token_ids", f"token id {t} is outside the vocabulary (0..{vocab_size - 1})"
-                    )
-        if self.messages is not None:
-            if not isinstance(self.messages, list) or not self.messages:
-                raise InvalidParameterError("messages", "must be a non-empty list of chat messages")
-            for m in self.messages:
-                if not isinstance(m, ChatMessage) or not isinstance(m.role, str) or not m.role:
-                    raise InvalidParameterError("messages", "each message needs a non-empty string role")
-                if not isinstance(m.content, str):
-                    raise InvalidParameterError("messages", "each message content must be a string")
-        if not isinstance(self.raw, bool):
-            raise InvalidParameterError("raw", "must be a boolean")
-        if self.raw and self.prompt is None:
-            raise InvalidParameterError("raw", "applies only to prompt")
-        if self.system is not None and (not isinstance(self.system, str) or self.prompt is None):
-            raise InvalidParameterError("system", "must be a string, and applies only to prompt")
-        if not isinstance(self.stream, bool):
-            raise InvalidParameterError("stream", "must be a boolean")
-        if not isinstance(self.params, SamplingParams):
-            raise InvalidParameterError("params", "must be a SamplingParams")
-        self.params.validate()
-
 
 @message(54)
-class Cancel:
+class Cancel(Message):
     request_id: str
 
 
 @message(55)
-class Accepted:
+class Accepted(Message):
     """The prompt is tokenized and submitted; the terminal frame is still to come."""
 
     request_id: str
@@ -629,12 +498,12 @@ class Accepted:
 
 
 @message(56)
-class HealthRequest:
+class HealthRequest(Message):
     query_id: int = 0
 
 
 @message(57)
-class Health:
+class Health(Message):
     query_id: int
     status: str  # "ok" | "degraded" (a step is overdue) | "dead"
     model: str
@@ -646,7 +515,7 @@ class Health:
 
 
 @message(58)
-class KeepAlive:
+class KeepAlive(Message):
     """Server -> client probe that finds vanished clients while their requests are silent; ignore it."""
 
     time: float = 0.0

@@ -16,7 +16,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -206,9 +206,12 @@ def remove_runtime_dir(path: Path) -> None:
         log.warning("could not remove runtime directory %s: %s", path, e)
 
 
-def drain(sock: zmq.Socket, owner: str = "") -> Iterator[Any]:
+def drain(
+    sock: zmq.Socket, owner: str = "", on_error: Callable[[MessageError], None] | None = None
+) -> Iterator[Any]:
     """Every message waiting on ``sock``, decoded, without blocking. Frames that do not decode
-    are logged and skipped: one bad peer frame must not take a process down."""
+    are logged, passed to ``on_error`` (to answer a request that can still be told), and skipped:
+    one bad peer frame must not take a process down."""
     while True:
         try:
             data = sock.recv(zmq.NOBLOCK)
@@ -218,5 +221,7 @@ def drain(sock: zmq.Socket, owner: str = "") -> Iterator[Any]:
             msg = decode(data)
         except MessageError as e:
             log.warning("%s: dropping a frame that does not decode: %s", owner or "socket", e)
+            if on_error is not None:
+                on_error(e)
             continue
         yield msg

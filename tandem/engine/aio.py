@@ -109,7 +109,7 @@ class AsyncEngine:
         checked: bool = False,
     ) -> AsyncIterator[Event]:
         """Stream a request's deltas and its Finished; raise EngineError on its error frame, or
-        when it breaks a rule of request_checks (unless ``checked``: see Router.submit).
+        when it breaks a rule of tandem.validation (unless ``checked``: see Router.submit).
 
         Closing the iterator early (the consumer went away) cancels the request.
         """

@@ -15,7 +15,6 @@ from tandem.messages import (
     CancelRequest,
     ErrorCode,
     Finished,
-    InvalidParameterError,
     OutputBatch,
     RequestError,
     SamplingParams,
@@ -29,7 +28,7 @@ from tandem.messages import (
     encode,
     merge_delta,
 )
-from tandem.request_checks import ContextError, check_request
+from tandem.validation import ContextError, InvalidParameterError, check_request
 
 Event = TokenDelta | Finished | RequestError
 
@@ -82,7 +81,7 @@ class Router:
     def __init__(self, vocab_size: int = 0, context_length: int = 0) -> None:
         self.active: set[str] = set()
         self._qids = itertools.count(1)
-        # The engine's, for request_checks: set once the engine has started.
+        # The engine's, for tandem.validation: set once the engine has started.
         self.vocab_size = vocab_size
         self.context_length = context_length
 
@@ -98,7 +97,7 @@ class Router:
         checked: bool = False,
     ) -> tuple[str, bytes]:
         """(request id, the frame that submits it); EngineError if the id is in flight, or if the
-        request breaks a rule of request_checks. ``checked``: the caller applied those rules
+        request breaks a rule of tandem.validation. ``checked``: the caller applied those rules
         itself (the gateway's front ends, which name their own parameters), so they run once."""
         if not checked:
             assert self.vocab_size > 0 and self.context_length > 0, "the engine has not started"

@@ -1,15 +1,15 @@
 """Reading a client's payload frame, and saying why one cannot be read, under its request id if it has one.
 
-`decode` refuses a whole frame for one bad field: a string that is not UTF-8 (msgpack checks them
-while unpacking), or a nested message of the wrong shape. The protocol still owes such a
-GenerateRequest exactly one terminal frame under its own id, so a second, lenient pass unpacks the
-raw array (invalid UTF-8 kept as surrogate escapes), takes the request id by position and names
-the field at fault. Nothing of the client's data is echoed back but the request id itself.
+`decode` refuses a whole frame for one bad field: a string that is not UTF-8 (checked while
+unpacking), a value of the wrong type, or a nested message of the wrong shape. The protocol still
+owes such a GenerateRequest exactly one terminal frame under its own id, so a second, lenient pass
+unpacks the raw array (invalid UTF-8 kept as surrogate escapes), takes the request id by position
+and names the field at fault: for a value of the wrong type, with the words request validation
+uses for it. Nothing of the client's data is echoed back but the request id itself.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import msgpack
@@ -17,15 +17,15 @@ import msgpack
 from tandem.messages import (
     ChatMessage,
     GenerateRequest,
-    InvalidParameterError,
     MessageError,
     SamplingParams,
     decode,
 )
+from tandem.validation import InvalidParameterError, validate_request
 
-_FIELDS = [f.name for f in dataclasses.fields(GenerateRequest)]
-_SAMPLING_FIELDS = [f.name for f in dataclasses.fields(SamplingParams)]
-_CHAT_FIELDS = [f.name for f in dataclasses.fields(ChatMessage)]
+_FIELDS = GenerateRequest.__struct_fields__
+_SAMPLING_FIELDS = SamplingParams.__struct_fields__
+_CHAT_FIELDS = ChatMessage.__struct_fields__
 
 
 class UnreadableFrame(Exception):
@@ -42,7 +42,7 @@ def read_frame(payload: bytes) -> Any:
     try:
         return decode(payload)
     except MessageError as e:
-        raise _explain(payload, str(e)) from None
+        raise _explain(payload, e) from None
 
 
 def readable_id(value: Any) -> str | None:
@@ -58,20 +58,26 @@ def _utf8(text: str) -> bool:
     return True
 
 
-def _explain(payload: bytes, why: str) -> UnreadableFrame:
+def _explain(payload: bytes, err: MessageError) -> UnreadableFrame:
+    why = str(err)
     try:
         arr = msgpack.unpackb(payload, raw=False, unicode_errors="surrogateescape", strict_map_key=False)
     except Exception:  # not msgpack at all (msgpack raises several unrelated types)
         return UnreadableFrame("", why)
     tag = arr[0] if isinstance(arr, list) and arr and type(arr[0]) is int else None
     if tag == GenerateRequest.TAG and len(arr) > 1:
-        return _explain_request(arr[1:], why)
+        return _explain_request(arr[1:], err)
     if tag is not None and _not_utf8(arr[1:], "") is not None:
         return UnreadableFrame("", f"a string in the frame (message tag {tag}) is not valid UTF-8")
-    return UnreadableFrame("", why)
+    return UnreadableFrame("", _named(err))
 
 
-def _explain_request(values: list[Any], why: str) -> UnreadableFrame:
+def _named(err: MessageError) -> str:
+    """The decode error, as the invalid parameter it is when one field is at fault."""
+    return str(InvalidParameterError(err.field, err.reason)) if err.field else str(err)
+
+
+def _explain_request(values: list[Any], err: MessageError) -> UnreadableFrame:
     """Why the GenerateRequest fields ``values`` do not decode, under the request id if it is readable."""
     rid = readable_id(values[0])
     if rid is None:
@@ -81,7 +87,24 @@ def _explain_request(values: list[Any], why: str) -> UnreadableFrame:
         where = _not_utf8_in_field(name, value)
         if where is not None:
             return UnreadableFrame(rid, str(InvalidParameterError(where[0], f"not valid UTF-8{where[1]}")))
-    return UnreadableFrame(rid, _bad_shape(dict(zip(_FIELDS, values, strict=False))) or why)
+    fields = dict(zip(_FIELDS, values, strict=False))
+    return UnreadableFrame(rid, _bad_shape(fields) or _invalid(fields) or _named(err))
+
+
+def _invalid(fields: dict[str, Any]) -> str | None:
+    """What request validation says of ``fields`` taken as they are, types unchecked (the same words
+    as for a well-typed request with a bad value); None if it finds nothing."""
+    params = fields.get("params")
+    if isinstance(params, list):
+        fields["params"] = SamplingParams(*params[: len(_SAMPLING_FIELDS)])
+    messages = fields.get("messages")
+    if isinstance(messages, list):  # _bad_shape has checked each is a [role, content, ...] array
+        fields["messages"] = [ChatMessage(*m[: len(_CHAT_FIELDS)]) for m in messages]
+    try:
+        validate_request(GenerateRequest(**fields))
+    except InvalidParameterError as e:
+        return str(e)
+    return None
 
 
 def _bad_shape(fields: dict[str, Any]) -> str | None:

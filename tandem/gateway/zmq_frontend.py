@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import socket
@@ -25,6 +24,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import zmq
 import zmq.asyncio
 from gguf import TokenType
@@ -55,7 +55,6 @@ from tandem.messages import (
     GenerateRequest,
     Health,
     HealthRequest,
-    InvalidParameterError,
     RequestError,
     ServerHello,
     TokenDelta,
@@ -63,9 +62,14 @@ from tandem.messages import (
 )
 from tandem.prompts.build import chat_ids, prompt_ids
 from tandem.prompts.chat_template import ChatTemplateError
-from tandem.request_checks import ContextError, check_prompt_ids, fit_context
 from tandem.tokenizer.build import TokenizerError
 from tandem.tokenizer.tokenizer import Tokenizer
+from tandem.validation import (
+    ContextError,
+    InvalidParameterError,
+    fit_context,
+    validate_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +237,12 @@ class ZmqFrontend:
         try:
             msg = read_frame(rest[-1])
         except UnreadableFrame as e:
-            self._refuse(client, e.request_id, ErrorCode.INVALID_REQUEST, e.message)
+            if (
+                e.request_id and e.request_id in client.requests
+            ):  # as in _submit: the request in flight keeps its terminal
+                self._refuse(client, e.request_id, ErrorCode.INVALID_REQUEST, _in_flight(e.request_id))
+            else:
+                self._refuse(client, e.request_id, ErrorCode.INVALID_REQUEST, e.message)
             return
         if isinstance(msg, GenerateRequest):
             self._submit(client, msg)
@@ -241,22 +250,13 @@ class ZmqFrontend:
             self._cancel(client, msg)
         elif isinstance(msg, ClientHello):
             self._hello(client, msg)
-        elif isinstance(msg, HealthRequest):
-            if isinstance(msg.query_id, int) and not isinstance(msg.query_id, bool):
-                self._spawn(self._health(client, msg.query_id))
-            else:
-                self._refuse(
-                    client, "", ErrorCode.INVALID_REQUEST, "invalid parameter 'query_id': not an integer"
-                )
+        elif isinstance(msg, HealthRequest):  # decode has checked that query_id is an integer
+            self._spawn(self._health(client, msg.query_id))
         else:
             self._refuse(client, "", ErrorCode.INVALID_REQUEST, f"unexpected {type(msg).__name__}")
 
     def _cancel(self, client: Client, msg: Cancel) -> None:
-        if not isinstance(msg.request_id, str):
-            self._refuse(
-                client, "", ErrorCode.INVALID_REQUEST, "invalid parameter 'request_id': must be a string"
-            )
-        elif (req := client.requests.get(msg.request_id)) is not None:
+        if (req := client.requests.get(msg.request_id)) is not None:  # decode has checked it is a str
             req.cancel("cancelled")
 
     def _refuse(self, client: Client, rid: str, code: str, text: str) -> None:
@@ -303,7 +303,7 @@ class ZmqFrontend:
         rid = readable_id(msg.request_id) or ""
         if rid in client.requests:
             # Not this request's terminal frame: the one in flight under this id still gets its own.
-            self._refuse(client, rid, ErrorCode.INVALID_REQUEST, f"request id {rid!r} is in flight")
+            self._refuse(client, rid, ErrorCode.INVALID_REQUEST, _in_flight(rid))
             return
         # Before validating, which walks every token id: a prompt far over the context costs nothing.
         too_long = self._over_context(msg)
@@ -311,9 +311,7 @@ class ZmqFrontend:
             self._refuse(client, rid, ErrorCode.CONTEXT_LENGTH, too_long)
             return
         try:
-            msg.validate()
-            if msg.prompt_token_ids is not None:
-                check_prompt_ids(msg.prompt_token_ids, self.engine.tokenizer.vocab_size)
+            validate_request(msg, self.engine.tokenizer.vocab_size)
         except ValueError as e:
             self._refuse(client, rid, ErrorCode.INVALID_REQUEST, str(e))
             return
@@ -372,7 +370,7 @@ class ZmqFrontend:
                 async for ev in events:
                     if isinstance(ev, TokenDelta):
                         req.completion_tokens += len(ev.token_ids)
-                        ev = dataclasses.replace(ev, request_id=req.rid)
+                        ev = msgspec.structs.replace(ev, request_id=req.rid)
                         if not msg.stream:
                             parts.append(ev)
                         elif not await self._peers.send(client, ev):
@@ -380,7 +378,7 @@ class ZmqFrontend:
                     else:
                         if not msg.stream and not await self._peers.send(client, _merge(req.rid, parts)):
                             return
-                        req.terminal = dataclasses.replace(ev, request_id=req.rid)
+                        req.terminal = msgspec.structs.replace(ev, request_id=req.rid)
         except EngineError as e:
             req.terminal = RequestError(req.rid, e.code, str(e))
 
@@ -464,6 +462,10 @@ def _text_bytes(msg: GenerateRequest) -> int:
     if isinstance(msg.messages, list):
         texts += [part for m in msg.messages if isinstance(m, ChatMessage) for part in (m.role, m.content)]
     return sum(len(t.encode("utf-8")) for t in texts if isinstance(t, str))
+
+
+def _in_flight(rid: str) -> str:
+    return f"request id {rid!r} is in flight"
 
 
 def _clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:

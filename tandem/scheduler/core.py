@@ -124,7 +124,7 @@ class EngineCore:
             return out
         try:
             seq = self._sequence(req)
-            # The front end checked the request (engine/request_checks.py); these only keep a frame
+            # The front end checked the request (engine/validation.py); these only keep a frame
             # that bypassed it from failing other requests' steps: what the ring and the model hold.
             self.packer.check_prompt(seq.token_ids, self.vocab_size)
             self.packer.check_params(seq, self.ring.slot(0))

@@ -23,6 +23,7 @@ from tandem.formats.model_files import read_config_and_tokenizer
 from tandem.messages import (
     CancelRequest,
     ErrorCode,
+    MessageError,
     OutputBatch,
     RequestError,
     Stats,
@@ -35,6 +36,7 @@ from tandem.messages import (
 from tandem.scheduler.core import EngineCore
 from tandem.scheduler.step_trace import StepTracer, trace_reply
 from tandem.shm import RingSegment, batch_layout, cleanup_stale_segments
+from tandem.validation import InvalidParameterError
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +158,14 @@ class SchedulerProcess:
                 else:
                     out.errors.append(RequestError(rid, ErrorCode.INTERNAL, why))
 
+    def _refuse_unreadable(self, e: MessageError, out: OutputBatch) -> None:
+        """A request frame that does not decode still gets its one terminal, when its id can be read
+        (a buggy or hostile peer of the scheduler socket: the gateway sends only valid requests)."""
+        rid = e.request_id
+        if e.message_type is SubmitRequest and rid is not None and rid not in self.core.sched.by_request:
+            why = str(InvalidParameterError(e.field, e.reason)) if e.field else str(e)
+            out.errors.append(RequestError(rid, ErrorCode.INVALID_REQUEST, why))
+
     def _launch(self) -> bool:
         out = OutputBatch()
         t_prep = time.monotonic_ns()
@@ -193,7 +203,11 @@ class SchedulerProcess:
                     if not stop.drain:
                         break
             if self.inbox in events:
-                for msg in drain(self.inbox, "scheduler"):
+
+                def refuse(e: MessageError, out: OutputBatch = out) -> None:
+                    self._refuse_unreadable(e, out)
+
+                for msg in drain(self.inbox, "scheduler", refuse):
                     self._handle_input_safely(msg, out)
             if self.results in events:
                 for msg in drain(self.results, "scheduler"):

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tandem.messages import ErrorCode
-from tandem.request_checks import ContextError, fit_context
 from tandem.scheduler.block_manager import BlockManager, NoFreeBlocksError
 from tandem.scheduler.sequence import SeqStatus, Sequence
+from tandem.validation import ContextError, fit_context
 
 if TYPE_CHECKING:
     from tandem.config import EngineConfig

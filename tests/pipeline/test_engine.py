@@ -146,7 +146,7 @@ def test_cancel_during_chunked_prefill(tiny_gguf: Path) -> None:
 
 
 def test_admission_errors_are_immediate_and_clear(engine) -> None:
-    """Through the engine client, which applies the request rules (request_checks) once."""
+    """Through the engine client, which applies the request rules (tandem.validation) once."""
     ctx = engine.context_length
     reqs = {
         "too_long": ([5] * (ctx + 3), SamplingParams(max_tokens=4)),
@@ -292,7 +292,7 @@ def test_one_requests_bad_data_never_kills_the_scheduler(engine) -> None:
         assert out[rid].terminals == 1 and out[rid].error is not None, rid
         assert out[rid].error.code in ("invalid_request", "internal"), rid
     assert "top_k" in out["huge_top_k"].error.message
-    assert "want_logits" in out["logits_300"].error.message  # the ring column return_logits fills
+    assert "return_logits" in out["logits_300"].error.message  # refused as the frame decodes
     assert "embedding" in out["big_token"].error.message
     assert out["good"].error is None and len(out["good"].token_ids) == 4
     again = run_all(engine, good, timeout=30)["good"]

@@ -7,18 +7,19 @@ from collections.abc import Iterator
 
 import pytest
 
-from tandem.messages import INT32_MAX, InvalidParameterError, SamplingParams
+from tandem import validation as V
+from tandem.messages import SamplingParams
 from tandem.scheduler.batch import Packer
 from tandem.scheduler.sequence import Sequence
 from tandem.shm import RingSegment, batch_layout
 from tandem.shm.slot import SlotView
+from tandem.validation import INT32_MAX, InvalidParameterError, validate_sampling
 
-P = SamplingParams
 _EDGE = [
     ("max_tokens", 1, 0),
     ("max_tokens", INT32_MAX, INT32_MAX + 1),
     ("temperature", 0.0, -1e-9),
-    ("temperature", P.MAX_TEMPERATURE, P.MAX_TEMPERATURE * 1.0001),
+    ("temperature", V.MAX_TEMPERATURE, V.MAX_TEMPERATURE * 1.0001),
     ("top_k", -(2**31), -(2**31) - 1),
     ("top_k", INT32_MAX, INT32_MAX + 1),
     ("top_p", 1e-300, 0.0),
@@ -26,7 +27,7 @@ _EDGE = [
     ("min_p", 0.0, -1e-9),
     ("min_p", 1.0, 1.0000001),
     ("repetition_penalty", 1e-300, 0.0),
-    ("repetition_penalty", P.MAX_REPETITION_PENALTY, P.MAX_REPETITION_PENALTY + 1),
+    ("repetition_penalty", V.MAX_REPETITION_PENALTY, V.MAX_REPETITION_PENALTY + 1),
     ("presence_penalty", -2.0, -2.0000001),
     ("presence_penalty", 2.0, 2.0000001),
     ("frequency_penalty", -2.0, -2.0000001),
@@ -34,11 +35,11 @@ _EDGE = [
     ("seed", -(2**63), -(2**63) - 1),
     ("seed", 2**64 - 1, 2**64),
     ("logprobs", 0, -1),
-    ("logprobs", P.MAX_TOP_LOGPROBS, P.MAX_TOP_LOGPROBS + 1),
-    ("stop", ["x"] * P.MAX_STOP, ["x"] * (P.MAX_STOP + 1)),
-    ("stop", ["y" * P.MAX_STOP_CHARS], ["y" * (P.MAX_STOP_CHARS + 1)]),
+    ("logprobs", V.MAX_TOP_LOGPROBS, V.MAX_TOP_LOGPROBS + 1),
+    ("stop", ["x"] * V.MAX_STOP, ["x"] * (V.MAX_STOP + 1)),
+    ("stop", ["y" * V.MAX_STOP_CHARS], ["y" * (V.MAX_STOP_CHARS + 1)]),
     ("stop_token_ids", [INT32_MAX], [INT32_MAX + 1]),
-    ("stop_token_ids", [0] * P.MAX_STOP_TOKEN_IDS, [0] * (P.MAX_STOP_TOKEN_IDS + 1)),
+    ("stop_token_ids", [0] * V.MAX_STOP_TOKEN_IDS, [0] * (V.MAX_STOP_TOKEN_IDS + 1)),
 ]
 _WRONG_TYPE = [
     ("temperature", "hot"),
@@ -74,17 +75,17 @@ def _seq(params: SamplingParams) -> Sequence:
 )
 def test_bound_passes_and_packs_one_past_is_refused(field: str, ok: object, past: object, slot) -> None:
     params = SamplingParams(**{field: ok})
-    params.validate()
+    validate_sampling(params)
     Packer.check_params(_seq(params), slot)  # the value fits its ring column
     with pytest.raises(InvalidParameterError) as e:
-        SamplingParams(**{field: past}).validate()
+        validate_sampling(SamplingParams(**{field: past}))
     assert e.value.param == field
 
 
 @pytest.mark.parametrize(("field", "value"), _WRONG_TYPE, ids=[f for f, _ in _WRONG_TYPE])
 def test_wrong_types_are_refused_naming_the_field(field: str, value: object) -> None:
     with pytest.raises(InvalidParameterError) as e:
-        SamplingParams(**{field: value}).validate()
+        validate_sampling(SamplingParams(**{field: value}))
     assert e.value.param == field
 
 

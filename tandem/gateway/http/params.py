@@ -1,7 +1,7 @@
 """Request bodies -> validated values and SamplingParams, with 400s that name the client's parameter.
 
 Type checks happen here, with the name the client used (``num_predict``, ``repeat_penalty``),
-before SamplingParams.validate() checks ranges; its errors are renamed back the same way.
+before validate_sampling() checks ranges; its errors are renamed back the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 from starlette.requests import Request
 
 from tandem.gateway.http.errors import ApiError
-from tandem.messages import InvalidParameterError, SamplingParams
+from tandem.messages import SamplingParams
+from tandem.validation import MAX_TOP_LOGPROBS, InvalidParameterError, validate_sampling
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def get_stop(body: dict[str, Any], name: str = "stop") -> list[str]:
 
 def validated(params: SamplingParams, renames: dict[str, str]) -> SamplingParams:
     try:
-        params.validate()
+        validate_sampling(params)
     except InvalidParameterError as e:
         name = renames.get(e.param, e.param)
         raise bad(name, str(e).split(": ", 1)[-1]) from None
@@ -198,8 +199,8 @@ def ollama_logprobs(body: dict[str, Any]) -> int | None:
     """SamplingParams.logprobs from ollama's ``logprobs`` / ``top_logprobs``."""
     want = get_bool(body, "logprobs", False)
     top = get_int(body, "top_logprobs")
-    if top is not None and not 0 <= top <= SamplingParams.MAX_TOP_LOGPROBS:
-        raise bad("top_logprobs", f"must be between 0 and {SamplingParams.MAX_TOP_LOGPROBS}, got {top}")
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise bad("top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {top}")
     return (top or 0) if want else None
 
 
@@ -241,16 +242,16 @@ def openai_sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
         raise bad("max_completion_tokens" if mct is not None else "max_tokens", "must be >= 1")
     if chat:
         top = get_int(body, "top_logprobs")
-        if top is not None and not 0 <= top <= SamplingParams.MAX_TOP_LOGPROBS:
-            raise bad("top_logprobs", f"must be between 0 and {SamplingParams.MAX_TOP_LOGPROBS}")
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise bad("top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}")
         if get_bool(body, "logprobs", False):
             p.logprobs = top or 0
         elif top:
             raise bad("top_logprobs", "needs logprobs set to true")
     else:
         lp = get_int(body, "logprobs")
-        if lp is not None and not 0 <= lp <= SamplingParams.MAX_TOP_LOGPROBS:
-            raise bad("logprobs", f"must be between 0 and {SamplingParams.MAX_TOP_LOGPROBS}")
+        if lp is not None and not 0 <= lp <= MAX_TOP_LOGPROBS:
+            raise bad("logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}")
         p.logprobs = lp
     return validated(p, {"logprobs": "top_logprobs" if chat else "logprobs"})
 

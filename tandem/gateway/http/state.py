@@ -22,12 +22,12 @@ from tandem.gateway.http.errors import ApiError, from_engine_error
 from tandem.gateway.http.metrics import Metrics
 from tandem.gateway.http.params import bad
 from tandem.gateway.http.store_calls import StoreLane
-from tandem.messages import ErrorCode, InvalidParameterError, Stats
+from tandem.messages import ErrorCode, Stats
 from tandem.prompts.build import chat_ids, prompt_ids
 from tandem.prompts.chat_template import ChatTemplateError
-from tandem.request_checks import ContextError, check_prompt_ids, fit_context
 from tandem.store.modelfile import ModelDefaults
 from tandem.tokenizer.build import TokenizerError
+from tandem.validation import ContextError, InvalidParameterError, check_prompt_ids, fit_context
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class Gateway:
         self, n_prompt: int, max_tokens: int | None, num_ctx: int | None, clamp: bool
     ) -> int | None:
         """max_tokens that fits the context (``num_ctx``, when smaller than the engine's); 400 with
-        both counts when the request does not (request_checks.fit_context, ``clamp`` as there)."""
+        both counts when the request does not (tandem.validation.fit_context, ``clamp`` as there)."""
         full = self.engine.context_length
         ctx = num_ctx if num_ctx is not None and num_ctx < full else full
         try:
