@@ -31,10 +31,13 @@ def _permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _rope_theta(config: Mapping[str, Any], layer_type: str = "full_attention") -> float:
+def _rope_params(config: Mapping[str, Any], layer_type: str = "full_attention") -> Mapping[str, Any]:
     params = config.get("rope_parameters") or {}
-    params = params.get(layer_type, params) if "full_attention" in params else params
-    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    return params.get(layer_type, {}) if "full_attention" in params else params
+
+
+def _rope_theta(config: Mapping[str, Any], layer_type: str = "full_attention") -> float:
+    return float(_rope_params(config, layer_type).get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
 def write_gguf_from_hf(
@@ -74,6 +77,12 @@ def write_gguf_from_hf(
     w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(_rope_theta(config))
+    rope = _rope_params(config)
+    if rope.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope.get("rope_type", "default") != "default":
+        raise ValueError(f"no GGUF form for rope type {rope['rope_type']!r}")
     w.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     window = config.get("sliding_window")
     if window is not None:
