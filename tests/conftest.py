@@ -30,6 +30,14 @@ def default_model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_model_path() -> Path:
+    """The real Gemma 3 270M Q4_K_M GGUF (catalogue gemma3:270m), pulled on first use."""
+    from tandem.store.model_store import ensure_model
+
+    return ensure_model("gemma3:270m").path
+
+
+@pytest.fixture(scope="session")
 def hf_model(default_model_path: Path):
     """transformers' own implementation of the default model, from the same GGUF file."""
     transformers = pytest.importorskip("transformers")

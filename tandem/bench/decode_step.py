@@ -28,6 +28,7 @@ from tandem.bench.timing import median, ratio
 from tandem.formats.model_config import ModelConfig
 from tandem.gpu_worker.cuda_graphs import DecodeGraphs
 from tandem.gpu_worker.kv_cache import KVCache
+from tandem.gpu_worker.model.architectures import make_model
 from tandem.gpu_worker.model.llama import LlamaModel
 from tandem.gpu_worker.model.triton_attention import triton_available
 from tandem.gpu_worker.staging import StepStaging
@@ -273,7 +274,7 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> Ll
     from tandem.formats.loader import load_model_weights
 
     loaded = load_model_weights(str(path), dtype=dtype)
-    return LlamaModel(loaded.config, loaded.tensors).to(device)
+    return make_model(loaded.config, loaded.tensors).to(device)
 
 
 def write_plot(results: dict[str, Any], path: Path) -> bool:

@@ -18,6 +18,7 @@ import torch
 from tandem.bench.timing import median
 from tandem.formats.loader import load_gguf
 from tandem.gpu_worker.kv_cache import KVCache
+from tandem.gpu_worker.model.architectures import make_model
 from tandem.gpu_worker.model.attention import AttentionMetadata
 from tandem.gpu_worker.model.llama import LlamaModel
 
@@ -38,7 +39,7 @@ def load_model(path: str | Path) -> tuple[LlamaModel, float, float]:
     t0 = time.perf_counter()
     loaded = load_gguf(path, dtype=torch.float32)
     t1 = time.perf_counter()
-    model = LlamaModel(loaded.config, loaded.tensors)
+    model = make_model(loaded.config, loaded.tensors)
     return model, t1 - t0, time.perf_counter() - t1
 
 
@@ -82,7 +83,14 @@ class _Batch:
         positions = torch.arange(start, start + n).repeat(b)
         rows = torch.arange(1, b + 1) * n - 1  # the last token of each sequence gets logits
         t0 = time.perf_counter()
-        meta = AttentionMetadata.build(positions, [n] * b, [start + n] * b, self.tables, BLOCK_SIZE)
+        meta = AttentionMetadata.build(
+            positions,
+            [n] * b,
+            [start + n] * b,
+            self.tables,
+            BLOCK_SIZE,
+            sliding_window=self.model.config.sliding_window,
+        )
         logits = self.model(ids, positions, self.kv, meta, rows)
         logits.argmax(dim=-1)  # greedy sampling, as the worker's all-greedy fast path does
         return (time.perf_counter() - t0) * 1000

@@ -93,11 +93,16 @@ def load_safetensors_dir(path: str | Path, dtype: torch.dtype = torch.float32) -
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for hf_name in f.keys():
-                name = hf_to_gguf_name(hf_name)
+                name = hf_to_gguf_name(hf_name, config.architecture)
                 if name is None:
                     log.debug("skipping tensor %s", hf_name)
                     continue
-                tensors[name] = f.get_tensor(hf_name).to(dtype)
+                t = f.get_tensor(hf_name)
+                if config.architecture == "gemma3" and name.endswith("norm.weight"):
+                    # Gemma's norms multiply by 1 + w; GGUF files store the sum (llama.cpp adds
+                    # it at conversion), and the model reads that sum. Added in fp32, as HF does.
+                    t = t.float() + 1.0
+                tensors[name] = t.to(dtype)
     if config.tie_word_embeddings:
         tensors.pop("output.weight", None)
     check_tensor_shapes(config, {name: tuple(t.shape) for name, t in tensors.items()}, folder)

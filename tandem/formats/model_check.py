@@ -47,6 +47,15 @@ _HF_LAYER_NAMES = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+}
+# Gemma 3 norms its sublayers' outputs too: its post_attention_layernorm is not llama's ffn_norm.
+_HF_GEMMA3_LAYER_NAMES = {
+    **_HF_LAYER_NAMES,
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
 }
 _HF_GLOBAL_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -56,13 +65,14 @@ _HF_GLOBAL_NAMES = {
 _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
-def hf_to_gguf_name(hf_name: str) -> str | None:
+def hf_to_gguf_name(hf_name: str, architecture: str = "llama") -> str | None:
     """The GGUF name of a Hugging Face tensor, or None for tensors the model does not use."""
     if hf_name in _HF_GLOBAL_NAMES:
         return _HF_GLOBAL_NAMES[hf_name]
+    names = _HF_GEMMA3_LAYER_NAMES if architecture == "gemma3" else _HF_LAYER_NAMES
     m = _HF_LAYER_RE.match(hf_name)
-    if m and m.group(2) in _HF_LAYER_NAMES:
-        return f"blk.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}"
+    if m and m.group(2) in names:
+        return f"blk.{m.group(1)}.{names[m.group(2)]}"
     return None
 
 
@@ -163,7 +173,7 @@ def safetensors_config(folder: Path) -> ModelConfig:
     shapes: dict[str, Shape] = {}
     for shard in sorted(folder.glob("*.safetensors")):
         for hf_name, meta in safetensors_header(shard).items():
-            name = hf_to_gguf_name(hf_name) if hf_name != "__metadata__" else None
+            name = hf_to_gguf_name(hf_name, config.architecture) if hf_name != "__metadata__" else None
             if name is not None:
                 shapes[name] = tuple(int(d) for d in meta["shape"])
     check_tensor_shapes(config, shapes, folder)
@@ -171,7 +181,7 @@ def safetensors_config(folder: Path) -> ModelConfig:
 
 
 def expected_shapes(cfg: ModelConfig) -> Iterator[tuple[str, Shape]]:
-    """Every tensor the llama-family model reads, with the shape (rows, cols) its config implies.
+    """Every tensor the model reads, with the shape (rows, cols) its config implies.
 
     Lazily, layer by layer: a corrupt layer count of billions must fail at the first missing
     layer, not build billions of entries first.
@@ -195,6 +205,12 @@ def expected_shapes(cfg: ModelConfig) -> Iterator[tuple[str, Shape]]:
             f"{p}.ffn_up.weight": (ffn, h),
             f"{p}.ffn_down.weight": (h, ffn),
         }.items()
+        if cfg.qk_norm:
+            yield f"{p}.attn_q_norm.weight", (cfg.head_dim,)
+            yield f"{p}.attn_k_norm.weight", (cfg.head_dim,)
+        if cfg.architecture == "gemma3":
+            yield f"{p}.post_attention_norm.weight", (h,)
+            yield f"{p}.post_ffw_norm.weight", (h,)
         if cfg.attention_bias:
             yield from {
                 f"{p}.attn_q.bias": (q,),

@@ -13,14 +13,26 @@ from typing import Any
 
 from tandem.errors import ModelFileError, UnsupportedModelError, quoted
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
-_HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "llama"}
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
+_HF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
+}
+# llama.cpp's Gemma 3 convention where the file gives no pattern: every 6th layer is global, the
+# rest slide; the sliding layers' rope base is fixed at 10000.
+_GEMMA3_PATTERN = 6
+_GEMMA3_LOCAL_THETA = 10000.0
 
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3.x style frequency-dependent rope scaling ("llama3" rope type)."""
+    """Llama 3.x style frequency-dependent rope scaling ("llama3"), or positions divided by
+    ``factor`` ("linear", Gemma 3's global layers)."""
 
+    kind: str = "llama3"  # "llama3" | "linear"
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -29,7 +41,7 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # "llama" | "qwen2"
+    architecture: str  # one of SUPPORTED_ARCHITECTURES
     num_layers: int
     hidden_size: int
     intermediate_size: int
@@ -46,6 +58,21 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before rope (Qwen3, Gemma 3)
+    # Keys a sliding layer's query sees, itself included (HF's convention: key j is visible from
+    # query i when i - j < sliding_window). Which layers slide: sliding_layers, one flag a layer.
+    sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] = ()
+    rope_local_theta: float | None = None  # sliding layers' rope base when it differs (Gemma 3)
+    query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power; None: head_dim
+    final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.sliding_window is not None and bool(self.sliding_layers) and self.sliding_layers[layer]
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
 
 def _require(meta: dict[str, Any], key: str) -> Any:
@@ -89,16 +116,19 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str |
         )
     scaling = None
     scaling_type = meta.get(f"{arch}.rope.scaling.type")
-    if scaling_type not in (None, "none"):
-        # Llama 3.x GGUFs bake the llama3 scaling into a rope_freqs tensor instead; linear/yarn differ.
+    if scaling_type == "linear":
+        scaling = RopeScaling(kind="linear", factor=_number(meta, f"{arch}.rope.scaling.factor", source, 1.0))
+    elif scaling_type not in (None, "none"):
+        # Llama 3.x GGUFs bake the llama3 scaling into a rope_freqs tensor instead; yarn differs.
         raise UnsupportedModelError(f"rope scaling type {quoted(str(scaling_type))} is not supported")
+    num_layers = _count(meta, f"{arch}.block_count", source)
     eos_ids = tuple(
         dict.fromkeys(_token_id(meta, f"tokenizer.ggml.{k}_token_id", source) for k in ("eos", "eot"))
     )
     bos = _token_id(meta, "tokenizer.ggml.bos_token_id", source)
     return ModelConfig(
         architecture=arch,
-        num_layers=_count(meta, f"{arch}.block_count", source),
+        num_layers=num_layers,
         hidden_size=hidden,
         intermediate_size=_count(meta, f"{arch}.feed_forward_length", source),
         num_heads=n_heads,
@@ -114,7 +144,51 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str |
         bos_token_id=bos,
         eos_token_ids=tuple(i for i in eos_ids if i is not None),
         name=str(meta.get("general.name", "")),
+        qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+        **_gguf_gemma3_fields(meta, arch, num_layers, hidden, n_heads, source),
+        **_gguf_sliding_fields(meta, arch, num_layers, source),
     )
+
+
+def _gguf_sliding_fields(
+    meta: dict[str, Any], arch: str, num_layers: int, source: str | Path
+) -> dict[str, Any]:
+    """sliding_window and sliding_layers: `{arch}.attention.sliding_window` with its pattern (an
+    int n, every nth layer global, or one bool a layer, True for sliding); Gemma 3 defaults to 6."""
+    key = f"{arch}.attention.sliding_window"
+    if key not in meta:
+        return {}
+    window = _count(meta, key, source)
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern", _GEMMA3_PATTERN if arch == "gemma3" else 0)
+    if isinstance(pattern, list):
+        if len(pattern) != num_layers or not all(isinstance(b, bool) for b in pattern):
+            raise ModelFileError(source, f"metadata {key}_pattern is not one flag a layer")
+        layers = tuple(pattern)
+    elif isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 0:
+        raise ModelFileError(source, f"metadata {key}_pattern is not a count")
+    else:  # llama.cpp's set_swa_pattern: n == 0 means every layer slides
+        layers = tuple(pattern == 0 or i % pattern < pattern - 1 for i in range(num_layers))
+    return {"sliding_window": window, "sliding_layers": layers}
+
+
+def _gguf_gemma3_fields(
+    meta: dict[str, Any], arch: str, num_layers: int, hidden: int, n_heads: int, source: str | Path
+) -> dict[str, Any]:
+    if arch != "gemma3":
+        return {}
+    cap_key = f"{arch}.final_logit_softcapping"
+    scalar = None
+    if f"{arch}.attention.scale" in meta:
+        scalar = _number(meta, f"{arch}.attention.scale", source, 1.0) ** -2
+    elif num_layers == 62:
+        # llama.cpp: Gemma 3 27B scales by hidden / heads (its query_pre_attn_scalar, 168), not
+        # head_dim; the GGUF has no key for it, so llama.cpp recognises the model by its depth.
+        scalar = hidden / n_heads
+    return {
+        "rope_local_theta": _GEMMA3_LOCAL_THETA,
+        "query_pre_attn_scalar": scalar,
+        "final_logit_softcap": _number(meta, cap_key, source, 0) if cap_key in meta else None,
+    }
 
 
 def _token_id(meta: dict[str, Any], key: str, source: str | Path) -> int | None:
@@ -149,26 +223,29 @@ def _config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         )
     hidden = int(cfg["hidden_size"])
     n_heads = int(cfg["num_attention_heads"])
-    scaling = None
-    # transformers >= 5 writes "rope_parameters" (theta included); older configs "rope_scaling".
+    # transformers >= 5 writes "rope_parameters" (theta included; Gemma 3: one dict per layer
+    # type); older configs "rope_scaling" and "rope_theta" (Gemma 3: and "rope_local_base_freq").
     rope_params = cfg.get("rope_parameters") or {}
-    rs = cfg.get("rope_scaling") or rope_params
-    if rs:
-        kind = rs.get("rope_type", rs.get("type"))
-        if kind == "llama3":
-            scaling = RopeScaling(
-                factor=float(rs["factor"]),
-                low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
-                high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
-                original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
-            )
-        elif kind not in (None, "default"):
-            raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported")
+    local_params: dict[str, Any] = {}
+    if arch == "gemma3" and "full_attention" in rope_params:
+        local_params = rope_params.get("sliding_attention") or {}
+        rope_params = rope_params["full_attention"]
+    scaling = _hf_rope_scaling(cfg.get("rope_scaling") or rope_params)
+    if local_params and _hf_rope_scaling(local_params) is not None:
+        raise UnsupportedModelError("rope scaling on sliding layers is not supported")
+    num_layers = int(cfg["num_hidden_layers"])
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else ((int(eos),) if eos is not None else ())
+    gemma = arch == "gemma3"
+    if gemma and cfg.get("attn_logit_softcapping") is not None:
+        raise UnsupportedModelError("attention logit soft-capping is not supported")
+    if gemma and cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise UnsupportedModelError(f"Gemma 3 activation {cfg['hidden_activation']!r} is not supported")
+    local_theta = local_params.get("rope_theta", cfg.get("rope_local_base_freq", _GEMMA3_LOCAL_THETA))
+    cap = cfg.get("final_logit_softcapping")
     return ModelConfig(
         architecture=arch,
-        num_layers=int(cfg["num_hidden_layers"]),
+        num_layers=num_layers,
         hidden_size=hidden,
         intermediate_size=int(cfg["intermediate_size"]),
         num_heads=n_heads,
@@ -184,4 +261,49 @@ def _config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids,
         name=str(cfg.get("_name_or_path", "")),
+        qk_norm=arch in ("qwen3", "gemma3"),
+        **_hf_sliding_fields(cfg, arch, num_layers),
+        rope_local_theta=float(local_theta) if gemma else None,
+        query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)) if gemma else None,
+        final_logit_softcap=float(cap) if cap is not None else None,
     )
+
+
+def _hf_rope_scaling(rs: dict[str, Any]) -> RopeScaling | None:
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind == "llama3":
+        return RopeScaling(
+            factor=float(rs["factor"]),
+            low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
+        )
+    if kind == "linear":
+        return RopeScaling(kind="linear", factor=float(rs["factor"]))
+    if kind not in (None, "default"):
+        raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported")
+    return None
+
+
+def _hf_sliding_fields(cfg: dict[str, Any], arch: str, num_layers: int) -> dict[str, Any]:
+    """Which layers slide, as transformers decides: `layer_types` where the config has it; else
+    Mistral slides every layer, Qwen only with `use_sliding_window`, Gemma 3 by its pattern."""
+    window = cfg.get("sliding_window")
+    if arch in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        window = None
+    if window is None:
+        return {}
+    types = cfg.get("layer_types")
+    if types is not None:
+        if len(types) != num_layers:
+            raise ValueError("layer_types has not one entry a layer")
+        layers = tuple(t == "sliding_attention" for t in types)
+    elif arch == "gemma3":
+        n = int(cfg.get("sliding_window_pattern", _GEMMA3_PATTERN))
+        layers = tuple(bool((i + 1) % n) for i in range(num_layers))
+    elif arch == "llama":  # MistralForCausalLM (a LlamaForCausalLM config has no window)
+        layers = (True,) * num_layers
+    else:  # Qwen's max_window_layers: layers from it on slide
+        first = int(cfg.get("max_window_layers", num_layers))
+        layers = tuple(i >= first for i in range(num_layers))
+    return {"sliding_window": int(window), "sliding_layers": layers}

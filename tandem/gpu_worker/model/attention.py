@@ -18,6 +18,16 @@ Decode rows read only the blocks they own, one of two ways:
 - paged (CUDA with Triton): one kernel reads the block table itself
   (``model/triton_attention.py``); its shapes stay fixed, so CUDA graphs capture it.
 Prefill chunks are few and long: each goes through SDPA on its own gathered context.
+
+Sliding-window layers (Mistral, Gemma 3) attend to the last ``window`` keys only, the query's own
+included. Every block stays in the pool (none is freed when it leaves the window), so a sliding
+and a global layer share the block tables and the slot mapping; what differs is what they read.
+When a step has a sequence longer than the window, ``make`` plans a second set of reads for the
+sliding layers once per step (``AttentionMetadata.sliding``; otherwise both kinds use the same):
+decode rows gather only the blocks that overlap their window and mask the keys before it in the
+first of them; prefill chunks gather the context from the first key their first query sees and
+mask per query row. Sliding reads always take the chunk path, never the paged kernel, so models
+with sliding layers run decode eagerly on a GPU (no CUDA graphs).
 """
 
 from __future__ import annotations
@@ -74,6 +84,13 @@ class AttentionMetadata:
     prefills: list[PrefillSeq]
     num_tokens: int
     block_size: int
+    # The window this step was planned for (None: none), and the reads of its sliding layers when
+    # some sequence is longer than the window (None: they read what global layers read).
+    window: int | None = None
+    sliding: AttentionMetadata | None = None
+
+    def for_layer(self, sliding: bool) -> AttentionMetadata:
+        return self.sliding or self if sliding else self
 
     @classmethod
     def build(
@@ -86,6 +103,7 @@ class AttentionMetadata:
         device: torch.device | str = "cpu",
         paged_kernel: bool = False,
         max_chunk_keys: int = DEFAULT_MAX_CHUNK_KEYS,
+        sliding_window: int | None = None,
     ) -> AttentionMetadata:
         """Plan and upload in one go (tests, benchmarks); the worker plans into its staging."""
         arrays: dict[str, np.ndarray] = {}
@@ -98,6 +116,7 @@ class AttentionMetadata:
             block_size,
             paged_kernel=paged_kernel,
             max_chunk_keys=max_chunk_keys,
+            sliding_window=sliding_window,
         )
         return plan.bind({k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()})
 
@@ -129,6 +148,9 @@ class AttentionPlan:
     prefills: list[_PrefillPlan]
     paged_n: int = 0
     paged_in_order: bool = False
+    prefix: str = ""  # of this plan's array names ("swa_" for the sliding reads)
+    window: int | None = None
+    sliding: AttentionPlan | None = None
 
     @classmethod
     def make(
@@ -141,8 +163,13 @@ class AttentionPlan:
         block_size: int,
         paged_kernel: bool = False,
         max_chunk_keys: int = DEFAULT_MAX_CHUNK_KEYS,
+        sliding_window: int | None = None,
     ) -> AttentionPlan:
-        """Add this step's attention arrays to `arrays` (numpy, host) and return the plan."""
+        """Add this step's attention arrays to `arrays` (numpy, host) and return the plan.
+
+        ``sliding_window``: the model's (None if no layer slides); sliding reads are planned
+        too when some sequence's context is longer than it.
+        """
         qlens = query_lens.astype(np.int64, copy=False)
         ctx = context_lens.astype(np.int64, copy=False)
         num_seqs = len(qlens)
@@ -153,17 +180,40 @@ class AttentionPlan:
         seq_of_token = np.repeat(np.arange(num_seqs), qlens)
         arrays["slot_mapping"] = bt[seq_of_token, pos // block_size] * block_size + pos % block_size
 
-        plan = cls(len(pos), block_size, [], [])
+        plan = cls(len(pos), block_size, [], [], window=sliding_window)
+        plan._plan_reads(arrays, qlens, ctx, bt, starts, paged_kernel, max_chunk_keys)
+        if sliding_window is not None and bool((ctx > sliding_window).any()):
+            plan.sliding = cls(len(pos), block_size, [], [], prefix="swa_", window=sliding_window)
+            # The paged kernel reads whole tables from key 0: sliding reads take the chunk path.
+            plan.sliding._plan_reads(arrays, qlens, ctx, bt, starts, False, max_chunk_keys)
+        return plan
+
+    def _plan_reads(
+        self,
+        arrays: dict[str, np.ndarray],
+        qlens: np.ndarray,
+        ctx: np.ndarray,
+        bt: np.ndarray,
+        starts: np.ndarray,
+        paged_kernel: bool,
+        max_chunk_keys: int,
+    ) -> None:
         decode = np.flatnonzero(qlens == 1)
         if len(decode):
-            in_order = len(decode) == num_seqs  # a pure decode step: token row i is sequence i
+            in_order = len(decode) == len(qlens)  # a pure decode step: token row i is sequence i
             if paged_kernel:
-                plan._plan_paged(arrays, decode, starts, ctx, bt, in_order)
+                self._plan_paged(arrays, decode, starts, ctx, bt, in_order)
             else:
-                plan._plan_chunks(arrays, decode, starts, ctx, bt, in_order, max_chunk_keys)
+                self._plan_chunks(arrays, decode, starts, ctx, bt, in_order, max_chunk_keys)
         for i in np.flatnonzero(qlens != 1):
-            plan._plan_prefill(arrays, int(starts[i]), int(qlens[i]), int(ctx[i]), bt[i])
-        return plan
+            self._plan_prefill(arrays, int(starts[i]), int(qlens[i]), int(ctx[i]), bt[i])
+
+    def _first_key(self, ctx: np.ndarray) -> np.ndarray:
+        """The first key the last query of each context sees (0 for global reads)."""
+        if not self.prefix:
+            return np.zeros_like(ctx)
+        assert self.window is not None
+        return np.maximum(ctx - self.window, 0)
 
     def _plan_paged(
         self,
@@ -191,7 +241,8 @@ class AttentionPlan:
         max_chunk_keys: int,
     ) -> None:
         bs = self.block_size
-        nblk = (ctx[decode] + bs - 1) // bs
+        lens = ctx[decode]
+        nblk = (lens + bs - 1) // bs - self._first_key(lens) // bs
         # Grouped by the next power of two of the block count: at most twice the visible keys
         # are read, in at most log2(max blocks) groups whatever the batch size.
         group = np.ceil(np.log2(np.maximum(nblk, 1))).astype(np.int64)
@@ -215,35 +266,55 @@ class AttentionPlan:
         may_be_in_order: bool,
     ) -> None:
         bs = self.block_size
-        name = f"dchunk{len(self.chunks)}"
+        name = f"{self.prefix}dchunk{len(self.chunks)}"
         lens = ctx[seqs]
-        owned = np.arange(width)[None, :] < ((lens + bs - 1) // bs)[:, None]
+        lo = self._first_key(lens)
+        first = lo // bs  # a sliding read starts at the block holding the window's first key
+        cols = first[:, None] + np.arange(width)[None, :]
+        owned = cols < ((lens + bs - 1) // bs)[:, None]
         # Columns past a sequence's own blocks may hold stale ids of an earlier occupant: block 0
         # is read there instead (masked out, and finite: the pool starts zeroed).
-        arrays[f"{name}_blocks"] = np.where(owned, bt[seqs, :width], 0).reshape(-1)
+        table = np.take_along_axis(bt[seqs], np.minimum(cols, bt.shape[1] - 1), axis=1)
+        arrays[f"{name}_blocks"] = np.where(owned, table, 0).reshape(-1)
         in_order = may_be_in_order and bool(np.array_equal(seqs, np.arange(len(seqs))))
         if not in_order:
             arrays[f"{name}_rows"] = starts[seqs]
-        masked = bool((lens != width * bs).any())
+        # Visible keys of each row, relative to the first gathered one: [lo - first * bs, lens - first * bs).
+        begin, end = lo - first * bs, lens - first * bs
+        masked = bool((end != width * bs).any() or begin.any())
         if masked:
-            keys = np.arange(width * bs)
-            arrays[f"{name}_hidden"] = (keys[None, :] >= lens[:, None])[:, None, :]
+            keys = np.arange(width * bs)[None, :]
+            arrays[f"{name}_hidden"] = ((keys >= end[:, None]) | (keys < begin[:, None]))[:, None, :]
         self.chunks.append(_ChunkPlan(name, len(seqs), width, in_order, masked))
 
     def _plan_prefill(
         self, arrays: dict[str, np.ndarray], start: int, q: int, ctx: int, table: np.ndarray
     ) -> None:
         bs = self.block_size
-        name = f"prefill{len(self.prefills)}"
-        j = np.arange(ctx)
+        name = f"{self.prefix}prefill{len(self.prefills)}"
+        # Query r sits at position ctx - q + r; a sliding read starts at the first query's first key.
+        qpos = np.arange(q)[:, None] + (ctx - q)
+        lo = int(self._first_key(np.array([ctx - q + 1]))[0])
+        j = np.arange(lo, ctx)
         arrays[f"{name}_slots"] = table[j // bs] * bs + j % bs
-        masked = ctx != q
+        windowed = bool(self.prefix) and ctx > (self.window or 0)
+        masked = ctx != q or windowed
         if masked:  # a chunk after a cached prefix: query r sees keys up to ctx - q + r
-            arrays[f"{name}_mask"] = j[None, :] <= np.arange(q)[:, None] + (ctx - q)
+            visible = j[None, :] <= qpos
+            if windowed:
+                assert self.window is not None
+                visible &= j[None, :] > qpos - self.window
+            arrays[f"{name}_mask"] = visible
         self.prefills.append(_PrefillPlan(name, start, start + q, masked))
 
     def bind(self, dev: dict[str, torch.Tensor]) -> AttentionMetadata:
         """The metadata over the uploaded arrays (`dev` holds a tensor per name `make` added)."""
+        meta = self._bind(dev)
+        meta.window = self.window
+        meta.sliding = None if self.sliding is None else self.sliding._bind(dev)
+        return meta
+
+    def _bind(self, dev: dict[str, torch.Tensor]) -> AttentionMetadata:
         chunks = [
             DecodeChunk(
                 rows=None if c.in_order else dev[f"{c.name}_rows"],

@@ -1,4 +1,4 @@
-"""Small building blocks of the llama family: RMSNorm, rotary embedding, gated MLP."""
+"""Small building blocks of the decoder models: RMSNorm, rotary embedding, gated MLP."""
 
 from __future__ import annotations
 
@@ -37,14 +37,28 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotate-half rope with a precomputed cos/sin table indexed by absolute position."""
+    """Rotate-half rope with a precomputed cos/sin table indexed by absolute position.
 
-    def __init__(self, config: ModelConfig, freq_factors: torch.Tensor | None = None) -> None:
+    ``theta`` overrides the config's base and ``scaled=False`` drops its rope scaling (Gemma 3's
+    sliding layers: their own base, unscaled).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        freq_factors: torch.Tensor | None = None,
+        theta: float | None = None,
+        scaled: bool = True,
+    ) -> None:
         super().__init__()
         dim = config.head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-        if config.rope_scaling is not None:
-            inv_freq = _llama3_inv_freq(inv_freq, config.rope_scaling)
+        base = config.rope_theta if theta is None else theta
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        s = config.rope_scaling if scaled else None
+        if s is not None and s.kind == "linear":
+            inv_freq = inv_freq / s.factor
+        elif s is not None:
+            inv_freq = _llama3_inv_freq(inv_freq, s)
         if freq_factors is not None:  # GGUF llama 3.x stores its scaling as per-frequency divisors
             inv_freq = inv_freq / freq_factors.double()
         pos = torch.arange(config.context_length, dtype=torch.float64)
@@ -70,13 +84,17 @@ class Linear(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, gate_up: nn.Module, down: nn.Module, inter: int) -> None:
+    """``down(act(gate(x)) * up(x))``: SwiGLU (silu), or GeGLU with tanh gelu (``gelu_tanh``, Gemma)."""
+
+    def __init__(self, gate_up: nn.Module, down: nn.Module, inter: int, gelu_tanh: bool = False) -> None:
         super().__init__()
         # One matmul for gate and up (stacked rows): half the kernel launches on the decode path.
         self.gate_up = gate_up
         self.down = down
         self.inter = inter
+        self.gelu_tanh = gelu_tanh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.inter, dim=-1)
-        return self.down(F.silu(gate) * up)
+        act = F.gelu(gate, approximate="tanh") if self.gelu_tanh else F.silu(gate)
+        return self.down(act * up)

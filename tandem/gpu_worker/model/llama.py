@@ -1,4 +1,7 @@
-"""The llama family (SmolLM2, Llama 3.x, Qwen2/2.5) as plain torch modules over a paged KV pool."""
+"""The llama family (SmolLM2, Llama 3.x, Mistral, Qwen2/2.5, Qwen3) as plain torch modules over a
+paged KV pool. Qwen3 adds an RMSNorm over each head of q and k before rope (``qk_norm``); Mistral
+is llama with its own rope base and, where its config has one, a sliding window on every layer.
+Other architectures subclass ``LlamaModel`` (gemma3.py)."""
 
 from __future__ import annotations
 
@@ -44,7 +47,11 @@ class Attention(nn.Module):
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.scale = self.head_dim**-0.5
+        self.scale = config.attention_scale
+        self.q_norm = self.k_norm = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(_dense(w[f"{prefix}.attn_q_norm.weight"]), config.rms_norm_eps)
+            self.k_norm = RMSNorm(_dense(w[f"{prefix}.attn_k_norm.weight"]), config.rms_norm_eps)
         # Fused QKV: one matmul instead of three per layer.
         qkv_bias = None
         if config.attention_bias:
@@ -65,6 +72,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         qkv = self.qkv(x)
         t = x.shape[0]
+        if self.q_norm is not None and self.k_norm is not None:  # per head, in place in the fused output
+            q = qkv[:, : self.q_size].unflatten(1, (-1, self.head_dim))
+            k = qkv[:, self.q_size : self.q_size + self.kv_size].unflatten(1, (-1, self.head_dim))
+            q.copy_(self.q_norm(q))
+            k.copy_(self.k_norm(k))
         # q and k rotated together, in place in the fused output; then k and v go to the cache
         # in one indexed copy, straight from the same buffer.
         rotate_half_(qkv[:, : self.q_size + self.kv_size].unflatten(1, (-1, self.head_dim)), *rope)
@@ -83,6 +95,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         p = f"blk.{index}"
         self.index = index
+        self.sliding = config.is_sliding(index)
         self.attn_norm = RMSNorm(_dense(w[f"{p}.attn_norm.weight"]), config.rms_norm_eps)
         self.attn = Attention(config, w, p)
         self.ffn_norm = RMSNorm(_dense(w[f"{p}.ffn_norm.weight"]), config.rms_norm_eps)
@@ -98,7 +111,7 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Updates `x`, the running hidden state the model owns, in place and returns it."""
-        h = self.attn(self.attn_norm(x), rope, kv, self.index, meta)
+        h = self.attn(self.attn_norm(x), rope, kv, self.index, meta.for_layer(self.sliding))
         x.add_(self.mlp(add_rms_norm_(x, h, self.ffn_norm.weight, self.ffn_norm.eps)))
         return x
 
@@ -119,7 +132,7 @@ class LlamaModel(nn.Module):
         embed = weights["token_embd.weight"]
         # The lookup reads a few rows a step, so a dense table costs memory, not bandwidth.
         self.embed = _frozen(embed.dequantize(dtype) if isinstance(embed, AffineCodes) else embed)
-        self.layers = nn.ModuleList(DecoderLayer(config, weights, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(self.make_layer(config, weights, i) for i in range(config.num_layers))
         self.norm = RMSNorm(_dense(weights["output_norm.weight"]), config.rms_norm_eps)
         head = weights.get("output.weight", embed)
         self.lm_head = make_linear([head])  # a dense tied head shares the embedding's storage
@@ -127,6 +140,12 @@ class LlamaModel(nn.Module):
             # Tied: the embedding table is the head's dense copy, a faster GEMM at large M.
             self.lm_head.use_dense_copy(self.embed)
         self.rope = RotaryEmbedding(config, _dense_opt(weights.get("rope_freqs.weight")))
+        # Sliding layers with a rope base of their own (Gemma 3) read a second table.
+        self.rope_local: RotaryEmbedding | None = None
+        if config.rope_local_theta is not None and any(config.sliding_layers):
+            self.rope_local = RotaryEmbedding(config, theta=config.rope_local_theta, scaled=False)
+        self.embed_scale: torch.Tensor | None
+        self.register_buffer("embed_scale", None, persistent=False)  # multiplies the looked-up rows (Gemma)
         # Packed kernels take bf16 and hand back their output, so the residual stream, norms and
         # attention cost nothing extra in fp32 around them, and their rounding error is not added
         # (KL to float32 3.5e-3 against 4.6e-3 with bf16 activations, same speed here). The KV
@@ -137,9 +156,24 @@ class LlamaModel(nn.Module):
                 if isinstance(norm, RMSNorm):  # one dtype for input and weight: the fused kernel
                     norm.weight.data = norm.weight.data.to(self.activation_dtype)
 
+    def make_layer(self, config: ModelConfig, weights: dict[str, Weight], index: int) -> nn.Module:
+        return DecoderLayer(config, weights, index)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
+
+    def check_metadata(self, meta: AttentionMetadata) -> None:
+        """A step planned without this model's window would let sliding layers see every key."""
+        if meta.window != self.config.sliding_window:
+            window = self.config.sliding_window
+            raise ValueError(f"attention metadata planned for window {meta.window}, the model's is {window}")
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (fp32) of final hidden states `x` (N, hidden)."""
+        logits = self.lm_head(self.norm(x)).float()
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     @torch.inference_mode()
     def forward(
@@ -150,14 +184,17 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
         logits_rows: torch.Tensor,  # (N,) token rows whose next-token logits are needed
     ) -> torch.Tensor:
+        self.check_metadata(meta)
         x = F.embedding(input_ids, self.embed)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         if self.activation_dtype is not None:
             x = x.to(self.activation_dtype)
         rope = self.rope.tables(positions)
+        local = rope if self.rope_local is None else self.rope_local.tables(positions)
         for layer in self.layers:
-            x = layer(x, rope, kv, meta)
-        x = self.norm(x[logits_rows])
-        return self.lm_head(x).float()
+            x = layer(x, local if layer.sliding else rope, kv, meta)
+        return self.logits(x[logits_rows])
 
     @property
     def has_packed_weights(self) -> bool:
@@ -173,8 +210,9 @@ class LlamaModel(nn.Module):
     def weights_bytes(self) -> int:
         """Bytes of every parameter and buffer of the weights, storage shared between them once."""
         seen: dict[int, int] = {}
+        tables = {id(t) for m in self.modules() if isinstance(m, RotaryEmbedding) for t in (m.cos, m.sin)}
         for t in [*self.parameters(), *self.buffers()]:
-            if t is self.rope.cos or t is self.rope.sin:
+            if id(t) in tables:
                 continue
             st = t.untyped_storage()
             seen[st.data_ptr()] = st.nbytes()
