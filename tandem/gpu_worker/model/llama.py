@@ -150,14 +150,26 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
         logits_rows: torch.Tensor,  # (N,) token rows whose next-token logits are needed
     ) -> torch.Tensor:
+        return self.logits(self.hidden_states(input_ids, positions, kv, meta), logits_rows)
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """The residual stream after the last layer, every token (before the final norm)."""
         x = F.embedding(input_ids, self.embed)
         if self.activation_dtype is not None:
             x = x.to(self.activation_dtype)
         rope = self.rope.tables(positions)
         for layer in self.layers:
             x = layer(x, rope, kv, meta)
-        x = self.norm(x[logits_rows])
-        return self.lm_head(x).float()
+        return x
+
+    def final_hidden(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The normed final hidden states of ``rows``: what the head reads, and embeddings pool."""
+        return self.norm(x[rows])
+
+    def logits(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.final_hidden(x, rows)).float()
 
     @property
     def has_packed_weights(self) -> bool:
