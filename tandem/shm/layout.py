@@ -250,8 +250,8 @@ def batch_layout(
         seq("seed", "int64"),
         seq("sample_step", "int64"),
         seq("num_logprobs", "int32"),
-        seq("want_logits", "uint8"),
         seq("embed", "uint8"),  # 1: pool this sequence's hidden states instead of sampling
+        seq("want_logits", "uint8"),
     ]
     if max_stop_ids:
         fields.append(seq("stop_ids", "int32", max_stop_ids))
