@@ -47,6 +47,8 @@ def worker_main(ctx: ActorContext) -> None:
                 "vocab_size": c.vocab_size,
                 "num_layers": c.num_layers,
                 "encoder": c.is_encoder,
+                "embeds": runner.embeds,
+                "embedding_length": c.hidden_size,
             },
         }
     )

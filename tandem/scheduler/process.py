@@ -110,6 +110,7 @@ class SchedulerProcess:
             "max_num_seqs": self.cfg.max_num_seqs,
             "overlap": self.cfg.overlap,
             "worker_pid": self.worker.pid if self.worker is not None else None,
+            "model": dict(self.worker.ready.info.get("model", {})) if self.worker is not None else {},
         }
 
     def _start_worker(self) -> None:
