@@ -330,6 +330,24 @@ class RequestError(Message):
     retry_after_s: float = 0.0  # busy: the scheduler's estimate of the wait until the queue has room
 
 
+@message(21)
+class EmbedRequest(Message):
+    """Embed a prompt: a prefill-only sequence whose answer is one pooled vector (then Finished)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    arrival_time: float = 0.0
+
+
+@message(22)
+class Embedding(Message):
+    """The pooled (and, where the model says so, L2-normalized) final hidden state of a prompt."""
+
+    request_id: str
+    vector: bytes  # float32[dims], little-endian
+    dims: int
+
+
 @message(16)
 class OutputBatch(Message):
     """Everything one scheduler step produced: one frame instead of one per request."""
@@ -337,6 +355,7 @@ class OutputBatch(Message):
     deltas: list[TokenDelta] = field(default_factory=list)
     finished: list[Finished] = field(default_factory=list)
     errors: list[RequestError] = field(default_factory=list)
+    embeddings: list[Embedding] = field(default_factory=list)  # each before its request's Finished
 
 
 @message(17)
@@ -440,6 +459,8 @@ class StepResult(Message):
     error: str = ""
     t_start_ns: int = 0  # time.monotonic_ns() when the worker took the step up
     t_end_ns: int = 0  # ... and when its results were ready to post
+    embeddings: bytes = b""  # float32[pooled rows, embed_dim]: the step's embed rows, in row order
+    embed_dim: int = 0
 
 
 # --------------------------------------------------------------------------------------

@@ -46,3 +46,11 @@ def hf_model(default_model_path: Path):
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(default_model_path.parent), gguf_file=default_model_path.name, dtype=torch.float32
     ).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT sentence-transformers folder (mean pooling, normalized): tests/tiny_bert.py."""
+    from tiny_bert import write_tiny_bert
+
+    return write_tiny_bert(tmp_path_factory.mktemp("bert") / "tiny-bert")

@@ -58,7 +58,7 @@ PINNED: dict[int, tuple[str, list[str]]] = {
         ],
     ),
     15: ("RequestError", ["request_id", "code", "message", "retry_after_s"]),
-    16: ("OutputBatch", ["deltas", "finished", "errors"]),
+    16: ("OutputBatch", ["deltas", "finished", "errors", "embeddings"]),
     17: ("StatsRequest", ["query_id"]),
     18: (
         "Stats",
@@ -88,6 +88,8 @@ PINNED: dict[int, tuple[str, list[str]]] = {
     ),
     19: ("TraceRequest", ["query_id", "since_step"]),
     20: ("StepTrace", ["query_id", "enabled", "capacity", "scheduler_pid", "worker_pid", "steps"]),
+    21: ("EmbedRequest", ["request_id", "prompt_token_ids", "arrival_time"]),
+    22: ("Embedding", ["request_id", "vector", "dims"]),
     30: (
         "Doorbell",
         [
@@ -119,6 +121,8 @@ PINNED: dict[int, tuple[str, list[str]]] = {
             "error",
             "t_start_ns",
             "t_end_ns",
+            "embeddings",
+            "embed_dim",
         ],
     ),
     50: ("ClientHello", ["version", "client_name"]),
@@ -181,14 +185,34 @@ SAMPLES: dict[int, Any] = {
     13: DELTA,
     14: FINISHED,
     15: ERROR,
-    16: m.OutputBatch([DELTA, m.TokenDelta("r3", [1], "x")], [FINISHED], [ERROR]),
+    16: m.OutputBatch(
+        [DELTA, m.TokenDelta("r3", [1], "x")], [FINISHED], [ERROR], [m.Embedding("e1", bytes(8), 2)]
+    ),
     17: m.StatsRequest(7),
     18: STATS,
     19: m.TraceRequest(3, 100),
     20: m.StepTrace(3, True, 1024, 11, 12, [[1, 2, 3], [4, 5, 6]]),
+    21: m.EmbedRequest("e1", [1, 2, 3], 12.5),
+    22: m.Embedding("e1", bytes(8), 2),
     30: m.Doorbell(1000, 3, 64, 32, 5, True, True, True),
     31: m.StepResult(
-        1000, 3, 2, bytes(16), bytes(8), 1, bytes(16), bytes(8), b"\x01" * 70000, 49152, 1.5, 0.25, "", 10, 20
+        1000,
+        3,
+        2,
+        bytes(16),
+        bytes(8),
+        1,
+        bytes(16),
+        bytes(8),
+        b"\x01" * 70000,
+        49152,
+        1.5,
+        0.25,
+        "",
+        10,
+        20,
+        bytes(8),
+        2,
     ),
     50: m.ClientHello(1, "my-app"),
     51: m.ServerHello(1, "smollm2:135m", 8192, ["stream", "cancel"], 49152, 256, 16 << 20, "0.1.0"),
@@ -251,7 +275,7 @@ def test_literal_frames() -> None:
     req = m.encode(m.GenerateRequest("r", prompt="p"))
     assert req.startswith(b"\x99\x35\xa1r\xa1p\xc0\xc0\xc2\xc0\x9f\xc0\xcb")
     # 16 elements (tag + 15 fields) take the array16 header.
-    assert m.encode(SAMPLES[31])[:4] == b"\xdc\x00\x10\x1f"
+    assert m.encode(SAMPLES[31])[:4] == b"\xdc\x00\x12\x1f"
 
 
 @pytest.mark.parametrize("tag", sorted(SAMPLES))

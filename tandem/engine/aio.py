@@ -21,12 +21,21 @@ import zmq.asyncio
 from tandem.config import EngineConfig
 from tandem.engine.process import EngineProcess
 from tandem.engine.router import EngineError, Router
-from tandem.messages import ErrorCode, Finished, RequestError, SamplingParams, Stats, StepTrace, TokenDelta
+from tandem.messages import (
+    Embedding,
+    ErrorCode,
+    Finished,
+    RequestError,
+    SamplingParams,
+    Stats,
+    StepTrace,
+    TokenDelta,
+)
 from tandem.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-Event = TokenDelta | Finished
+Event = TokenDelta | Embedding | Finished
 # Per request, what the gateway holds for a consumer that is behind: beyond it the consumer is
 # taken to have stopped reading. A reader that keeps up holds a handful.
 MAX_BUFFERED_EVENTS = 4096
@@ -134,6 +143,34 @@ class AsyncEngine:
         finally:
             self._queues.pop(rid, None)
             cancel = self.router.cancel(rid, "client went away")  # None once it has ended
+            if cancel is not None and self.dead is None and self.process.to_sched is not None:
+                with contextlib.suppress(Exception):
+                    await self.process.to_sched.send(cancel)
+
+    async def embed(self, prompt_ids: list[int], request_id: str | None = None) -> tuple[Embedding, Finished]:
+        """One input's embedding and its Finished (prompt_tokens, timings); EngineError on its
+        error frame. Cancelled in the scheduler if the caller goes away first."""
+        if self.dead is not None:
+            raise EngineError(ErrorCode.WORKER_DIED, self.dead)
+        rid, frame = self.router.embed(prompt_ids, request_id)
+        queue: asyncio.Queue[Event | RequestError] = asyncio.Queue()
+        self._queues[rid] = queue
+        vector: Embedding | None = None
+        try:
+            await self._send_unless_dead(frame)
+            while True:
+                ev = await queue.get()
+                if isinstance(ev, RequestError):
+                    raise EngineError.of(ev)
+                if isinstance(ev, Embedding):
+                    vector = ev
+                elif isinstance(ev, Finished):
+                    if vector is None:
+                        raise EngineError(ErrorCode.INTERNAL, "the embedding finished without a vector")
+                    return vector, ev
+        finally:
+            self._queues.pop(rid, None)
+            cancel = self.router.cancel(rid, "client went away")
             if cancel is not None and self.dead is None and self.process.to_sched is not None:
                 with contextlib.suppress(Exception):
                     await self.process.to_sched.send(cancel)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from tandem.messages import (
     CancelRequest,
+    Embedding,
+    EmbedRequest,
     ErrorCode,
     Finished,
     OutputBatch,
@@ -30,7 +32,7 @@ from tandem.messages import (
 )
 from tandem.validation import ContextError, InvalidParameterError, check_request
 
-Event = TokenDelta | Finished | RequestError
+Event = TokenDelta | Embedding | Finished | RequestError
 
 
 class EngineError(RuntimeError):
@@ -113,6 +115,15 @@ class Router:
         self.active.add(rid)
         return rid, encode(SubmitRequest(rid, list(prompt_ids), params, time.monotonic()))
 
+    def embed(self, prompt_ids: list[int], request_id: str | None = None) -> tuple[str, bytes]:
+        """(request id, the frame that submits an embedding): its events are one Embedding, then
+        Finished (or a RequestError)."""
+        rid = request_id or self.new_request_id()
+        if rid in self.active:
+            raise EngineError("invalid_request", f"request id {rid!r} is already in use")
+        self.active.add(rid)
+        return rid, encode(EmbedRequest(rid, list(prompt_ids), time.monotonic()))
+
     def cancel(self, request_id: str, reason: str = "cancelled") -> bytes | None:
         """The frame that cancels a request still in flight (None if it already ended)."""
         if request_id not in self.active:
@@ -141,6 +152,9 @@ class Router:
             for d in msg.deltas:
                 if d.request_id in active:
                     events.append((d.request_id, d))
+            for v in msg.embeddings:
+                if v.request_id in active:
+                    events.append((v.request_id, v))
             for f in msg.finished:
                 if f.request_id in active:
                     events.append((f.request_id, f))

@@ -19,8 +19,8 @@ from tandem.errors import UnsupportedModelError
 from tandem.formats.dequant import SUPPORTED_TYPES, dequantize
 from tandem.formats.gguf_file import GGUFFile
 from tandem.formats.gguf_packed import PACKABLE_TYPES, AffineCodes, read_affine
-from tandem.formats.model_check import check_tensor_shapes, gguf_config, hf_to_gguf_name, read_hf_config_json
-from tandem.formats.model_config import ModelConfig, config_from_hf
+from tandem.formats.model_check import check_tensor_shapes, gguf_config, hf_folder_config, hf_to_gguf_name
+from tandem.formats.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def load_safetensors_dir(path: str | Path, dtype: torch.dtype = torch.float32) -
     folder = Path(path)
     if not (folder / "config.json").exists():
         raise UnsupportedModelError(f"{folder} has no config.json")
-    config = config_from_hf(read_hf_config_json(folder), folder)
+    config = hf_folder_config(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UnsupportedModelError(f"{folder} has no *.safetensors files")

@@ -19,9 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from tandem.errors import ModelFileError, ModelStoreError, quoted
+from tandem.formats.bert_names import bert_expected_shapes, bert_hf_to_gguf_name
 from tandem.formats.file_access import open_regular, read_regular_text, stat_regular
 from tandem.formats.gguf_file import GGUFFile
-from tandem.formats.model_config import ModelConfig, config_from_gguf, config_from_hf
+from tandem.formats.model_config import (
+    ModelConfig,
+    config_from_gguf,
+    config_from_hf,
+    with_sentence_transformers,
+)
 
 Shape = tuple[int, ...]
 
@@ -67,6 +73,8 @@ _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 def hf_to_gguf_name(hf_name: str, architecture: str = "llama") -> str | None:
     """The GGUF name of a Hugging Face tensor, or None for tensors the model does not use."""
+    if architecture == "bert":
+        return bert_hf_to_gguf_name(hf_name)
     if hf_name in _HF_GLOBAL_NAMES:
         return _HF_GLOBAL_NAMES[hf_name]
     names = _HF_GEMMA3_LAYER_NAMES if architecture == "gemma3" else _HF_LAYER_NAMES
@@ -168,8 +176,23 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
     return config
 
 
-def safetensors_config(folder: Path) -> ModelConfig:
+def hf_folder_config(folder: Path) -> ModelConfig:
+    """config.json's config, amended by the sentence-transformers files beside it (if any)."""
     config = config_from_hf(read_hf_config_json(folder), folder)
+    return with_sentence_transformers(config, folder, _read_optional_json)
+
+
+def _read_optional_json(path: Path) -> Any:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(read_regular_text(path))
+    except ValueError:
+        raise ModelFileError(path, "is not valid JSON") from None
+
+
+def safetensors_config(folder: Path) -> ModelConfig:
+    config = hf_folder_config(folder)
     shapes: dict[str, Shape] = {}
     for shard in sorted(folder.glob("*.safetensors")):
         for hf_name, meta in safetensors_header(shard).items():
@@ -221,7 +244,7 @@ def expected_shapes(cfg: ModelConfig) -> Iterator[tuple[str, Shape]]:
 
 def check_tensor_shapes(cfg: ModelConfig, shapes: Mapping[str, Shape], source: str | Path) -> None:
     """ModelFileError naming the first tensor that is missing or whose shape the config does not imply."""
-    expected = expected_shapes(cfg)
+    expected = bert_expected_shapes(cfg) if cfg.architecture == "bert" else expected_shapes(cfg)
     if "rope_freqs.weight" in shapes:  # optional: llama3 rope scaling baked into the file
         expected = itertools.chain(expected, [("rope_freqs.weight", (cfg.head_dim // 2,))])
     for name, want in expected:

@@ -7,7 +7,7 @@ positive integer, a missing config.json key) raises ModelFileError naming the fi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,10 @@ _HF_ARCHITECTURES = {
 # rest slide; the sliding layers' rope base is fixed at 10000.
 _GEMMA3_PATTERN = 6
 _GEMMA3_LOCAL_THETA = 10000.0
+# Encoders: they embed and never generate (no KV cache, no head).
+ENCODER_ARCHITECTURES = ("bert",)
+_HF_ENCODERS = {"BertModel": "bert", "BertForMaskedLM": "bert"}
+POOLINGS = ("mean", "cls", "last")
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,24 @@ class ModelConfig:
     @property
     def attention_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    # Embeddings: how the final hidden states become one vector ("" for a generative model, which
+    # embeds with last-token pooling, normalized: see `embedding_pooling`). Encoders (BERT) only.
+    pooling: str = ""
+    normalize: bool = False
+    layer_norm_eps: float = 0.0
+    type_vocab_size: int = 0
+
+    @property
+    def is_encoder(self) -> bool:
+        return self.architecture in ENCODER_ARCHITECTURES
+
+    @property
+    def embedding_pooling(self) -> tuple[str, bool]:
+        """(pooling, normalize) of the model's embeddings. A model that declares none (every
+        generative one) pools its last token, L2-normalized: the hidden state that has attended to
+        the whole input, as decoder embedding models (e5-mistral, Qwen3-Embedding) are trained."""
+        return (self.pooling, self.normalize) if self.pooling else ("last", True)
 
 
 def _require(meta: dict[str, Any], key: str) -> Any:
@@ -215,6 +237,8 @@ def config_from_hf(cfg: dict[str, Any], source: str | Path) -> ModelConfig:
 
 def _config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     archs = cfg.get("architectures") or []
+    if any(a in _HF_ENCODERS for a in archs) or (not archs and cfg.get("model_type") == "bert"):
+        return _bert_config_from_hf(cfg)
     arch = next((_HF_ARCHITECTURES[a] for a in archs if a in _HF_ARCHITECTURES), None)
     if arch is None:
         raise UnsupportedModelError(
@@ -307,3 +331,64 @@ def _hf_sliding_fields(cfg: dict[str, Any], arch: str, num_layers: int) -> dict[
         first = int(cfg.get("max_window_layers", num_layers))
         layers = tuple(i >= first for i in range(num_layers))
     return {"sliding_window": int(window), "sliding_layers": layers}
+
+
+def _bert_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
+    """BERT's config.json. Pooling and normalization are the sentence-transformers folder's to say
+    (`with_sentence_transformers`); a bare BERT folder pools by mean, unnormalized."""
+    if cfg.get("position_embedding_type", "absolute") != "absolute":
+        raise UnsupportedModelError(f"BERT position embeddings {cfg['position_embedding_type']!r}")
+    if cfg.get("hidden_act", "gelu") != "gelu":
+        raise UnsupportedModelError(f"BERT activation {cfg['hidden_act']!r} (only gelu)")
+    hidden = int(cfg["hidden_size"])
+    n_heads = int(cfg["num_attention_heads"])
+    return ModelConfig(
+        architecture="bert",
+        num_layers=int(cfg["num_hidden_layers"]),
+        hidden_size=hidden,
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_heads=n_heads,
+        num_kv_heads=n_heads,
+        head_dim=hidden // n_heads,
+        vocab_size=int(cfg["vocab_size"]),
+        context_length=int(cfg.get("max_position_embeddings", 512)),
+        rms_norm_eps=0.0,
+        rope_theta=0.0,
+        tie_word_embeddings=False,
+        attention_bias=True,
+        name=str(cfg.get("_name_or_path", "")),
+        pooling="mean",
+        normalize=False,
+        layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-12)),
+        type_vocab_size=int(cfg.get("type_vocab_size", 2)),
+    )
+
+
+def with_sentence_transformers(config: ModelConfig, folder: Path, read: Any) -> ModelConfig:
+    """The config as a sentence-transformers folder amends it: pooling (1_Pooling/config.json),
+    normalization (a Normalize module in modules.json) and the input limit it was trained with
+    (sentence_bert_config.json's max_seq_length). ``read(path) -> dict`` reads one JSON file ({}
+    when absent)."""
+    modules = read(folder / "modules.json")
+    if not isinstance(modules, list):
+        return config
+    pooling, normalize = config.pooling, config.normalize
+    for m in modules:
+        kind = str(m.get("type", "")) if isinstance(m, dict) else ""
+        if kind.endswith(".Pooling"):
+            pc = read(folder / str(m.get("path", "")) / "config.json")
+            if pc.get("pooling_mode_cls_token"):
+                pooling = "cls"
+            elif pc.get("pooling_mode_lasttoken"):
+                pooling = "last"
+            elif pc.get("pooling_mode_mean_tokens", True):
+                pooling = "mean"
+            if any(pc.get(k) for k in ("pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens")):
+                raise UnsupportedModelError("pooling other than mean, cls or last token")
+        elif kind.endswith(".Normalize"):
+            normalize = True
+    limit = read(folder / "sentence_bert_config.json").get("max_seq_length")
+    context = config.context_length
+    if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < context:
+        context = limit
+    return replace(config, pooling=pooling, normalize=normalize, context_length=context)

@@ -42,7 +42,14 @@ def worker_main(ctx: ActorContext) -> None:
     ctx.send_ready(
         {
             "memory_plan": runner.memory_plan(cfg.engine.max_num_batched_tokens),
-            "model": {"architecture": c.architecture, "vocab_size": c.vocab_size, "num_layers": c.num_layers},
+            "model": {
+                "architecture": c.architecture,
+                "vocab_size": c.vocab_size,
+                "num_layers": c.num_layers,
+                "encoder": c.is_encoder,
+                "embeds": runner.embeds,
+                "embedding_length": c.hidden_size,
+            },
         }
     )
     poller = zmq.Poller()

@@ -12,12 +12,14 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from tandem.config import WorkerConfig
 from tandem.formats.loader import load_model_weights
 from tandem.gpu_worker.cuda_graphs import DecodeGraphs
 from tandem.gpu_worker.kv_cache import KVCache
 from tandem.gpu_worker.model.architectures import make_model
+from tandem.gpu_worker.model.bert import BertModel
 from tandem.gpu_worker.model.llama import LlamaModel
 from tandem.gpu_worker.model.quant_linear import cpu_has_bf16, int4_kernel_available
 from tandem.gpu_worker.model.triton_attention import triton_available
@@ -63,11 +65,13 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-def build_model(model_path: str, dtype_name: str, device: torch.device) -> LlamaModel:
+def build_model(model_path: str, dtype_name: str, device: torch.device) -> LlamaModel | BertModel:
     """The model as the worker runs it for ``--dtype dtype_name``, kernels chosen (packed weights
     time their alternatives here, so set the thread count first)."""
     dtype = resolve_dtype(dtype_name, device)
     loaded = load_model_weights(model_path, dtype=dtype, packed=packs_weights(dtype_name, device))
+    if loaded.config.is_encoder:
+        return BertModel(loaded.config, loaded.tensors, dtype).to(device)  # type: ignore[arg-type]
     model = make_model(loaded.config, loaded.tensors, dtype).to(device)
     del loaded
     if model.has_packed_weights:  # a float file (or a safetensors folder) has nothing to pack
@@ -89,6 +93,7 @@ class PendingResult:
     event: torch.cuda.Event | None
     forward_ms: float
     idle_ms: float
+    embeddings: torch.Tensor | None = None  # (pooled, hidden) float32
 
 
 class ModelRunner:
@@ -110,9 +115,16 @@ class ModelRunner:
         self.config = self.model.config
         self.load_seconds = time.perf_counter() - start
         self.weights_bytes = self.model.weights_bytes
-        self.kv = KVCache.from_memory_budget(
-            self.config, eng.kv_cache_memory, eng.block_size, self.dtype, self.device
-        )
+        self.encoder = self.config.is_encoder
+        self.pooling, self.normalize = self.config.embedding_pooling
+        # Generative modules embed through their hidden_states (llama family); one without cannot.
+        self.embeds = self.encoder or hasattr(self.model, "hidden_states")
+        if self.encoder:  # attention within each whole input: no cache; one nominal block for the plan
+            self.kv = KVCache.allocate(self.config, 1, eng.block_size, self.dtype, self.device)
+        else:
+            self.kv = KVCache.from_memory_budget(
+                self.config, eng.kv_cache_memory, eng.block_size, self.dtype, self.device
+            )
         n = eng.max_num_seqs
         self.prev_sampled = torch.zeros(n, dtype=torch.long, device=self.device)
         # Penalty state per worker slot, allocated the first time a request asks for penalties.
@@ -161,7 +173,7 @@ class ModelRunner:
         if self.device.type == "cuda" and self.config.sliding_window is not None:
             # Sliding layers read through the chunk path, whose shapes change step to step.
             log.info("model has sliding-window layers: decode runs eagerly (no CUDA graphs)")
-        elif self.device.type == "cuda" and not enforce_eager and self._paged_kernel:
+        elif self.device.type == "cuda" and not enforce_eager and self._paged_kernel and not self.encoder:
             self._graphs = DecodeGraphs.capture(self, self.cfg.engine.max_num_seqs, self.cfg.context_length)
 
     @property
@@ -199,15 +211,31 @@ class ModelRunner:
             if launched is not None:
                 tokens, out_logprobs = launched
                 return self._pending(bell, tokens, out_logprobs, None, None, None, t0, idle_ms)
-        window = self.config.sliding_window
-        plan = plan_step(a, bell, self.kv.block_size, paged_kernel=self._paged_kernel, sliding_window=window)
+        plan = plan_step(
+            a,
+            bell,
+            self.kv.block_size,
+            paged_kernel=self._paged_kernel,
+            sliding_window=self.config.sliding_window,
+            pooling=self.pooling,
+            encoder=self.encoder,
+        )
         dev = self.staging.upload(plan.arrays)
+        if self.encoder:
+            return self._launch_encoder(bell, dev, plan.num_pooled, t0, idle_ms)
         input_ids = resolve_refs(dev["input_ids"], self.prev_sampled)
+        assert plan.attention is not None
         meta = plan.attention.bind(dev)
         if plan.update_penalties:
             self._update_penalty_state(dev, input_ids)
 
-        logits = self.model(input_ids, dev["positions"], self.kv, meta, dev["logits_rows"])
+        embeddings = None
+        if plan.num_pooled:
+            hidden = self.model.hidden_states(input_ids, dev["positions"], self.kv, meta)
+            logits = self.model.logits(hidden, dev["logits_rows"])
+            embeddings = self._pool(self.model.final_hidden(hidden, dev["pool_rows"]), dev, plan.num_pooled)
+        else:
+            logits = self.model(input_ids, dev["positions"], self.kv, meta, dev["logits_rows"])
         out_logprobs = top_ids = top_lps = None
         if plan.num_sampled == 0:
             tokens = torch.empty(0, dtype=torch.long, device=self.device)
@@ -230,7 +258,27 @@ class ModelRunner:
         if plan.num_sampled:
             self.prev_sampled.index_copy_(0, dev["sample_rows"], tokens)
         keep_logits = logits if bell.want_logits else None
-        return self._pending(bell, tokens, out_logprobs, top_ids, top_lps, keep_logits, t0, idle_ms)
+        pending = self._pending(bell, tokens, out_logprobs, top_ids, top_lps, keep_logits, t0, idle_ms)
+        pending.embeddings = embeddings
+        return pending
+
+    def _launch_encoder(
+        self, bell: Doorbell, dev: dict[str, torch.Tensor], num_pooled: int, t0: float, idle_ms: float
+    ) -> PendingResult:
+        """An encoder step: every sequence is a whole input to embed (the scheduler sends no other)."""
+        hidden = self.model(dev["input_ids"], dev["positions"], dev["bert_pad_rows"], dev["bert_key_mask"])
+        embeddings = self._pool(hidden.index_select(0, dev["pool_rows"]), dev, num_pooled)
+        tokens = torch.empty(0, dtype=torch.long, device=self.device)
+        pending = self._pending(bell, tokens, None, None, None, None, t0, idle_ms)
+        pending.embeddings = embeddings
+        return pending
+
+    def _pool(self, rows: torch.Tensor, dev: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+        """One float32 vector per embedding sequence: its rows weighted and summed (step_plan's
+        pool_arrays says which, with what weight), then L2-normalized where the model says so."""
+        weighted = rows.float() * dev["pool_weights"][:, None]
+        out = weighted.new_zeros(n, rows.shape[1]).index_add_(0, dev["pool_segs"], weighted)
+        return F.normalize(out, dim=-1) if self.normalize else out
 
     def _pending(
         self,
@@ -284,4 +332,6 @@ class ModelRunner:
             vocab_size=0 if p.logits is None else int(p.logits.shape[1]),
             forward_ms=p.forward_ms,
             idle_ms=p.idle_ms,
+            embeddings=raw(p.embeddings, torch.float32),
+            embed_dim=0 if p.embeddings is None else int(p.embeddings.shape[1]),
         )

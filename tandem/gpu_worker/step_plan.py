@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from tandem.gpu_worker.model.attention import DEFAULT_MAX_CHUNK_KEYS, AttentionPlan
+from tandem.gpu_worker.model.bert import bert_batch_arrays
 from tandem.messages import Doorbell
 from tandem.shm.layout import SAMPLING_COLUMNS
 
@@ -21,10 +22,30 @@ from tandem.shm.layout import SAMPLING_COLUMNS
 @dataclass
 class StepPlan:
     arrays: dict[str, np.ndarray]
-    attention: AttentionPlan
+    attention: AttentionPlan | None  # None for an encoder step
     num_sampled: int
     sampling: bool  # sampling parameters are staged (not the all-greedy fast path)
     update_penalties: bool  # some sequence is penalized: its inputs go into the penalty state
+    num_pooled: int = 0  # embedding sequences: their hidden states are pooled (`pool_arrays`)
+
+
+def pool_arrays(a: dict[str, np.ndarray], rows: np.ndarray, pooling: str) -> dict[str, np.ndarray]:
+    """Which token rows of the embedding sequences ``rows`` make their vectors, with what weight:
+    ``pool_rows`` (token rows), ``pool_segs`` (the vector each adds to) and ``pool_weights``. Each
+    sequence is whole in the step, so mean pooling averages its query tokens."""
+    cu = a["cu_seqlens"].astype(np.int64)
+    starts, ends = cu[rows], cu[rows + 1]
+    if pooling == "mean":
+        lens = ends - starts
+        within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+        tokens = np.repeat(starts, lens) + within
+        segs = np.repeat(np.arange(len(rows)), lens)
+        weights = np.repeat(1.0 / lens, lens).astype(np.float32)
+    else:
+        tokens = starts if pooling == "cls" else ends - 1
+        segs = np.arange(len(rows))
+        weights = np.ones(len(rows), dtype=np.float32)
+    return {"pool_rows": tokens, "pool_segs": segs, "pool_weights": weights}
 
 
 def _penalty_arrays(a: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -57,9 +78,18 @@ def plan_step(
     paged_kernel: bool = False,
     max_chunk_keys: int = DEFAULT_MAX_CHUNK_KEYS,
     sliding_window: int | None = None,
+    pooling: str = "last",
+    encoder: bool = False,
 ) -> StepPlan:
-    """`a`: the slot's arrays cut to this step (`SlotView.prefixes`). Reads them, never keeps them."""
+    """`a`: the slot's arrays cut to this step (`SlotView.prefixes`). Reads them, never keeps them.
+    ``encoder``: a BERT step (every sequence an embedding, attention within each, no KV cache)."""
     arrays: dict[str, np.ndarray] = {"input_ids": a["input_ids"], "positions": a["positions"]}
+    pooled = np.flatnonzero(a["embed"])
+    if len(pooled):
+        arrays.update(pool_arrays(a, pooled, pooling))
+    if encoder:
+        arrays.update(bert_batch_arrays(a["query_lens"]))
+        return StepPlan(arrays, None, 0, False, False, len(pooled))
     attention = AttentionPlan.make(
         arrays,
         a["positions"],
@@ -86,7 +116,7 @@ def plan_step(
         arrays.update(_penalty_arrays(a, penalized))
     if sampling and bell.any_penalties:
         arrays["sample_slots"] = a["seq_slots"][sample_rows].astype(np.int64)
-    return StepPlan(arrays, attention, len(sample_rows), sampling, bool(len(penalized)))
+    return StepPlan(arrays, attention, len(sample_rows), sampling, bool(len(penalized)), len(pooled))
 
 
 def resolve_refs(input_ids: torch.Tensor, prev_sampled: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,8 @@ from tandem.scheduler.sequence import Sequence
 from tandem.shm.layout import SAMPLING_COLUMNS
 from tandem.shm.slot import SlotView
 
-_PARAM_COLUMNS = (*SAMPLING_COLUMNS, "want_logits", "prompt_lens")
+_PARAM_COLUMNS = (*SAMPLING_COLUMNS, "want_logits", "prompt_lens", "embed")
+_NO_BLOCKS: list[int] = []  # the table of an encoder's embedding, which holds no KV
 
 
 def _param_row(seq: Sequence) -> tuple:
@@ -47,6 +48,7 @@ def _param_row(seq: Sequence) -> tuple:
             -1 if p.logprobs is None else p.logprobs,
             p.return_logits,
             seq.prompt_len,
+            seq.embed,
         )
         seq.packed_params = row
     return row
@@ -153,7 +155,7 @@ class Packer:
             np.cumsum(q, out=cu[1 : n_seq + 1])
             arrays["context_lens"][:n_seq] = np.asarray(starts, dtype=np.int32) + q
 
-        tables = [block_tables[s.seq_id] for s in seqs]
+        tables = [block_tables.get(s.seq_id, _NO_BLOCKS) for s in seqs]
         table_lens = list(map(len, tables))
         bt = arrays["block_tables"]
         if same:

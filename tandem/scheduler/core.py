@@ -38,11 +38,14 @@ import numpy as np
 from tandem.config import EngineConfig
 from tandem.messages import (
     Doorbell,
+    Embedding,
+    EmbedRequest,
     ErrorCode,
     Finished,
     FinishReason,
     OutputBatch,
     RequestError,
+    SamplingParams,
     Stats,
     StepResult,
     SubmitRequest,
@@ -60,6 +63,7 @@ from tandem.tokenizer.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 _RUNNING = SeqStatus.RUNNING
+_EMBED_PARAMS = SamplingParams(temperature=0.0)  # nothing is sampled; greedy keeps the step's flags plain
 
 
 class Ring(Protocol):
@@ -81,8 +85,11 @@ class EngineCore:
         ring: Ring,
         kv_blocks: int,
         clock: Callable[[], float] = time.monotonic,
+        encoder: bool = False,
     ) -> None:
+        """``encoder``: the model only embeds (BERT), and its embeddings need no KV blocks."""
         self.cfg = cfg
+        self.encoder = encoder
         self.context_length = context_length
         self.ring = ring
         self.clock = clock
@@ -106,7 +113,7 @@ class EngineCore:
 
     def _new_scheduler(self, kv_blocks: int) -> Scheduler:
         cfg = self.cfg
-        limits = SchedulerLimits.from_engine(cfg, self.context_length)
+        limits = SchedulerLimits.from_engine(cfg, self.context_length, encoder=self.encoder)
         return Scheduler(limits, BlockManager(kv_blocks, cfg.block_size, cfg.enable_prefix_caching))
 
     @property
@@ -114,8 +121,8 @@ class EngineCore:
         return not (self.inflight or self.sched.running or self.sched.waiting)
 
     # -- requests ------------------------------------------------------------------------
-    def add(self, req: SubmitRequest, out: OutputBatch | None = None) -> OutputBatch:
-        """Queue a request, or append the error that refuses it."""
+    def add(self, req: SubmitRequest | EmbedRequest, out: OutputBatch | None = None) -> OutputBatch:
+        """Queue a request (generation or embedding), or append the error that refuses it."""
         out = OutputBatch() if out is None else out
         if not self.admitting:
             out.errors.append(
@@ -136,11 +143,12 @@ class EngineCore:
             out.errors.append(RequestError(req.request_id, ErrorCode.INVALID_REQUEST, str(e)))
         return out
 
-    def _sequence(self, req: SubmitRequest) -> Sequence:
+    def _sequence(self, req: SubmitRequest | EmbedRequest) -> Sequence:
         if not isinstance(req.request_id, str) or not isinstance(req.prompt_token_ids, list):
             raise AdmissionError(ErrorCode.INVALID_REQUEST, "malformed request")
+        embed = isinstance(req, EmbedRequest)
+        params = _EMBED_PARAMS if embed else req.params
         n = len(req.prompt_token_ids)
-        params = req.params
         return Sequence(
             seq_id=next(self.seq_ids),
             request_id=req.request_id,
@@ -150,6 +158,7 @@ class EngineCore:
             seed=params.seed if params.seed is not None else secrets.randbits(63),
             max_tokens=params.max_tokens or (self.context_length - n),
             arrival_time=req.arrival_time or self.clock(),
+            embed=embed,
         )
 
     def cancel(self, request_id: str, out: OutputBatch | None = None) -> OutputBatch:
@@ -253,12 +262,29 @@ class EngineCore:
         self.idle_ms_ewma = 0.9 * self.idle_ms_ewma + 0.1 * res.idle_ms
         sampled = [it for it in batch.items if it.sample]
         if res.error:
-            for it in sampled:
+            for it in [*sampled, *batch.embeds]:
                 if it.seq.status is _RUNNING and it.seq.epoch == it.epoch:
                     self.fail(it.seq, ErrorCode.INTERNAL, f"step failed on the worker: {res.error}", out)
             return out
         self._take_tokens(res, batch.step, sampled, now, out)
+        if batch.embeds:
+            self._take_embeddings(res, batch.embeds, now, out)
         return out
+
+    def _take_embeddings(self, res: StepResult, embeds: list[Any], now: float, out: OutputBatch) -> None:
+        dims = res.embed_dim
+        vectors = np.frombuffer(res.embeddings, dtype=np.float32).reshape(-1, dims) if dims else None
+        for k, it in enumerate(embeds):
+            seq = it.seq
+            if seq.status is not _RUNNING or seq.epoch != it.epoch:
+                continue  # cancelled, or preempted since (it runs again)
+            if vectors is None or k >= len(vectors):
+                self.fail(seq, ErrorCode.INTERNAL, "the worker returned no embedding for the input", out)
+                continue
+            seq.first_token_time = now
+            self.prompt_tokens_total += seq.prompt_len
+            out.embeddings.append(Embedding(seq.request_id, vectors[k].astype("<f4").tobytes(), dims))
+            self._finish(seq, FinishReason.STOP, None, out)
 
     def _take_tokens(
         self, res: StepResult, step: int, sampled: list[Any], now: float, out: OutputBatch
@@ -314,7 +340,7 @@ class EngineCore:
         first = seq.first_token_time or now
         admitted = seq.admitted_time or now
         completion = len(seq.token_ids) - seq.prompt_len
-        if reason != FinishReason.CANCELLED:
+        if reason != FinishReason.CANCELLED and not seq.embed:
             m = self.mean_completion_tokens
             self.mean_completion_tokens = completion if m == 0 else 0.8 * m + 0.2 * completion
         out.finished.append(

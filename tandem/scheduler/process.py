@@ -22,6 +22,7 @@ from tandem.config import EngineConfig, WorkerConfig
 from tandem.formats.model_files import read_config_and_tokenizer
 from tandem.messages import (
     CancelRequest,
+    EmbedRequest,
     ErrorCode,
     MessageError,
     OutputBatch,
@@ -87,7 +88,12 @@ class SchedulerProcess:
         self.deaths: deque[float] = deque()  # monotonic times of worker deaths, within the window
         self._start_worker()
         self.core = EngineCore(
-            cfg, tokenizer, self.context_length, self.ring, int(self.memory_plan["kv_blocks"])
+            cfg,
+            tokenizer,
+            self.context_length,
+            self.ring,
+            int(self.memory_plan["kv_blocks"]),
+            encoder=model_cfg.is_encoder,
         )
         self.draining = False
         self.tracer = StepTracer(cfg.trace_steps) if cfg.trace_steps else None  # serve --trace-steps
@@ -106,6 +112,7 @@ class SchedulerProcess:
             "max_num_seqs": self.cfg.max_num_seqs,
             "overlap": self.cfg.overlap,
             "worker_pid": self.worker.pid if self.worker is not None else None,
+            "model": dict(self.worker.ready.info.get("model", {})) if self.worker is not None else {},
         }
 
     def _start_worker(self) -> None:
@@ -131,7 +138,7 @@ class SchedulerProcess:
             self.outbox.send(encode(batch))
 
     def _handle_input(self, msg: object, out: OutputBatch) -> None:
-        if isinstance(msg, SubmitRequest):
+        if isinstance(msg, SubmitRequest | EmbedRequest):
             self.core.add(msg, out)
         elif isinstance(msg, CancelRequest):
             self.core.cancel(msg.request_id, out)
@@ -150,7 +157,7 @@ class SchedulerProcess:
         except Exception as e:
             log.exception("failed to handle %s", type(msg).__name__)
             rid = getattr(msg, "request_id", None)
-            if isinstance(msg, SubmitRequest) and isinstance(rid, str):
+            if isinstance(msg, SubmitRequest | EmbedRequest) and isinstance(rid, str):
                 why = f"scheduler could not take the request: {type(e).__name__}: {e}"
                 seq = self.core.sched.by_request.get(rid)
                 if seq is not None:

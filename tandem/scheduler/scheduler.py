@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tandem.messages import ErrorCode
@@ -31,10 +31,11 @@ class SchedulerLimits:
     max_num_batched_tokens: int
     max_queue: int
     context_length: int  # resolved: the engine's, capped at the model's
+    encoder: bool = False  # the model is an encoder: embeddings only, and they need no KV blocks
 
     @classmethod
-    def from_engine(cls, cfg: EngineConfig, context_length: int) -> SchedulerLimits:
-        return cls(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_queue, context_length)
+    def from_engine(cls, cfg: EngineConfig, context_length: int, encoder: bool = False) -> SchedulerLimits:
+        return cls(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_queue, context_length, encoder)
 
 
 class AdmissionError(Exception):
@@ -59,6 +60,7 @@ class ScheduledBatch:
     step: int
     items: list[ScheduledSeq]
     num_tokens: int
+    embeds: list[ScheduledSeq] = field(default_factory=list)  # embedding items, in row order
 
 
 class Scheduler:
@@ -87,9 +89,36 @@ class Scheduler:
                 f"holds {pool} tokens",
             )
 
+    @property
+    def max_embed_tokens(self) -> int:
+        """The longest input an embedding takes: it runs whole in one step, within the context."""
+        return min(self.limits.context_length, self.limits.max_num_batched_tokens)
+
+    def check_embed_feasible(self, prompt_len: int) -> None:
+        if prompt_len < 1:
+            raise AdmissionError(ErrorCode.INVALID_REQUEST, "the input is empty (0 tokens)")
+        limit = self.max_embed_tokens
+        if prompt_len > limit:
+            raise AdmissionError(
+                ErrorCode.CONTEXT_LENGTH,
+                f"input is {prompt_len} tokens but an embedding input holds at most {limit} "
+                f"(context {self.limits.context_length}, {self.limits.max_num_batched_tokens} tokens a step)",
+            )
+        pool = self.blocks.num_blocks * self.blocks.block_size
+        if not self.limits.encoder and prompt_len > pool:
+            raise AdmissionError(
+                ErrorCode.CONTEXT_LENGTH,
+                f"input needs {prompt_len} tokens of KV cache, the pool holds {pool}",
+            )
+
     def add(self, seq: Sequence) -> None:
         # What can never run is refused as such, even when the queue is also full.
-        self.check_feasible(seq.prompt_len, seq.params.max_tokens)
+        if seq.embed:
+            self.check_embed_feasible(seq.prompt_len)
+        elif self.limits.encoder:
+            raise AdmissionError(ErrorCode.INVALID_REQUEST, "this model does not support generate")
+        else:
+            self.check_feasible(seq.prompt_len, seq.params.max_tokens)
         if len(self.waiting) >= self.limits.max_queue:
             raise AdmissionError(
                 ErrorCode.BUSY,
@@ -103,7 +132,7 @@ class Scheduler:
         # of the context, which may be larger) would fill it, preempt itself, and then wait forever
         # for blocks. It ends with "length" at the pool's size instead, as check_feasible assumes.
         pool = self.blocks.num_blocks * self.blocks.block_size
-        seq.max_tokens = min(seq.max_tokens, pool - seq.prompt_len)
+        seq.max_tokens = 0 if seq.embed else min(seq.max_tokens, pool - seq.prompt_len)
         self.waiting.append(seq)
         self.by_request[seq.request_id] = seq
 
@@ -161,10 +190,10 @@ class Scheduler:
             assert pstep == step - 1 and start + n == known + 1, "reference to a step other than the last"
             ids.append(-(1 + prow))
         seq.num_computed += n
-        sample = seq.num_computed == seq.num_tokens
+        sample = seq.num_computed == seq.num_tokens and not seq.embed
         if sample:
             seq.pending.append((step, row))
-        if min(seq.num_computed, known) >= seq.next_commit:
+        if min(seq.num_computed, known) >= seq.next_commit and not seq.embed:
             commits.append(seq)
         return ScheduledSeq(seq, start, ids, sample, seq.epoch)
 
@@ -213,10 +242,16 @@ class Scheduler:
             budget -= n
             i += 1
 
+        embeds: list[ScheduledSeq] = []
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
             seq = self.waiting[0]
+            if seq.embed and seq.prompt_len > budget:
+                break  # it runs whole: in a later step (first come, first served)
             try:
-                cached = self.blocks.allocate(seq.seq_id, seq.token_ids, _cache_key(seq))
+                if seq.embed and self.limits.encoder:
+                    cached = 0  # an encoder keeps no KV: nothing to allocate
+                else:
+                    cached = self.blocks.allocate(seq.seq_id, seq.token_ids, _cache_key(seq))
             except NoFreeBlocksError:
                 break
             self.waiting.popleft()
@@ -229,6 +264,8 @@ class Scheduler:
             self.running.append(seq)
             n = min(seq.tokens_to_feed, budget)
             items.append(self._item(seq, n, step, len(items), commits))
+            if seq.embed:
+                embeds.append(items[-1])
             budget -= n
 
         if not items:
@@ -240,7 +277,7 @@ class Scheduler:
             for seq in commits:
                 num_hashed = commit(seq.seq_id, seq.token_ids, min(seq.num_computed, len(seq.token_ids)))
                 seq.next_commit = (num_hashed + 1) * bs
-        return ScheduledBatch(step, items, self.limits.max_num_batched_tokens - budget)
+        return ScheduledBatch(step, items, self.limits.max_num_batched_tokens - budget, embeds)
 
     @property
     def has_work(self) -> bool:
@@ -250,6 +287,8 @@ class Scheduler:
 def _cache_key(seq: Sequence) -> bytes:
     """Penalized requests get a private prefix cache: the worker keeps their penalty state by
     seeing every token fed from position 0, which a prefix hit would skip."""
+    if seq.embed:  # its blocks are never shared: no hit, and (not committed) never a cache entry
+        return f"embed:{seq.seq_id}".encode()
     p = seq.params
     if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
         return f"private:{seq.seq_id}".encode()

@@ -47,6 +47,9 @@ class Sequence:
     packed_params: tuple | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    # An embedding: its whole prompt runs in one step, samples nothing, and is answered with the
+    # pooled vector; it never shares or leaves prefix-cache blocks.
+    embed: bool = False
 
     @property
     def num_outputs(self) -> int:

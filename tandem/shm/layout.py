@@ -250,6 +250,7 @@ def batch_layout(
         seq("seed", "int64"),
         seq("sample_step", "int64"),
         seq("num_logprobs", "int32"),
+        seq("embed", "uint8"),  # 1: pool this sequence's hidden states instead of sampling
         seq("want_logits", "uint8"),
     ]
     if max_stop_ids:

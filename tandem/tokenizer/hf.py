@@ -25,6 +25,10 @@ def tokenizer_from_hf_dir(cls: type[Tokenizer], path: str | Path) -> Tokenizer:
     """The body of `Tokenizer.from_hf_dir`; takes `cls` so a subclass's classmethod builds a subclass."""
     path = Path(path)
     backend = HFTokenizer.from_file(str(path / "tokenizer.json"))
+    # Sentence-transformers files ship with fixed padding and truncation (all-minilm: 128 tokens);
+    # prompts are never padded here, and a prompt too long is refused or cut by its route.
+    backend.no_padding()
+    backend.no_truncation()
     config = _read_json(path / "tokenizer_config.json")
     spec = json.loads(backend.to_str())
 
@@ -70,6 +74,9 @@ def tokenizer_from_hf_dir(cls: type[Tokenizer], path: str | Path) -> Tokenizer:
 
     bos_id = token_id(config.get("bos_token"))
     eos_id = token_id(config.get("eos_token"))
+    if bos_id is None and eos_id is None:
+        # BERT: the post-processor frames every input as [CLS] ... [SEP]; they play BOS and EOS.
+        bos_id, eos_id = token_id(config.get("cls_token")), token_id(config.get("sep_token"))
     pad_id = token_id(config.get("pad_token"))
     unk_id = token_id(config.get("unk_token"))
     gen_config = _read_json(path / "generation_config.json")

@@ -530,7 +530,13 @@ def test_unknown_model_error_names_every_place_looked(tmp_path: Path):
     with pytest.raises(ModelNotFoundError) as err:
         pull_model("nope:7b", progress=False)
     message = str(err.value)
-    assert "catalogue (smollm2:135m, gemma3:270m)" in message and "ollama" in message and "hf://" in message
+    assert (
+        "catalogue (smollm2:135m" in message
+        and "gemma3:270m" in message
+        and "all-minilm" in message
+        and "ollama" in message
+        and "hf://" in message
+    )
     assert (
         str(tmp_path / "ollama" / "manifests" / "registry.ollama.ai" / "library" / "nope" / "7b") in message
     )

@@ -17,6 +17,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from tandem.engine.aio import AsyncEngine
 from tandem.gateway.http import (
+    embed_routes,
     ollama_models,
     ollama_routes,
     openai_routes,
@@ -49,6 +50,7 @@ def build_app(engine: AsyncEngine, settings: HttpSettings) -> FastAPI:
         ollama_models.router,
         openai_routes.router,
         responses_routes.router,
+        embed_routes.router,
         tokenize_routes.router,
         trace_routes.router,
     )

@@ -186,7 +186,11 @@ async def show(request: Request) -> Response:
             or "",
             "details": _details(info),
             "model_info": _model_info(info),
-            "capabilities": ["completion"],
+            # The served model's from its worker; another pulled model's from its architecture
+            # (an encoder only embeds; the llama family does both).
+            "capabilities": gw.capabilities
+            if gw.serves(name)
+            else (["embedding"] if info.get("architecture") == "bert" else ["completion", "embedding"]),
             "modified_at": rfc3339(ref.modified),
         }
 

@@ -91,6 +91,22 @@ class Gateway:
         self._derived: dict[str, tuple[float, ModelDefaults | None]] = {}  # name -> (seen at, defaults)
 
     # -- models --------------------------------------------------------------------------------
+    @property
+    def capabilities(self) -> list[str]:
+        """ollama's capability names for the served model: "completion" unless it is an encoder,
+        "embedding" where it embeds (the worker says which)."""
+        model = self.engine.ready_info.get("model") or {}
+        caps = [] if model.get("encoder") else ["completion"]
+        return caps + (["embedding"] if model.get("embeds") else [])
+
+    @property
+    def embedding_dims(self) -> int:
+        return int((self.engine.ready_info.get("model") or {}).get("embedding_length") or 0)
+
+    def check_generates(self, model: str) -> None:
+        if "completion" not in self.capabilities:
+            raise ApiError(400, f"model '{model}' does not support generate", param="model")
+
     def serves(self, name: str) -> bool:
         return name in self.accepted or _canonical(name) in self.accepted
 

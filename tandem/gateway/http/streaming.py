@@ -129,6 +129,7 @@ class Generation:
     """One request through the engine, timed and counted for /metrics and the final frame."""
 
     def __init__(self, gw: Gateway, prompt_ids: list[int], params: SamplingParams, arrival: float) -> None:
+        gw.check_generates(gw.model_name)  # an encoder (BERT) only embeds
         self.gw = gw
         self.prompt_ids = prompt_ids
         self.params = params

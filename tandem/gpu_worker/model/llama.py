@@ -169,12 +169,6 @@ class LlamaModel(nn.Module):
             window = self.config.sliding_window
             raise ValueError(f"attention metadata planned for window {meta.window}, the model's is {window}")
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Next-token logits (fp32) of final hidden states `x` (N, hidden)."""
-        logits = self.lm_head(self.norm(x)).float()
-        cap = self.config.final_logit_softcap
-        return logits if cap is None else torch.tanh(logits / cap) * cap
-
     @torch.inference_mode()
     def forward(
         self,
@@ -184,6 +178,12 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
         logits_rows: torch.Tensor,  # (N,) token rows whose next-token logits are needed
     ) -> torch.Tensor:
+        return self.logits(self.hidden_states(input_ids, positions, kv, meta), logits_rows)
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """The residual stream after the last layer, every token (before the final norm)."""
         self.check_metadata(meta)
         x = F.embedding(input_ids, self.embed)
         if self.embed_scale is not None:
@@ -194,7 +194,18 @@ class LlamaModel(nn.Module):
         local = rope if self.rope_local is None else self.rope_local.tables(positions)
         for layer in self.layers:
             x = layer(x, local if layer.sliding else rope, kv, meta)
-        return self.logits(x[logits_rows])
+        return x
+
+    def final_hidden(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The normed final hidden states of ``rows``: what the head reads, and embeddings pool."""
+        return self.norm(x[rows])
+
+    def logits(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (fp32) of ``rows`` of the residual stream ``x``, soft-capped where the
+        config says."""
+        logits = self.lm_head(self.final_hidden(x, rows)).float()
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     @property
     def has_packed_weights(self) -> bool:
