@@ -303,6 +303,10 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; 0: sampled token only; n: plus top-n
     return_logits: bool = False  # full logits row of every generated position (debugging, evals)
     skip_special_tokens: bool = True
+    # Structured output: one of GRAMMAR_KINDS ("" = unconstrained) and its source text (a JSON
+    # schema as JSON text, a regex, a Lark or GBNF grammar; ignored for "json").
+    grammar_kind: str = ""
+    grammar: str = ""
 
     # Every bound is one the ring's column can hold (int32 counts and top_k, float32 knobs, 64-bit
     # seeds), so a request that passes here can never fail while its step is packed. The stop
@@ -314,6 +318,8 @@ class SamplingParams:
     MAX_STOP: typing.ClassVar[int] = 16
     MAX_STOP_CHARS: typing.ClassVar[int] = 4096
     MAX_STOP_TOKEN_IDS: typing.ClassVar[int] = 64
+    GRAMMAR_KINDS: typing.ClassVar[tuple[str, ...]] = ("", "json", "json_schema", "regex", "lark", "gbnf")
+    MAX_GRAMMAR_CHARS: typing.ClassVar[int] = 1 << 20
 
     def validate(self) -> None:
         """Raise InvalidParameterError naming the first bad field."""
@@ -334,6 +340,13 @@ class SamplingParams:
         _bool("ignore_eos", self.ignore_eos)
         _bool("return_logits", self.return_logits)
         _bool("skip_special_tokens", self.skip_special_tokens)
+        if self.grammar_kind not in self.GRAMMAR_KINDS:
+            raise InvalidParameterError("grammar_kind", f"must be one of {self.GRAMMAR_KINDS}")
+        _text("grammar", self.grammar)
+        if len(self.grammar) > self.MAX_GRAMMAR_CHARS:
+            raise InvalidParameterError("grammar", f"longer than {self.MAX_GRAMMAR_CHARS} characters")
+        if self.grammar_kind not in ("", "json") and not self.grammar:
+            raise InvalidParameterError("grammar", f"grammar_kind {self.grammar_kind!r} needs a grammar")
 
     def _validate_stops(self) -> None:
         if not isinstance(self.stop, list):
@@ -454,6 +467,8 @@ class Stats:
     max_queue: int = 0
     worker_restarts: int = 0
     step_overdue_s: float = 0.0  # how far the oldest step in flight is past due (0: on time)
+    grammar_ms_total: float = 0.0  # worker host time on grammar matchers, all steps
+    grammar_rows_total: int = 0  # constrained rows masked, all steps
 
 
 @message(19)
@@ -506,6 +521,7 @@ class Doorbell:
     any_penalties: bool = False
     all_greedy: bool = False
     want_logits: bool = False
+    any_grammar: bool = False  # some row carries a grammar_id: its logits are masked before sampling
 
 
 @message(31)
@@ -527,6 +543,25 @@ class StepResult:
     error: str = ""
     t_start_ns: int = 0  # time.monotonic_ns() when the worker took the step up
     t_end_ns: int = 0  # ... and when its results were ready to post
+    grammar_ms: float = 0.0  # host time spent on grammar matchers (advance + mask) in this step
+    grammar_rows: int = 0  # constrained rows masked in this step
+
+
+@message(32)
+class GrammarSpec:
+    """Scheduler -> worker, on the doorbell channel before the first step that uses it: the
+    grammar that ring rows with ``grammar_id`` follow (kinds as SamplingParams.grammar_kind)."""
+
+    grammar_id: int
+    kind: str
+    text: str
+
+
+@message(33)
+class GrammarRelease:
+    """Scheduler -> worker: no sequence uses ``grammar_id`` any more (sent after its last step)."""
+
+    grammar_id: int
 
 
 # --------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from tandem.scheduler.sequence import Sequence
 from tandem.shm.layout import SAMPLING_COLUMNS
 from tandem.shm.slot import SlotView
 
-_PARAM_COLUMNS = (*SAMPLING_COLUMNS, "want_logits", "prompt_lens")
+_PARAM_COLUMNS = (*SAMPLING_COLUMNS, "want_logits", "prompt_lens", "grammar_id", "grammar_key")
 
 
 def _param_row(seq: Sequence) -> tuple:
@@ -47,24 +47,30 @@ def _param_row(seq: Sequence) -> tuple:
             -1 if p.logprobs is None else p.logprobs,
             p.return_logits,
             seq.prompt_len,
+            seq.grammar_id,
+            # unique per admission: a recompute (new epoch) restarts the worker's matcher
+            (seq.seq_id << 16 | (seq.epoch & 0xFFFF)) + 1 if seq.grammar_id else 0,
         )
         seq.packed_params = row
     return row
 
 
-def _flags(param_rows: list[tuple], sample: list[bool]) -> tuple[int, bool, bool, bool]:
-    """The doorbell's (max_top_logprobs, any_penalties, all_greedy, want_logits)."""
+def _flags(param_rows: list[tuple], sample: list[bool]) -> tuple[int, bool, bool, bool, bool]:
+    """The doorbell's (max_top_logprobs, any_penalties, all_greedy, want_logits, any_grammar)."""
     max_top = -1  # -1: no sampled row wants logprobs (0 means the sampled token's own logprob)
     any_pen = False
     all_greedy = True
     want_logits = False
+    # Any row, sampled or not: a constrained prefill chunk feeds its matcher too.
+    any_grammar = False
     for r, s in zip(param_rows, sample, strict=True):
+        any_grammar |= r[11] != 0
         if s:
             max_top = max(max_top, r[8])
             any_pen |= r[4] != 1.0 or r[5] != 0.0 or r[6] != 0.0
             all_greedy &= r[0] == 0.0
             want_logits |= bool(r[9])
-    return max_top, any_pen, all_greedy and max_top < 0, want_logits
+    return max_top, any_pen, all_greedy and max_top < 0, want_logits, any_grammar
 
 
 @dataclass
@@ -75,7 +81,8 @@ class _SlotMemo:
     tables: list[list[int]]  # row -> the block table list written there
     table_lens: list[int]  # row -> how many of its entries were written
     sample: list[bool]
-    flags: tuple[int, bool, bool, bool]
+    flags: tuple[int, bool, bool, bool, bool]
+    epochs: list[int]  # a sequence preempted and readmitted into the same row has new constants
 
 
 class Packer:
@@ -117,7 +124,9 @@ class Packer:
         n_tok = batch.num_tokens
         arrays = slot.arrays()
         seqs = [it.seq for it in items]
-        same = memo is not None and memo.seqs == seqs  # identity: Sequence compares by identity
+        epochs = [s.epoch for s in seqs]
+        # identity: Sequence compares by identity
+        same = memo is not None and memo.seqs == seqs and memo.epochs == epochs
 
         starts = [it.start for it in items]
         cu = arrays["cu_seqlens"]
@@ -177,8 +186,8 @@ class Packer:
         )
 
         slot.set_header(batch.step, n_tok, n_seq)
-        self._memo[slot_index] = _SlotMemo(seqs, tables, table_lens, sample, flags)
-        max_top, any_pen, all_greedy, want_logits = flags
+        self._memo[slot_index] = _SlotMemo(seqs, tables, table_lens, sample, flags, epochs)
+        max_top, any_pen, all_greedy, want_logits, any_grammar = flags
         return Doorbell(
             step=batch.step,
             slot=slot_index,
@@ -188,6 +197,7 @@ class Packer:
             any_penalties=any_pen,
             all_greedy=all_greedy,
             want_logits=want_logits,
+            any_grammar=any_grammar,
         )
 
 

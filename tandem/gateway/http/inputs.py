@@ -15,9 +15,6 @@ def unsupported(param: str, what: str) -> ApiError:
 
 
 def refuse_ollama_features(body: dict[str, Any], model: str) -> None:
-    fmt = body.get("format")
-    if fmt not in (None, ""):
-        raise unsupported("format", "structured output (JSON mode, JSON schema) does not exist in tandem yet")
     if body.get("images"):
         raise unsupported("images", f"model '{model}' does not take images")
     if body.get("tools"):
@@ -31,9 +28,6 @@ def refuse_ollama_features(body: dict[str, Any], model: str) -> None:
 
 
 def refuse_openai_features(body: dict[str, Any], chat: bool) -> None:
-    rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise unsupported("response_format", "structured output does not exist in tandem yet")
     if body.get("tools") or body.get("functions"):
         raise unsupported("tools", "tool calling is not implemented")
     if not chat:

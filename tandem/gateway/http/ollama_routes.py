@@ -18,6 +18,7 @@ from tandem.gateway.http.params import bad, get_bool, get_str, ollama_sampling, 
 from tandem.gateway.http.params import ollama_logprobs as logprobs_param
 from tandem.gateway.http.state import Gateway, gateway_of
 from tandem.gateway.http.streaming import CancellableStream, Generation, finish_reason, run_cancellable
+from tandem.gateway.http.structured import ollama_format
 from tandem.messages import SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ async def _common(
     stream = get_bool(body, "stream", True)
     params, num_ctx = ollama_sampling(body.get("options"))
     params.logprobs = logprobs_param(body)
+    await gw.constrain(params, ollama_format(body), "format")
     return arrival, gw, body, model, stream, params, num_ctx
 
 

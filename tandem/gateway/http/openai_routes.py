@@ -23,6 +23,7 @@ from tandem.gateway.http.openai_shapes import Shape, chat_shape, completion_shap
 from tandem.gateway.http.params import bad, get_bool, openai_sampling, read_json
 from tandem.gateway.http.state import Gateway, gateway_of
 from tandem.gateway.http.streaming import CancellableStream, Generation, run_cancellable
+from tandem.gateway.http.structured import openai_format
 from tandem.messages import TokenDelta
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ async def chat_completions(request: Request) -> Response:
     model = gw.check_model(body)
     refuse_openai_features(body, chat=True)
     params = openai_sampling(body, chat=True)
+    await gw.constrain(params, openai_format(body), "response_format")
     messages = chat_messages(body.get("messages"), openai=True)
     if not messages:
         raise bad("messages", "must hold at least one message")
@@ -64,6 +66,7 @@ async def completions(request: Request) -> Response:
     model = gw.check_model(body)
     refuse_openai_features(body, chat=False)
     params = openai_sampling(body, chat=False)
+    await gw.constrain(params, openai_format(body), "response_format")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one

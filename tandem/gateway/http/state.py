@@ -83,6 +83,7 @@ class Gateway:
         self.model_name = cfg.model_name or Path(cfg.model_path).stem
         names = {self.model_name, *settings.aliases}
         self.accepted = names | {c for n in names if (c := _canonical(n))}
+        self._ll_tok: Any = None  # llguidance's view of the tokenizer, built on first use
 
     # -- models --------------------------------------------------------------------------------
     def serves(self, name: str) -> bool:
@@ -128,6 +129,34 @@ class Gateway:
         size = sum(len(str(m.get("content") or "")) for m in messages)
         special = self.settings.special_in_messages
         return await self._off_loop(size, partial(chat_ids, self.engine.tokenizer, messages, special))
+
+    # -- structured output ---------------------------------------------------------------------
+    async def constrain(self, params: Any, grammar: tuple[str, str] | None, param: str) -> None:
+        """Put ``grammar`` on ``params`` after compiling it once for this model's tokenizer (in
+        a thread: a big schema must not hold up the loop), so that a grammar the worker could not
+        compile is a 400 naming the problem, never a failure mid-generation."""
+        if grammar is None:
+            return
+        from tandem.grammar.compile import GrammarError, check
+
+        kind, text = grammar
+        try:
+            await asyncio.to_thread(check, kind, text, await self._ll_tokenizer())
+        except GrammarError as e:
+            msg = f"invalid parameter '{param}': {e}"
+            raise ApiError(400, msg, param=param, code="invalid_grammar") from None
+        params.grammar_kind, params.grammar = kind, text
+
+    async def _ll_tokenizer(self) -> Any:
+        if self._ll_tok is None:
+            from tandem.grammar.tokenizer import ll_tokenizer
+
+            try:
+                self._ll_tok = await asyncio.to_thread(ll_tokenizer, self.engine.tokenizer)
+            except Exception as e:  # a vocabulary llguidance cannot take: no structured output here
+                msg = f"structured output is not available for this model's tokenizer: {e}"
+                raise ApiError(400, msg, code="invalid_grammar") from None
+        return self._ll_tok
 
     async def _off_loop(self, size: int, fn: Callable[[], list[int]]) -> list[int]:
         try:
