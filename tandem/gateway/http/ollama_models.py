@@ -168,7 +168,9 @@ async def show(request: Request) -> Response:
             "template": info.get("chat_template") or "",
             "details": _details(info),
             "model_info": _model_info(info),
-            "capabilities": ["completion"],
+            # Every model can take tools: through its template's tools section, or tandem's
+            # generic tools preamble (README, "Tool calling").
+            "capabilities": ["completion", "tools"],
             "modified_at": rfc3339(ref.modified),
         }
 

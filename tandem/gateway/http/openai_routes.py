@@ -24,6 +24,7 @@ from tandem.gateway.http.params import bad, get_bool, openai_sampling, read_json
 from tandem.gateway.http.state import Gateway, gateway_of
 from tandem.gateway.http.streaming import CancellableStream, Generation, run_cancellable
 from tandem.gateway.http.structured import openai_format
+from tandem.gateway.http.tool_requests import prompt_messages, read_tools
 from tandem.messages import TokenDelta
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,16 @@ async def chat_completions(request: Request) -> Response:
     messages = chat_messages(body.get("messages"), openai=True)
     if not messages:
         raise bad("messages", "must hold at least one message")
-    ids = await gw.encode_chat(messages)
+    template = gw.engine.tokenizer.chat_template
+    tools = read_tools(body, template)
+    if tools is not None and (forced := tools.grammar()) is not None:
+        if params.grammar_kind:
+            raise bad("response_format", "cannot be combined with a forced tool call (tool_choice)")
+        await gw.constrain(params, forced, "tool_choice")
+    prompt_msgs, template_kwargs = prompt_messages(messages, tools, template)
+    ids = await gw.encode_chat(prompt_msgs, **template_kwargs)
     params.max_tokens = gw.fit_context(len(ids), params.max_tokens, None, clamp=False)
-    shape = chat_shape(model, f"chatcmpl-{uuid.uuid4().hex}", gw.engine.tokenizer)
+    shape = chat_shape(model, f"chatcmpl-{uuid.uuid4().hex}", gw.engine.tokenizer, tools)
     return await _respond(request, gw, Generation(gw, ids, params, arrival), body, shape)
 
 
@@ -119,10 +127,13 @@ async def _events(gen: Generation, shape: Shape, include_usage: bool) -> AsyncIt
     try:
         async for ev in gen.events():
             if isinstance(ev, TokenDelta):
-                if ev.text or want_lps:
+                text = shape.stream_text(ev.text)
+                if text or want_lps:
                     lps = delta_logprobs(tok, ev) if want_lps else None
-                    yield sse(shape.chunk(ev.text, lps, include_usage))
+                    yield sse(shape.chunk(text, lps, include_usage))
             else:
+                for c in shape.tail_chunks(include_usage):
+                    yield sse(c)
                 yield sse(shape.finish_chunk(gen, include_usage))
                 if include_usage:
                     yield sse(shape.usage_chunk(gen))

@@ -125,10 +125,12 @@ class Gateway:
         special = self.settings.special_in_messages
         return await self._off_loop(len(prompt), partial(prompt_ids, tok, prompt, raw, system, special))
 
-    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    async def encode_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
         size = sum(len(str(m.get("content") or "")) for m in messages)
+        size += len(str(template_kwargs.get("tools") or ""))
         special = self.settings.special_in_messages
-        return await self._off_loop(size, partial(chat_ids, self.engine.tokenizer, messages, special))
+        fn = partial(chat_ids, self.engine.tokenizer, messages, special, **template_kwargs)
+        return await self._off_loop(size, fn)
 
     # -- structured output ---------------------------------------------------------------------
     async def constrain(self, params: Any, grammar: tuple[str, str] | None, param: str) -> None:
