@@ -86,8 +86,8 @@ LLAMA3 = (
     "{%- if tools is not none and not tools_in_user_message %}\n"
     '    {{- "You have access to the following functions. To call a function, please respond with JSON for a '
     'function call." }}\n'
-    "    {{- 'Respond in the format {\"name\": function name, \"parameters\": dictionary of argument name and its "
-    "value}.' }}\n"
+    "    {{- 'Respond in the format {\"name\": function name, \"parameters\": dictionary of argument name "
+    "and its value}.' }}\n"
     '    {{- "Do not use variables.\\n\\n" }}\n'
     '    {%- for t in tools %}{{- t | tojson(indent=4) }}{{- "\\n\\n" }}{%- endfor %}\n'
     "{%- endif %}\n"
@@ -104,16 +104,16 @@ LLAMA3 = (
     "    {{- '<|start_header_id|>user<|end_header_id|>\\n\\n' -}}\n"
     '    {{- "Given the following functions, please respond with a JSON for a function call " }}\n'
     '    {{- "with its proper arguments that best answers the given prompt.\\n\\n" }}\n'
-    "    {{- 'Respond in the format {\"name\": function name, \"parameters\": dictionary of argument name and its "
-    "value}.' }}\n"
+    "    {{- 'Respond in the format {\"name\": function name, \"parameters\": dictionary of argument name "
+    "and its value}.' }}\n"
     '    {{- "Do not use variables.\\n\\n" }}\n'
     '    {%- for t in tools %}{{- t | tojson(indent=4) }}{{- "\\n\\n" }}{%- endfor %}\n'
     '    {{- first_user_message + "<|eot_id|>"}}\n'
     "{%- endif %}\n"
     "{%- for message in messages %}\n"
     "    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}\n"
-    "        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
-    "'<|eot_id|>' }}\n"
+    "        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ "
+    "message['content'] | trim + '<|eot_id|>' }}\n"
     "    {%- elif 'tool_calls' in message %}\n"
     "        {%- if not message.tool_calls|length == 1 %}\n"
     '            {{- raise_exception("This model only supports single tool-calls at once!") }}\n'
