@@ -171,3 +171,17 @@ def test_bad_grammars_are_400_naming_the_problem(
     )
     assert r.status_code == 400, r.text
     assert words in r.text and param in r.text, r.text
+
+
+def test_mask_cost_in_metrics(tiny_server: Server, oai: openai.OpenAI) -> None:
+    oai.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=6, extra_body={"guided_regex": "[ab]{4}"}
+    )
+    text = httpx.get(tiny_server.url + "/metrics", timeout=10).text
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("tandem_grammar")
+    }
+    assert values["tandem_grammar_masked_rows_total"] >= 5  # 4 letters and the EOS
+    assert values["tandem_grammar_mask_seconds_total"] > 0
