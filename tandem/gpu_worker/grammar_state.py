@@ -166,7 +166,11 @@ class GrammarRows:
     def _mask(self, row: _Row) -> np.ndarray:
         m = row.matcher
         if m is not None and not m.is_error() and not m.is_stopped():
-            return np.frombuffer(m.compute_bitmask(), dtype=np.int32)
+            words = np.frombuffer(m.compute_bitmask(), dtype=np.int32)
+            # llguidance rounds its vocabulary up (a word more than the logits need, at times)
+            if len(words) >= self.words:
+                return words[: self.words]
+            return np.concatenate([words, np.zeros(self.words - len(words), dtype=np.int32)])
         # Finished or failed: only EOS, so the sequence stops here.
         out = np.zeros(self.words, dtype=np.int32)
         for e in self._eos:
