@@ -68,7 +68,16 @@ from tandem.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-CAPABILITIES = ["stream", "cancel", "chat", "prompt_token_ids", "logprobs", "logits", "health"]
+CAPABILITIES = [
+    "stream",
+    "cancel",
+    "chat",
+    "prompt_token_ids",
+    "logprobs",
+    "logits",
+    "health",
+    "structured_output",  # SamplingParams.grammar_kind / grammar (protocol revision 1.1)
+]
 TERMINAL_LINGER_MS = 500  # time at close for terminal frames still queued to reach their clients
 MAX_ERROR_CHARS = 300  # error messages quote client values: never send back more than this
 
@@ -95,6 +104,7 @@ class ZmqFrontend:
         self.max_inflight = max_inflight_per_client
         self.runtime_dir = runtime_dir
         self.special_in_messages = special_in_messages  # see tandem.prompts.build.chat_ids
+        self._ll_tok: object | None = None  # llguidance's view of the tokenizer, for grammar checks
         self._own_dir = False
         self._sock: zmq.asyncio.Socket | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -378,7 +388,23 @@ class ZmqFrontend:
         except EngineError as e:
             req.terminal = RequestError(req.rid, e.code, str(e))
 
+    def _check_grammar(self, msg: GenerateRequest) -> None:
+        """A grammar the worker could not compile is this request's invalid_request, now."""
+        p = msg.params
+        if not p.grammar_kind:
+            return
+        from tandem.grammar.compile import GrammarError, check
+        from tandem.grammar.tokenizer import ll_tokenizer
+
+        if self._ll_tok is None:  # built once, in this worker thread (a second build is harmless)
+            self._ll_tok = ll_tokenizer(self.engine.tokenizer)
+        try:
+            check(p.grammar_kind, p.grammar, self._ll_tok)
+        except GrammarError as e:
+            raise InvalidParameterError("grammar", str(e)) from None
+
     def _tokenize(self, msg: GenerateRequest) -> list[int]:
+        self._check_grammar(msg)
         tok = self.engine.tokenizer
         if msg.prompt_token_ids is not None:
             return list(msg.prompt_token_ids)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from click.testing import CliRunner
 from procs import descendants, running, wait_until
@@ -193,6 +195,28 @@ def test_invalid_parameters_name_the_parameter(server: Server) -> None:
         with pytest.raises(TypeError):
             c.generate("hi", no_such_param=1)
         assert c.generate("still fine", max_tokens=2).finish_reason in ("length", "stop")
+
+
+def test_structured_output_over_zeromq(server: Server) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
+    with TandemClient(server.ipc, timeout=30) as c:
+        assert "structured_output" in (c.server.capabilities if c.server else [])
+        r = c.generate("hi", max_tokens=50, grammar_kind="json_schema", grammar=json.dumps(schema), seed=1)
+        assert r.finish_reason == "stop"
+        jsonschema.validate(json.loads(r.text), schema)
+        r = c.generate("hi", max_tokens=10, temperature=0, grammar_kind="regex", grammar="[xyz]{3}")
+        assert re.fullmatch("[xyz]{3}", r.text)
+        with pytest.raises(InvalidRequestError) as ei:
+            c.generate("hi", grammar_kind="json_schema", grammar='{"type": "nonsense"}')
+        assert ei.value.param == "grammar" and "nonsense" in str(ei.value)
+        with pytest.raises(InvalidRequestError) as ei:
+            c.generate("hi", grammar_kind="xml", grammar="<a/>")
+        assert ei.value.param == "grammar_kind"
 
 
 def test_timeout_cancels_the_request(server: Server) -> None:
