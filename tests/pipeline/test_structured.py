@@ -197,3 +197,15 @@ def test_default_model_follows_nested_schema(default_model_path: Path) -> None:
         assert o.finished is not None and o.finished.finish_reason == FinishReason.STOP, (rid, o.text)
         jsonschema.validate(json.loads(o.text), REAL)
     assert "Ana" in outs["greedy"].text  # the model still writes what it was asked, within the schema
+
+
+def test_complete_grammar_ends_even_with_ignore_eos(tiny_path: Path) -> None:
+    eng = make_engine(tiny_path)
+    try:
+        params = SamplingParams(
+            max_tokens=50, temperature=0.0, ignore_eos=True, grammar_kind="regex", grammar="[ab]{3}"
+        )
+        outs = run_all(eng, {"r": ([5, 6], params)})
+    finally:
+        eng.close()
+    assert outs["r"].finished.finish_reason == FinishReason.STOP and re.fullmatch("[ab]{3}", outs["r"].text)

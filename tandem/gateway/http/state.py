@@ -84,6 +84,7 @@ class Gateway:
         names = {self.model_name, *settings.aliases}
         self.accepted = names | {c for n in names if (c := _canonical(n))}
         self._ll_tok: Any = None  # llguidance's view of the tokenizer, built on first use
+        self._grammars_ok: dict[tuple[str, str], None] = {}  # grammars that compiled, oldest first
 
     # -- models --------------------------------------------------------------------------------
     def serves(self, name: str) -> bool:
@@ -143,7 +144,11 @@ class Gateway:
 
         kind, text = grammar
         try:
-            await asyncio.to_thread(check, kind, text, await self._ll_tokenizer())
+            if grammar not in self._grammars_ok:
+                await asyncio.to_thread(check, kind, text, await self._ll_tokenizer())
+                self._grammars_ok[grammar] = None
+                while len(self._grammars_ok) > 256:  # the oldest checks go first
+                    del self._grammars_ok[next(iter(self._grammars_ok))]
         except GrammarError as e:
             msg = f"invalid parameter '{param}': {e}"
             raise ApiError(400, msg, param=param, code="invalid_grammar") from None
