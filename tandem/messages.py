@@ -420,6 +420,8 @@ class Finished:
     queued_s: float = 0.0
     prefill_s: float = 0.0  # admission -> first token
     decode_s: float = 0.0  # first token -> finish
+    # ZeroMQ (1.1): calls found in the reply of a request with tools: [{id, name, arguments}]
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 @message(15)
@@ -592,6 +594,10 @@ class ServerHello:
 class ChatMessage:
     role: str
     content: str
+    # 1.1: an assistant turn's calls ([{id, type, function: {name, arguments}}]) and a tool
+    # result's call id
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
 
 @message(53)
@@ -604,6 +610,10 @@ class GenerateRequest:
     system: str | None = None  # prompt only: system message for the chat template
     params: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = True  # False: one TokenDelta with everything, then the terminal frame
+    # 1.1: OpenAI-shaped tools and tool_choice ("auto", "none", "required", {"type": "function",
+    # "function": {"name": ...}}); messages only
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise InvalidParameterError naming the first bad field (request_id is checked first)."""
@@ -644,6 +654,8 @@ class GenerateRequest:
             raise InvalidParameterError("system", "must be a string, and applies only to prompt")
         if not isinstance(self.stream, bool):
             raise InvalidParameterError("stream", "must be a boolean")
+        if self.tools is not None and (not isinstance(self.tools, list) or self.messages is None):
+            raise InvalidParameterError("tools", "must be a list of tools, and applies only to messages")
         if not isinstance(self.params, SamplingParams):
             raise InvalidParameterError("params", "must be a SamplingParams")
         self.params.validate()

@@ -26,6 +26,8 @@ from tandem.messages import (
 _FIELDS = [f.name for f in dataclasses.fields(GenerateRequest)]
 _SAMPLING_FIELDS = [f.name for f in dataclasses.fields(SamplingParams)]
 _CHAT_FIELDS = [f.name for f in dataclasses.fields(ChatMessage)]
+# [role, content] at least: the fields after them have defaults
+_CHAT_REQUIRED = sum(f.default is dataclasses.MISSING for f in dataclasses.fields(ChatMessage))
 
 
 class UnreadableFrame(Exception):
@@ -94,7 +96,7 @@ def _bad_shape(fields: dict[str, Any]) -> str | None:
         if not isinstance(messages, list):
             return str(InvalidParameterError("messages", "must be an array of [role, content] messages"))
         for i, m in enumerate(messages):
-            if not isinstance(m, list) or len(m) < len(_CHAT_FIELDS):
+            if not isinstance(m, list) or len(m) < _CHAT_REQUIRED:
                 return str(InvalidParameterError("messages", f"message {i} is not a [role, content] array"))
     return None
 

@@ -219,6 +219,31 @@ def test_structured_output_over_zeromq(server: Server) -> None:
         assert ei.value.param == "grammar_kind"
 
 
+def test_tools_over_zeromq(server: Server) -> None:
+    params = {
+        "type": "object",
+        "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": params}}]
+    ask = [{"role": "user", "content": "Weather?"}]
+    with TandemClient(server.ipc, timeout=30) as c:
+        r = c.generate(messages=ask, tools=tools, tool_choice="required", max_tokens=80, seed=2)
+        (call,) = r.tool_calls or []
+        assert call["name"] == "get_weather" and call["arguments"]["city"] in ("Paris", "Oslo")
+        history = [
+            *ask,
+            {"role": "assistant", "content": "", "tool_calls": [{"id": call["id"], "function": call}]},
+            {"role": "tool", "content": "sunny", "tool_call_id": call["id"]},
+        ]
+        again = c.generate(messages=history, tools=tools, max_tokens=4, temperature=0)
+        assert again.tool_calls is None and len(again.prompt_token_ids) > len(r.prompt_token_ids)
+        with pytest.raises(InvalidRequestError) as ei:
+            c.generate(messages=ask, tools=tools, tool_choice={"type": "function", "function": {"name": "x"}})
+        assert ei.value.param == "tool_choice"
+
+
 def test_timeout_cancels_the_request(server: Server) -> None:
     with TandemClient(server.ipc) as c:
         t0 = time.monotonic()

@@ -19,9 +19,10 @@ from tandem.gateway.http.params import ollama_logprobs as logprobs_param
 from tandem.gateway.http.state import Gateway, gateway_of
 from tandem.gateway.http.streaming import CancellableStream, Generation, finish_reason, run_cancellable
 from tandem.gateway.http.structured import ollama_format
-from tandem.gateway.http.tool_requests import ollama_tool_calls, prompt_messages, read_tools
+from tandem.gateway.http.tool_shapes import http_tools, ollama_tool_calls
 from tandem.messages import SamplingParams, TokenDelta
 from tandem.tools.parse import ToolCall, ToolStream
+from tandem.tools.request import prompt_messages
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -102,7 +103,7 @@ async def chat(request: Request) -> Response:
     if not messages:
         return _load_reply(model, body.get("keep_alive"), chat=True)
     template = gw.engine.tokenizer.chat_template
-    tools = read_tools(body, template)
+    tools = http_tools(body, template)
     if tools is not None and (forced := tools.grammar()) is not None:
         if params.grammar_kind:
             raise bad("format", "cannot be combined with a forced tool call (tool_choice)")

@@ -24,8 +24,9 @@ from tandem.gateway.http.params import bad, get_bool, openai_sampling, read_json
 from tandem.gateway.http.state import Gateway, gateway_of
 from tandem.gateway.http.streaming import CancellableStream, Generation, run_cancellable
 from tandem.gateway.http.structured import openai_format
-from tandem.gateway.http.tool_requests import prompt_messages, read_tools
+from tandem.gateway.http.tool_shapes import http_tools
 from tandem.messages import TokenDelta
+from tandem.tools.request import prompt_messages
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -54,7 +55,7 @@ async def chat_completions(request: Request) -> Response:
     if not messages:
         raise bad("messages", "must hold at least one message")
     template = gw.engine.tokenizer.chat_template
-    tools = read_tools(body, template)
+    tools = http_tools(body, template)
     if tools is not None and (forced := tools.grammar()) is not None:
         if params.grammar_kind:
             raise bad("response_format", "cannot be combined with a forced tool call (tool_choice)")

@@ -7,8 +7,9 @@ from typing import Any
 
 from tandem import __version__
 from tandem.gateway.http.streaming import Generation, finish_reason
-from tandem.gateway.http.tool_requests import ToolRequest, openai_tool_calls
+from tandem.gateway.http.tool_shapes import openai_tool_calls
 from tandem.tokenizer.tokenizer import Tokenizer
+from tandem.tools.request import ToolRequest
 
 FINGERPRINT = f"fp_tandem_{__version__}"
 

@@ -1,18 +1,22 @@
-"""``tools`` and ``tool_choice`` of both APIs: validated, turned into the prompt (the template's
-tools section or the generic preamble), the grammar that forces a call, and the reply's calls."""
+"""``tools`` and ``tool_choice`` of a request (both HTTP APIs and ZeroMQ): validated, turned into
+the prompt (the template's tools section or the generic preamble), the grammar that forces a
+call, and the reply's calls. Bad input raises InvalidParameterError naming the field."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from tandem.gateway.http.params import bad
+from tandem.messages import InvalidParameterError
 from tandem.tools.family import Tool, template_family, template_kwargs, template_messages
 from tandem.tools.grammar import forced_call_grammar
 from tandem.tools.parse import ToolCall, ToolStream, parse_reply
 
 AUTO, NONE, REQUIRED = "auto", "none", "required"
+
+
+def bad(param: str, reason: str) -> InvalidParameterError:
+    return InvalidParameterError(param, reason)
 
 
 @dataclass
@@ -110,19 +114,3 @@ def prompt_messages(
     if tools is None and not any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
         return messages, {}
     return template_messages(messages, offered, family), template_kwargs(offered, family)
-
-
-def openai_tool_calls(calls: list[ToolCall], streamed: bool = False) -> list[dict[str, Any]]:
-    out = []
-    for i, c in enumerate(calls):
-        entry: dict[str, Any] = {
-            "id": c.id,
-            "type": "function",
-            "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)},
-        }
-        out.append({"index": i, **entry} if streamed else entry)
-    return out
-
-
-def ollama_tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
-    return [{"function": {"index": i, "name": c.name, "arguments": c.arguments}} for i, c in enumerate(calls)]
