@@ -21,7 +21,8 @@ token as the next step's input, recomputation included), just as its penalty sta
   touched, and the scheduler's overlap (N+1 packed while N runs) holds for every row alike.
   On a GPU the step's forward is enqueued first and the host computes masks while it runs;
   the only wait is for the previous step's sampled ids of constrained rows (a small copy
-  recorded after that step's sampling), never for the current forward;
+  recorded after that step's sampling), never for the current forward. A step with a constrained
+  row does not replay a CUDA graph (its sampling takes a mask the graph has no input for);
 - EOS is in the mask only where the grammar accepts; once the grammar is complete (or the
   matcher failed), only EOS is allowed, so the sequence ends with "stop". max_tokens reached
   inside an unfinished structure ends with "length" as always.
