@@ -271,6 +271,10 @@ class SamplingParams(Message):
     logprobs: int | None = None  # None: none; 0: sampled token only; n: plus top-n
     return_logits: bool = False  # full logits row of every generated position (debugging, evals)
     skip_special_tokens: bool = True
+    # Structured output: one of GRAMMAR_KINDS ("" = unconstrained) and its source text (a JSON
+    # schema as JSON text, a regex, a Lark or GBNF grammar; ignored for "json").
+    grammar_kind: str = ""
+    grammar: str = ""
 
 
 @message(11)
@@ -320,6 +324,8 @@ class Finished(Message):
     queued_s: float = 0.0
     prefill_s: float = 0.0  # admission -> first token
     decode_s: float = 0.0  # first token -> finish
+    # ZeroMQ (1.1): calls found in the reply of a request with tools: [{id, name, arguments}]
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 @message(15)
@@ -386,6 +392,8 @@ class Stats(Message):
     max_queue: int = 0
     worker_restarts: int = 0
     step_overdue_s: float = 0.0  # how far the oldest step in flight is past due (0: on time)
+    grammar_ms_total: float = 0.0  # worker host time on grammar matchers, all steps
+    grammar_rows_total: int = 0  # constrained rows masked, all steps
 
 
 @message(19)
@@ -438,6 +446,7 @@ class Doorbell(Message):
     any_penalties: bool = False
     all_greedy: bool = False
     want_logits: bool = False
+    any_grammar: bool = False  # some row carries a grammar_id: its logits are masked before sampling
 
 
 @message(31)
@@ -461,6 +470,25 @@ class StepResult(Message):
     t_end_ns: int = 0  # ... and when its results were ready to post
     embeddings: bytes = b""  # float32[pooled rows, embed_dim]: the step's embed rows, in row order
     embed_dim: int = 0
+    grammar_ms: float = 0.0  # host time spent on grammar matchers (advance + mask) in this step
+    grammar_rows: int = 0  # constrained rows masked in this step
+
+
+@message(32)
+class GrammarSpec(Message):
+    """Scheduler -> worker, on the doorbell channel before the first step that uses it: the
+    grammar that ring rows with ``grammar_id`` follow (kinds as SamplingParams.grammar_kind)."""
+
+    grammar_id: int
+    kind: str
+    text: str
+
+
+@message(33)
+class GrammarRelease(Message):
+    """Scheduler -> worker: no sequence uses ``grammar_id`` any more (sent after its last step)."""
+
+    grammar_id: int
 
 
 # --------------------------------------------------------------------------------------
@@ -490,6 +518,10 @@ class ServerHello(Message):
 class ChatMessage(Message):
     role: str
     content: str
+    # 1.1: an assistant turn's calls ([{id, type, function: {name, arguments}}]) and a tool
+    # result's call id
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
 
 @message(53)
@@ -502,6 +534,10 @@ class GenerateRequest(Message):
     system: str | None = None  # prompt only: system message for the chat template
     params: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = True  # False: one TokenDelta with everything, then the terminal frame
+    # 1.1: OpenAI-shaped tools and tool_choice ("auto", "none", "required", {"type": "function",
+    # "function": {"name": ...}}); messages only
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
 
 @message(54)

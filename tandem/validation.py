@@ -29,6 +29,10 @@ MAX_REPETITION_PENALTY = 100.0
 MAX_STOP = 16
 MAX_STOP_CHARS = 4096
 MAX_STOP_TOKEN_IDS = 64
+# Structured output: "" is unconstrained; the grammar text is a JSON schema (as JSON), a regex, or
+# a Lark or GBNF grammar ("json" takes none).
+GRAMMAR_KINDS = ("", "json", "json_schema", "regex", "lark", "gbnf")
+MAX_GRAMMAR_CHARS = 1 << 20
 
 
 class InvalidParameterError(ValueError):
@@ -56,6 +60,13 @@ def validate_sampling(params: SamplingParams) -> None:
     _bool("ignore_eos", params.ignore_eos)
     _bool("return_logits", params.return_logits)
     _bool("skip_special_tokens", params.skip_special_tokens)
+    if params.grammar_kind not in GRAMMAR_KINDS:
+        raise InvalidParameterError("grammar_kind", f"must be one of {GRAMMAR_KINDS}")
+    _text("grammar", params.grammar)
+    if len(params.grammar) > MAX_GRAMMAR_CHARS:
+        raise InvalidParameterError("grammar", f"longer than {MAX_GRAMMAR_CHARS} characters")
+    if params.grammar_kind not in ("", "json") and not params.grammar:
+        raise InvalidParameterError("grammar", f"grammar_kind {params.grammar_kind!r} needs a grammar")
 
 
 def validate_request(req: GenerateRequest, vocab_size: int | None = None) -> None:
@@ -82,6 +93,8 @@ def validate_request(req: GenerateRequest, vocab_size: int | None = None) -> Non
         raise InvalidParameterError("system", "must be a string, and applies only to prompt")
     if not isinstance(req.stream, bool):
         raise InvalidParameterError("stream", "must be a boolean")
+    if req.tools is not None and (not isinstance(req.tools, list) or req.messages is None):
+        raise InvalidParameterError("tools", "must be a list of tools, and applies only to messages")
     if not isinstance(req.params, SamplingParams):
         raise InvalidParameterError("params", "must be a SamplingParams")
     validate_sampling(req.params)

@@ -38,6 +38,8 @@ PINNED: dict[int, tuple[str, list[str]]] = {
             "logprobs",
             "return_logits",
             "skip_special_tokens",
+            "grammar_kind",
+            "grammar",
         ],
     ),
     11: ("SubmitRequest", ["request_id", "prompt_token_ids", "params", "arrival_time"]),
@@ -55,6 +57,7 @@ PINNED: dict[int, tuple[str, list[str]]] = {
             "queued_s",
             "prefill_s",
             "decode_s",
+            "tool_calls",
         ],
     ),
     15: ("RequestError", ["request_id", "code", "message", "retry_after_s"]),
@@ -84,6 +87,8 @@ PINNED: dict[int, tuple[str, list[str]]] = {
             "max_queue",
             "worker_restarts",
             "step_overdue_s",
+            "grammar_ms_total",
+            "grammar_rows_total",
         ],
     ),
     19: ("TraceRequest", ["query_id", "since_step"]),
@@ -101,8 +106,11 @@ PINNED: dict[int, tuple[str, list[str]]] = {
             "any_penalties",
             "all_greedy",
             "want_logits",
+            "any_grammar",
         ],
     ),
+    32: ("GrammarSpec", ["grammar_id", "kind", "text"]),
+    33: ("GrammarRelease", ["grammar_id"]),
     31: (
         "StepResult",
         [
@@ -123,6 +131,8 @@ PINNED: dict[int, tuple[str, list[str]]] = {
             "t_end_ns",
             "embeddings",
             "embed_dim",
+            "grammar_ms",
+            "grammar_rows",
         ],
     ),
     50: ("ClientHello", ["version", "client_name"]),
@@ -139,10 +149,21 @@ PINNED: dict[int, tuple[str, list[str]]] = {
             "server_version",
         ],
     ),
-    52: ("ChatMessage", ["role", "content"]),
+    52: ("ChatMessage", ["role", "content", "tool_calls", "tool_call_id"]),
     53: (
         "GenerateRequest",
-        ["request_id", "prompt", "prompt_token_ids", "messages", "raw", "system", "params", "stream"],
+        [
+            "request_id",
+            "prompt",
+            "prompt_token_ids",
+            "messages",
+            "raw",
+            "system",
+            "params",
+            "stream",
+            "tools",
+            "tool_choice",
+        ],
     ),
     54: ("Cancel", ["request_id"]),
     55: ("Accepted", ["request_id", "prompt_tokens", "prompt_token_ids"]),
@@ -194,7 +215,9 @@ SAMPLES: dict[int, Any] = {
     20: m.StepTrace(3, True, 1024, 11, 12, [[1, 2, 3], [4, 5, 6]]),
     21: m.EmbedRequest("e1", [1, 2, 3], 12.5),
     22: m.Embedding("e1", bytes(8), 2),
-    30: m.Doorbell(1000, 3, 64, 32, 5, True, True, True),
+    30: m.Doorbell(1000, 3, 64, 32, 5, True, True, True, True),
+    32: m.GrammarSpec(7, "json_schema", '{"type": "object"}'),
+    33: m.GrammarRelease(7),
     31: m.StepResult(
         1000,
         3,
@@ -213,6 +236,8 @@ SAMPLES: dict[int, Any] = {
         20,
         bytes(8),
         2,
+        0.75,
+        3,
     ),
     50: m.ClientHello(1, "my-app"),
     51: m.ServerHello(1, "smollm2:135m", 8192, ["stream", "cancel"], 49152, 256, 16 << 20, "0.1.0"),
@@ -271,11 +296,11 @@ def test_literal_frames() -> None:
     assert m.encode(m.RequestError("r1", m.ErrorCode.BUSY, "full", 2.5)) == (
         b"\x95\x0f\xa2r1\xa4busy\xa4full\xcb\x40\x04\x00\x00\x00\x00\x00\x00"
     )
-    # A nested message carries no tag: the params are a bare array (15 fields: fixarray 0x9f).
+    # A nested message carries no tag: the params are a bare array (17 fields: array16, 0xdc0011).
     req = m.encode(m.GenerateRequest("r", prompt="p"))
-    assert req.startswith(b"\x99\x35\xa1r\xa1p\xc0\xc0\xc2\xc0\x9f\xc0\xcb")
-    # 16 elements (tag + 15 fields) take the array16 header.
-    assert m.encode(SAMPLES[31])[:4] == b"\xdc\x00\x12\x1f"
+    assert req.startswith(b"\x9b\x35\xa1r\xa1p\xc0\xc0\xc2\xc0\xdc\x00\x11\xc0\xcb")
+    # 20 elements (tag + 19 fields) take the array16 header.
+    assert m.encode(SAMPLES[31])[:4] == b"\xdc\x00\x14\x1f"
 
 
 @pytest.mark.parametrize("tag", sorted(SAMPLES))

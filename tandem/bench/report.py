@@ -131,6 +131,10 @@ def format_report(res: dict[str, Any]) -> str:
         lines += [*scheduler_lines(res["scheduler"]), ""]
     if "model-stack" in res:
         lines += [*model_stack_lines(res["model-stack"]), ""]
+    if "structured" in res:
+        from tandem.bench.structured import structured_lines
+
+        lines += [*structured_lines(res["structured"]), ""]
     if "race" in res:
         from tandem.bench.race_report import race_lines
 

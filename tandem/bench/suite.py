@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("pipeline-tiny", "pipeline-model", "scheduler", "model-stack", "race")
+SECTIONS = ("pipeline-tiny", "pipeline-model", "scheduler", "model-stack", "structured", "race")
 ALIASES = {"all": SECTIONS, "pipeline": ("pipeline-tiny", "pipeline-model")}
 DEFAULT_MODEL = "smollm2:135m"
 # Four layers of width 64 put the bare decode forward near 1 ms on one core of the reference
@@ -151,7 +151,7 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
     sections = expand_sections(opts.sections)
     results: dict[str, Any] = {"machine": machine_info(), "quick": opts.quick, "sections": list(sections)}
     model_path: str | None = None
-    if {"pipeline-model", "model-stack"} & set(sections):
+    if {"pipeline-model", "model-stack", "structured"} & set(sections):
         from tandem.store.model_store import ensure_model
 
         ref = ensure_model(opts.model or DEFAULT_MODEL)
@@ -179,6 +179,12 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
 
                 results[name] = run_scheduler_cpu(tiny, sizes["scheduler"])
                 results[name]["tokenizer"] = "tiny byte-level BPE (tandem.formats.tiny)"
+            elif name == "structured":
+                from tandem.bench.structured import StructuredSizes, run_structured
+
+                assert model_path is not None
+                st = StructuredSizes(max_tokens=16, repeats=1) if opts.quick else StructuredSizes()
+                results[name] = run_structured(model_path, st, threads=opts.threads)
             elif name == "race":
                 from tandem.bench.race import RaceOptions, run_race
 

@@ -122,6 +122,7 @@ class Completion:
     logprobs: list[float] | None = None
     top_logprobs: list[list[list[float]]] | None = None
     logits: list[bytes] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # [{id, name, arguments}] for a request with tools
 
 
 def new_request_id() -> str:
@@ -138,7 +139,10 @@ def build_request(
     stream: bool,
     sampling: dict[str, Any],
 ) -> GenerateRequest:
-    """``sampling``: SamplingParams fields by name, or ``params=SamplingParams(...)``."""
+    """``sampling``: SamplingParams fields by name, or ``params=SamplingParams(...)``; also
+    ``tools`` and ``tool_choice`` (OpenAI's shapes) for a chat."""
+    tools = sampling.pop("tools", None)
+    tool_choice = sampling.pop("tool_choice", None)
     params = sampling.pop("params", None)
     if params is None:
         params = SamplingParams(**sampling)  # an unknown name is a TypeError right here
@@ -146,7 +150,12 @@ def build_request(
         raise TypeError(f"give params= or sampling keywords, not both ({sorted(sampling)})")
     msgs = None
     if messages is not None:
-        msgs = [m if isinstance(m, ChatMessage) else ChatMessage(m["role"], m["content"]) for m in messages]
+        msgs = [
+            m
+            if isinstance(m, ChatMessage)
+            else ChatMessage(m["role"], m.get("content") or "", m.get("tool_calls"), m.get("tool_call_id"))
+            for m in messages
+        ]
     return GenerateRequest(
         request_id,
         prompt,
@@ -156,6 +165,8 @@ def build_request(
         system,
         params,
         stream,
+        tools,
+        tool_choice,
     )
 
 
@@ -188,6 +199,7 @@ class RequestState:
             self.finished = msg
             c = self.completion
             c.finish_reason, c.stop_reason = msg.finish_reason, msg.stop_reason
+            c.tool_calls = msg.tool_calls
             c.usage = {
                 "prompt_tokens": msg.prompt_tokens,
                 "completion_tokens": msg.completion_tokens,

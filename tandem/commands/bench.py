@@ -16,6 +16,7 @@ SECTION_CHOICES = (
     "pipeline-model",
     "scheduler",
     "model-stack",
+    "structured",
     "race",
 )
 # Options of the race alone: giving any of them without --section runs just the race.

@@ -76,6 +76,7 @@ class TinySpec:
     seed: int = 0
     rope_theta: float = 10000.0
     weight_scale: float = 0.08
+    chat_template: str = CHATML_TEMPLATE  # what the file's tokenizer.chat_template says
 
 
 def _quantize(data: np.ndarray, qtype: GGMLQuantizationType, rng: np.random.Generator) -> np.ndarray:
@@ -121,7 +122,7 @@ def add_llama_metadata(w: gguf.GGUFWriter, shape: Any, vocab: tuple[list[str], l
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
-    w.add_chat_template(CHATML_TEMPLATE)
+    w.add_chat_template(getattr(shape, "chat_template", None) or CHATML_TEMPLATE)
 
 
 def write_tiny_gguf(path: str | Path, spec: TinySpec | None = None) -> Path:

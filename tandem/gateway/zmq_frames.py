@@ -26,6 +26,8 @@ from tandem.validation import InvalidParameterError, validate_request
 _FIELDS = GenerateRequest.__struct_fields__
 _SAMPLING_FIELDS = SamplingParams.__struct_fields__
 _CHAT_FIELDS = ChatMessage.__struct_fields__
+# [role, content] at least: the fields after them have defaults
+_CHAT_REQUIRED = len(_CHAT_FIELDS) - len(ChatMessage.__struct_defaults__)
 
 
 class UnreadableFrame(Exception):
@@ -117,7 +119,7 @@ def _bad_shape(fields: dict[str, Any]) -> str | None:
         if not isinstance(messages, list):
             return str(InvalidParameterError("messages", "must be an array of [role, content] messages"))
         for i, m in enumerate(messages):
-            if not isinstance(m, list) or len(m) < len(_CHAT_FIELDS):
+            if not isinstance(m, list) or len(m) < _CHAT_REQUIRED:
                 return str(InvalidParameterError("messages", f"message {i} is not a [role, content] array"))
     return None
 

@@ -64,6 +64,7 @@ from tandem.prompts.build import chat_ids, prompt_ids
 from tandem.prompts.chat_template import ChatTemplateError
 from tandem.tokenizer.build import TokenizerError
 from tandem.tokenizer.tokenizer import Tokenizer
+from tandem.tools.request import prompt_messages, read_tools
 from tandem.validation import (
     ContextError,
     InvalidParameterError,
@@ -73,7 +74,17 @@ from tandem.validation import (
 
 log = logging.getLogger(__name__)
 
-CAPABILITIES = ["stream", "cancel", "chat", "prompt_token_ids", "logprobs", "logits", "health"]
+CAPABILITIES = [
+    "stream",
+    "cancel",
+    "chat",
+    "prompt_token_ids",
+    "logprobs",
+    "logits",
+    "health",
+    "structured_output",  # SamplingParams.grammar_kind / grammar (protocol revision 1.1)
+    "tools",  # GenerateRequest.tools / tool_choice, Finished.tool_calls (1.1)
+]
 TERMINAL_LINGER_MS = 500  # time at close for terminal frames still queued to reach their clients
 MAX_ERROR_CHARS = 300  # error messages quote client values: never send back more than this
 
@@ -100,6 +111,7 @@ class ZmqFrontend:
         self.max_inflight = max_inflight_per_client
         self.runtime_dir = runtime_dir
         self.special_in_messages = special_in_messages  # see tandem.prompts.build.chat_ids
+        self._ll_tok: object | None = None  # llguidance's view of the tokenizer, for grammar checks
         self._own_dir = False
         self._sock: zmq.asyncio.Socket | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -349,7 +361,7 @@ class ZmqFrontend:
 
     # -- one request ---------------------------------------------------------------------
     async def _run(self, client: Client, req: ClientRequest, msg: GenerateRequest) -> None:
-        ids = await asyncio.to_thread(self._tokenize, msg)
+        ids = await asyncio.to_thread(self._tokenize, msg, req)
         try:
             fit_context(len(ids), msg.params.max_tokens, self.engine.context_length)
         except ContextError as e:
@@ -370,6 +382,8 @@ class ZmqFrontend:
                 async for ev in events:
                     if isinstance(ev, TokenDelta):
                         req.completion_tokens += len(ev.token_ids)
+                        if req.tools is not None:
+                            req.text += ev.text
                         ev = msgspec.structs.replace(ev, request_id=req.rid)
                         if not msg.stream:
                             parts.append(ev)
@@ -379,18 +393,51 @@ class ZmqFrontend:
                         if not msg.stream and not await self._peers.send(client, _merge(req.rid, parts)):
                             return
                         req.terminal = msgspec.structs.replace(ev, request_id=req.rid)
+                        if req.tools is not None:
+                            _, calls = req.tools.parse(req.text)
+                            if calls:
+                                req.terminal.tool_calls = [
+                                    {"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls
+                                ]
         except EngineError as e:
             req.terminal = RequestError(req.rid, e.code, str(e))
 
-    def _tokenize(self, msg: GenerateRequest) -> list[int]:
+    def _check_grammar(self, msg: GenerateRequest) -> None:
+        """A grammar the worker could not compile is this request's invalid_request, now."""
+        p = msg.params
+        if not p.grammar_kind:
+            return
+        from tandem.grammar.compile import GrammarError, check
+        from tandem.grammar.tokenizer import ll_tokenizer
+
+        if self._ll_tok is None:  # built once, in this worker thread (a second build is harmless)
+            self._ll_tok = ll_tokenizer(self.engine.tokenizer)
+        try:
+            check(p.grammar_kind, p.grammar, self._ll_tok)
+        except GrammarError as e:
+            raise InvalidParameterError("grammar", str(e)) from None
+
+    def _tokenize(self, msg: GenerateRequest, req: ClientRequest | None = None) -> list[int]:
         tok = self.engine.tokenizer
+        tools = None
+        if msg.tools:
+            tools = read_tools({"tools": msg.tools, "tool_choice": msg.tool_choice}, tok.chat_template)
+            forced = tools.grammar() if tools is not None else None
+            if forced is not None:
+                if msg.params.grammar_kind:
+                    raise InvalidParameterError("tool_choice", "cannot be combined with a grammar")
+                msg.params.grammar_kind, msg.params.grammar = forced
+            if req is not None:
+                req.tools = tools
+        self._check_grammar(msg)
         if msg.prompt_token_ids is not None:
             return list(msg.prompt_token_ids)
         if msg.messages is not None:
             if not tok.chat_template:
                 raise InvalidParameterError("messages", "this model has no chat template")
-            messages = [{"role": m.role, "content": m.content} for m in msg.messages]
-            return chat_ids(tok, messages, self.special_in_messages)
+            messages = [_chat_dict(m) for m in msg.messages]
+            messages, template_kwargs = prompt_messages(messages, tools, tok.chat_template)
+            return chat_ids(tok, messages, self.special_in_messages, **template_kwargs)
         assert msg.prompt is not None
         return prompt_ids(tok, msg.prompt, msg.raw, msg.system, self.special_in_messages)
 
@@ -454,6 +501,15 @@ def longest_token_bytes(tokenizer: Tokenizer) -> int:
             n = max(n, len(tokenizer.id_to_piece(i).encode("utf-8", "replace")))
         longest = max(longest, n)
     return longest
+
+
+def _chat_dict(m: ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = m.tool_calls
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    return out
 
 
 def _text_bytes(msg: GenerateRequest) -> int:

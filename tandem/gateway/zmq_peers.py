@@ -37,6 +37,8 @@ class ClientRequest:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     terminal: Finished | RequestError | None = None
+    tools: Any = None  # the request's ToolRequest, when it has tools: its reply is parsed for calls
+    text: str = ""  # the reply so far, kept only for tools
 
     def cancel(self, reason: str) -> None:
         if self.task is not None and not self.task.done():

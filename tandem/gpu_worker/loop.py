@@ -17,7 +17,7 @@ from tandem.actors import ActorContext
 from tandem.config import WorkerConfig
 from tandem.gpu_worker.faults import FaultPlan
 from tandem.gpu_worker.runner import ModelRunner, PendingResult
-from tandem.messages import Doorbell, StepResult, decode, encode
+from tandem.messages import Doorbell, GrammarRelease, GrammarSpec, StepResult, decode, encode
 from tandem.shm import RingSegment
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ def worker_main(ctx: ActorContext) -> None:
     ring = RingSegment.from_handle(cfg.ring)
     ctx.add_cleanup(ring.close)
     runner = ModelRunner(cfg)
+    ctx.add_cleanup(runner.grammar.close)
     runner.prepare_launch(enforce_eager=cfg.engine.enforce_eager)
     faults = FaultPlan(cfg.engine.inject_fault)
     bells = ctx.zmq_ctx.socket(zmq.PULL)
@@ -80,6 +81,12 @@ def worker_main(ctx: ActorContext) -> None:
         if bells not in events:
             continue
         bell = decode(bells.recv())
+        if isinstance(bell, GrammarSpec):
+            runner.grammar.register(bell.grammar_id, bell.kind, bell.text)
+            continue
+        if isinstance(bell, GrammarRelease):
+            runner.grammar.release(bell.grammar_id)
+            continue
         assert isinstance(bell, Doorbell), bell
         idle_ms = 0.0 if pending is not None else (time.perf_counter() - last_done) * 1000
         faults.before_step(bell.step)

@@ -11,12 +11,14 @@ import os
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from tandem.config import WorkerConfig
 from tandem.formats.loader import load_model_weights
 from tandem.gpu_worker.cuda_graphs import DecodeGraphs
+from tandem.gpu_worker.grammar_state import GrammarRows, apply_bitmask
 from tandem.gpu_worker.kv_cache import KVCache
 from tandem.gpu_worker.model.architectures import make_model
 from tandem.gpu_worker.model.bert import BertModel
@@ -94,6 +96,8 @@ class PendingResult:
     forward_ms: float
     idle_ms: float
     embeddings: torch.Tensor | None = None  # (pooled, hidden) float32
+    grammar_ms: float = 0.0
+    grammar_rows: int = 0
 
 
 class ModelRunner:
@@ -131,6 +135,11 @@ class ModelRunner:
         self.prompt_mask: torch.Tensor | None = None
         self.output_counts: torch.Tensor | None = None
         self.pinned = self.device.type == "cuda"
+        self.grammar = GrammarRows(eng.model_path, self.config.vocab_size)
+        # The previous step's sampled ids on the host, for constrained rows whose input refers to
+        # them; copied (without blocking) after every step with a constrained row, with an event.
+        self._prev_host = torch.zeros(n, dtype=torch.long, pin_memory=self.pinned)
+        self._prev_event: torch.cuda.Event | None = None
         log.info(
             "model ready on %s (%s) in %.2f s: %d KV blocks of %d tokens",
             self.device,
@@ -206,7 +215,7 @@ class ModelRunner:
         all indices come from the slot through numpy and reach the device in one staged copy."""
         t0 = time.perf_counter()
         a = slot.prefixes(bell.num_tokens, bell.num_seqs)
-        if self._graphs is not None:
+        if self._graphs is not None and not bell.any_grammar:
             launched = self._graphs.try_launch(a, bell)
             if launched is not None:
                 tokens, out_logprobs = launched
@@ -236,6 +245,17 @@ class ModelRunner:
             embeddings = self._pool(self.model.final_hidden(hidden, dev["pool_rows"]), dev, plan.num_pooled)
         else:
             logits = self.model(input_ids, dev["positions"], self.kv, meta, dev["logits_rows"])
+        g_ms, g_rows = 0.0, 0
+        if bell.any_grammar:
+            # After the forward is enqueued: on a GPU the host works on matchers while it runs.
+            g0 = time.perf_counter()
+            masks = self.grammar.prepare(a, self._prev_sampled_host)
+            if masks is not None:
+                rows, bitmask = masks
+                staged = self.staging.upload({"g_rows": rows, "g_mask": bitmask})
+                logits = apply_bitmask(logits, staged["g_rows"], staged["g_mask"])
+                g_rows = len(rows)
+            g_ms = (time.perf_counter() - g0) * 1000
         out_logprobs = top_ids = top_lps = None
         if plan.num_sampled == 0:
             tokens = torch.empty(0, dtype=torch.long, device=self.device)
@@ -257,10 +277,22 @@ class ModelRunner:
             out_logprobs, top_ids, top_lps = out.logprobs, out.top_ids, out.top_logprobs
         if plan.num_sampled:
             self.prev_sampled.index_copy_(0, dev["sample_rows"], tokens)
+            if bell.any_grammar:
+                self._prev_host.copy_(self.prev_sampled, non_blocking=self.pinned)
+                if self.device.type == "cuda":
+                    self._prev_event = torch.cuda.Event()
+                    self._prev_event.record()
         keep_logits = logits if bell.want_logits else None
         pending = self._pending(bell, tokens, out_logprobs, top_ids, top_lps, keep_logits, t0, idle_ms)
         pending.embeddings = embeddings
+        pending.grammar_ms, pending.grammar_rows = g_ms, g_rows
         return pending
+
+    def _prev_sampled_host(self, refs: np.ndarray) -> np.ndarray:
+        """Host values of the previous step's sampled ids at rows ``refs``."""
+        if self._prev_event is not None:
+            self._prev_event.synchronize()
+        return self._prev_host.numpy()[refs]
 
     def _launch_encoder(
         self, bell: Doorbell, dev: dict[str, torch.Tensor], num_pooled: int, t0: float, idle_ms: float
@@ -334,4 +366,6 @@ class ModelRunner:
             idle_ms=p.idle_ms,
             embeddings=raw(p.embeddings, torch.float32),
             embed_dim=0 if p.embeddings is None else int(p.embeddings.shape[1]),
+            grammar_ms=p.grammar_ms,
+            grammar_rows=p.grammar_rows,
         )

@@ -25,8 +25,16 @@ from tandem.scheduler.sequence import Sequence
 from tandem.shm.layout import SAMPLING_COLUMNS
 from tandem.shm.slot import SlotView
 
-_PARAM_COLUMNS = (*SAMPLING_COLUMNS, "want_logits", "prompt_lens", "embed")
+_PARAM_COLUMNS = (*SAMPLING_COLUMNS, "want_logits", "prompt_lens", "embed", "grammar_id", "grammar_key")
 _NO_BLOCKS: list[int] = []  # the table of an encoder's embedding, which holds no KV
+# Where _flags reads a row's values (a row holds _PARAM_COLUMNS in order).
+_TEMP, _PRES_PEN, _FREQ_PEN, _REP_PEN = (
+    _PARAM_COLUMNS.index(c)
+    for c in ("temperature", "presence_penalty", "frequency_penalty", "repetition_penalty")
+)
+_LOGPROBS, _LOGITS, _GRAMMAR = (
+    _PARAM_COLUMNS.index(c) for c in ("num_logprobs", "want_logits", "grammar_id")
+)
 
 
 def _param_row(seq: Sequence) -> tuple:
@@ -49,24 +57,30 @@ def _param_row(seq: Sequence) -> tuple:
             p.return_logits,
             seq.prompt_len,
             seq.embed,
+            seq.grammar_id,
+            # unique per admission: a recompute (new epoch) restarts the worker's matcher
+            (seq.seq_id << 16 | (seq.epoch & 0xFFFF)) + 1 if seq.grammar_id else 0,
         )
         seq.packed_params = row
     return row
 
 
-def _flags(param_rows: list[tuple], sample: list[bool]) -> tuple[int, bool, bool, bool]:
-    """The doorbell's (max_top_logprobs, any_penalties, all_greedy, want_logits)."""
+def _flags(param_rows: list[tuple], sample: list[bool]) -> tuple[int, bool, bool, bool, bool]:
+    """The doorbell's (max_top_logprobs, any_penalties, all_greedy, want_logits, any_grammar)."""
     max_top = -1  # -1: no sampled row wants logprobs (0 means the sampled token's own logprob)
     any_pen = False
     all_greedy = True
     want_logits = False
+    # Any row, sampled or not: a constrained prefill chunk feeds its matcher too.
+    any_grammar = False
     for r, s in zip(param_rows, sample, strict=True):
+        any_grammar |= r[_GRAMMAR] != 0
         if s:
-            max_top = max(max_top, r[8])
-            any_pen |= r[4] != 1.0 or r[5] != 0.0 or r[6] != 0.0
-            all_greedy &= r[0] == 0.0
-            want_logits |= bool(r[9])
-    return max_top, any_pen, all_greedy and max_top < 0, want_logits
+            max_top = max(max_top, r[_LOGPROBS])
+            any_pen |= r[_REP_PEN] != 1.0 or r[_PRES_PEN] != 0.0 or r[_FREQ_PEN] != 0.0
+            all_greedy &= r[_TEMP] == 0.0
+            want_logits |= bool(r[_LOGITS])
+    return max_top, any_pen, all_greedy and max_top < 0, want_logits, any_grammar
 
 
 @dataclass
@@ -77,7 +91,8 @@ class _SlotMemo:
     tables: list[list[int]]  # row -> the block table list written there
     table_lens: list[int]  # row -> how many of its entries were written
     sample: list[bool]
-    flags: tuple[int, bool, bool, bool]
+    flags: tuple[int, bool, bool, bool, bool]
+    epochs: list[int]  # a sequence preempted and readmitted into the same row has new constants
 
 
 class Packer:
@@ -132,7 +147,9 @@ class Packer:
         n_tok = batch.num_tokens
         arrays = slot.arrays()
         seqs = [it.seq for it in items]
-        same = memo is not None and memo.seqs == seqs  # identity: Sequence compares by identity
+        epochs = [s.epoch for s in seqs]
+        # identity: Sequence compares by identity
+        same = memo is not None and memo.seqs == seqs and memo.epochs == epochs
 
         starts = [it.start for it in items]
         cu = arrays["cu_seqlens"]
@@ -192,8 +209,8 @@ class Packer:
         )
 
         slot.set_header(batch.step, n_tok, n_seq)
-        self._memo[slot_index] = _SlotMemo(seqs, tables, table_lens, sample, flags)
-        max_top, any_pen, all_greedy, want_logits = flags
+        self._memo[slot_index] = _SlotMemo(seqs, tables, table_lens, sample, flags, epochs)
+        max_top, any_pen, all_greedy, want_logits, any_grammar = flags
         return Doorbell(
             step=batch.step,
             slot=slot_index,
@@ -203,6 +220,7 @@ class Packer:
             any_penalties=any_pen,
             all_greedy=all_greedy,
             want_logits=want_logits,
+            any_grammar=any_grammar,
         )
 
 

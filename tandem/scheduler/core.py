@@ -43,6 +43,8 @@ from tandem.messages import (
     ErrorCode,
     Finished,
     FinishReason,
+    GrammarRelease,
+    GrammarSpec,
     OutputBatch,
     RequestError,
     SamplingParams,
@@ -110,6 +112,15 @@ class EngineCore:
         self.mean_completion_tokens = 0.0  # running average over finished requests
         self.step_ms_ewma = 0.0
         self.idle_ms_ewma = 0.0
+        # Grammars of live sequences: (kind, text) -> [worker id, sequences using it]. The worker
+        # learns each one from a GrammarSpec in `worker_msgs`, which the process sends ahead of
+        # the next doorbell (so compilation starts as soon as the request arrives).
+        self.grammars: dict[tuple[str, str], list[int]] = {}
+        self._grammar_by_id: dict[int, tuple[str, str]] = {}
+        self._grammar_ids = count(1)
+        self.worker_msgs: list[GrammarSpec | GrammarRelease] = []
+        self.grammar_ms_total = 0.0
+        self.grammar_rows_total = 0
 
     def _new_scheduler(self, kv_blocks: int) -> Scheduler:
         cfg = self.cfg
@@ -131,11 +142,14 @@ class EngineCore:
             return out
         try:
             seq = self._sequence(req)
-            # The front end checked the request (engine/validation.py); these only keep a frame
+            # The front end checked the request (tandem/validation.py); these only keep a frame
             # that bypassed it from failing other requests' steps: what the ring and the model hold.
             self.packer.check_prompt(seq.token_ids, self.vocab_size)
             self.packer.check_params(seq, self.ring.slot(0))
             self.sched.add(seq)
+            if seq.params.grammar_kind:
+                seq.grammar_id = self._grammar_ref(seq.params.grammar_kind, seq.params.grammar)
+                seq.packed_params = None  # check_params packed it before it had its grammar
         except AdmissionError as e:
             retry = self.queue_wait_s() if e.code == ErrorCode.BUSY else 0.0
             out.errors.append(RequestError(req.request_id, e.code, str(e), retry))
@@ -161,6 +175,33 @@ class EngineCore:
             embed=embed,
         )
 
+    def _grammar_ref(self, kind: str, text: str) -> int:
+        key = (kind, text)
+        entry = self.grammars.get(key)
+        if entry is None:
+            entry = self.grammars[key] = [next(self._grammar_ids), 0]
+            self._grammar_by_id[entry[0]] = key
+            self.worker_msgs.append(GrammarSpec(entry[0], kind, text))
+        entry[1] += 1
+        return entry[0]
+
+    def _grammar_unref(self, seq: Sequence) -> None:
+        """After the sequence's last step was sent: the worker runs steps in order, so the
+        release reaches it after every step that used the grammar."""
+        gid, seq.grammar_id = seq.grammar_id, 0
+        key = self._grammar_by_id.get(gid)
+        if key is None:
+            return
+        entry = self.grammars[key]
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self.grammars[key], self._grammar_by_id[gid]
+            self.worker_msgs.append(GrammarRelease(gid))
+
+    def take_worker_msgs(self) -> list[GrammarSpec | GrammarRelease]:
+        msgs, self.worker_msgs = self.worker_msgs, []
+        return msgs
+
     def cancel(self, request_id: str, out: OutputBatch | None = None) -> OutputBatch:
         out = OutputBatch() if out is None else out
         seq = self.sched.by_request.get(request_id)
@@ -171,6 +212,7 @@ class EngineCore:
     def fail(self, seq: Sequence, code: str, message: str, out: OutputBatch) -> None:
         self.sched.finish(seq, "error")
         self.out.release(seq)
+        self._grammar_unref(seq)
         out.errors.append(RequestError(seq.request_id, code, message))
 
     def fail_all(self, code: str, message: str, out: OutputBatch | None = None) -> OutputBatch:
@@ -260,6 +302,8 @@ class EngineCore:
         elapsed = (now - flight.sent) * 1000
         self.step_ms_ewma = 0.9 * self.step_ms_ewma + 0.1 * elapsed if self.step_ms_ewma else elapsed
         self.idle_ms_ewma = 0.9 * self.idle_ms_ewma + 0.1 * res.idle_ms
+        self.grammar_ms_total += res.grammar_ms
+        self.grammar_rows_total += res.grammar_rows
         sampled = [it for it in batch.items if it.sample]
         if res.error:
             for it in [*sampled, *batch.embeds]:
@@ -337,6 +381,7 @@ class EngineCore:
         now = self.clock()
         self.sched.finish(seq, reason, stop_reason)
         self.out.release(seq)
+        self._grammar_unref(seq)
         first = seq.first_token_time or now
         admitted = seq.admitted_time or now
         completion = len(seq.token_ids) - seq.prompt_len
@@ -397,6 +442,8 @@ class EngineCore:
         """A new worker with an empty KV pool: a fresh block manager, the waiting queue kept."""
         waiting = list(self.sched.waiting)
         self.sched = self._new_scheduler(kv_blocks)
+        # The new worker knows no grammar: every live one again, and nothing to release.
+        self.worker_msgs = [GrammarSpec(gid, *key) for key, (gid, _) in self.grammars.items()]
         for seq in waiting:
             seq.status = SeqStatus.WAITING
             self.sched.waiting.append(seq)
@@ -426,5 +473,7 @@ class EngineCore:
             gpu_idle_ms_avg=self.idle_ms_ewma,
             max_queue=self.cfg.max_queue,
             step_overdue_s=self.step_overdue_s(),
+            grammar_ms_total=self.grammar_ms_total,
+            grammar_rows_total=self.grammar_rows_total,
             **shell,
         )

@@ -61,7 +61,8 @@ class OutputProcessor:
                 self.tokenizer, seq.token_ids[: seq.prompt_len], skip_special=p.skip_special_tokens
             )
             stop_ids = frozenset(p.stop_token_ids)
-            if not p.ignore_eos:
+            # A complete grammar allows only EOS: it ends the sequence even under ignore_eos.
+            if not p.ignore_eos or p.grammar_kind:
                 stop_ids |= self.eos_ids
             st = _Stream(
                 detok, stops=stops, max_stop=max((len(s) for s in stops), default=0), stop_ids=stop_ids

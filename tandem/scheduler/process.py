@@ -179,6 +179,8 @@ class SchedulerProcess:
         bell = self.core.launch(out)
         t_packed = time.monotonic_ns()
         self._send(out)
+        for msg in self.core.take_worker_msgs():  # grammars, ahead of the steps that use them
+            self.bells.send(encode(msg))
         if bell is None:
             return bool(out.errors)  # a dropped step: try the next one at once
         self.bells.send(encode(bell))

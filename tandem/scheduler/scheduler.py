@@ -168,6 +168,7 @@ class Scheduler:
         seq.num_computed = 0
         seq.pending.clear()  # a token still in flight is re-sampled identically (same seed, step)
         seq.epoch += 1
+        seq.packed_params = None  # its grammar_key names the epoch
         self.waiting.appendleft(seq)
 
     def _preempt(self, seq: Sequence) -> None:
@@ -286,10 +287,15 @@ class Scheduler:
 
 def _cache_key(seq: Sequence) -> bytes:
     """Penalized requests get a private prefix cache: the worker keeps their penalty state by
-    seeing every token fed from position 0, which a prefix hit would skip."""
+    seeing every token fed from position 0, which a prefix hit would skip. Constrained ones share
+    the cache on first admission (a hit then skips prompt tokens only, which their matcher never
+    reads) but not on a recompute, whose hits could skip generated tokens the matcher must replay:
+    a new key per epoch there."""
     if seq.embed:  # its blocks are never shared: no hit, and (not committed) never a cache entry
         return f"embed:{seq.seq_id}".encode()
     p = seq.params
+    if seq.grammar_id and seq.epoch:
+        return f"private:{seq.seq_id}:{seq.epoch}".encode()
     if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
         return f"private:{seq.seq_id}".encode()
     return b""

@@ -45,6 +45,7 @@ class Sequence:
     next_commit: int = 0
     # Constant per-row ring values, filled by batch.py when the sequence is first packed.
     packed_params: tuple | None = None
+    grammar_id: int = 0  # the worker's id of its grammar (GrammarSpec), 0: unconstrained
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     # An embedding: its whole prompt runs in one step, samples nothing, and is answered with the

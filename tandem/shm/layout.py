@@ -252,6 +252,10 @@ def batch_layout(
         seq("num_logprobs", "int32"),
         seq("embed", "uint8"),  # 1: pool this sequence's hidden states instead of sampling
         seq("want_logits", "uint8"),
+        # Structured output: the grammar a row follows (0: none; GrammarSpec sent the text) and
+        # its occupant's identity (sequence and epoch), so the worker's matcher restarts with it.
+        seq("grammar_id", "int32"),
+        seq("grammar_key", "int64"),
     ]
     if max_stop_ids:
         fields.append(seq("stop_ids", "int32", max_stop_ids))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from click.testing import CliRunner
 from procs import descendants, running, wait_until
@@ -193,6 +195,53 @@ def test_invalid_parameters_name_the_parameter(server: Server) -> None:
         with pytest.raises(TypeError):
             c.generate("hi", no_such_param=1)
         assert c.generate("still fine", max_tokens=2).finish_reason in ("length", "stop")
+
+
+def test_structured_output_over_zeromq(server: Server) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
+    with TandemClient(server.ipc, timeout=30) as c:
+        assert "structured_output" in (c.server.capabilities if c.server else [])
+        r = c.generate("hi", max_tokens=50, grammar_kind="json_schema", grammar=json.dumps(schema), seed=1)
+        assert r.finish_reason == "stop"
+        jsonschema.validate(json.loads(r.text), schema)
+        r = c.generate("hi", max_tokens=10, temperature=0, grammar_kind="regex", grammar="[xyz]{3}")
+        assert re.fullmatch("[xyz]{3}", r.text)
+        with pytest.raises(InvalidRequestError) as ei:
+            c.generate("hi", grammar_kind="json_schema", grammar='{"type": "nonsense"}')
+        assert ei.value.param == "grammar" and "nonsense" in str(ei.value)
+        with pytest.raises(InvalidRequestError) as ei:
+            c.generate("hi", grammar_kind="xml", grammar="<a/>")
+        assert ei.value.param == "grammar_kind"
+
+
+def test_tools_over_zeromq(server: Server) -> None:
+    params = {
+        "type": "object",
+        "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": params}}]
+    ask = [{"role": "user", "content": "Weather?"}]
+    with TandemClient(server.ipc, timeout=30) as c:
+        r = c.generate(messages=ask, tools=tools, tool_choice="required", max_tokens=80, seed=2)
+        (call,) = r.tool_calls or []
+        assert call["name"] == "get_weather" and call["arguments"]["city"] in ("Paris", "Oslo")
+        history = [
+            *ask,
+            {"role": "assistant", "content": "", "tool_calls": [{"id": call["id"], "function": call}]},
+            {"role": "tool", "content": "sunny", "tool_call_id": call["id"]},
+        ]
+        again = c.generate(messages=history, tools=tools, max_tokens=4, temperature=0)
+        assert again.tool_calls is None and len(again.prompt_token_ids) > len(r.prompt_token_ids)
+        with pytest.raises(InvalidRequestError) as ei:
+            c.generate(messages=ask, tools=tools, tool_choice={"type": "function", "function": {"name": "x"}})
+        assert ei.value.param == "tool_choice"
 
 
 def test_timeout_cancels_the_request(server: Server) -> None:

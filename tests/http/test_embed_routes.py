@@ -115,7 +115,7 @@ def test_generative_model_embeds_and_generates(tiny_server: Server) -> None:
 
     with tiny_server.client() as c:
         show = c.post("/api/show", json={"model": "tiny"}).json()
-        assert show["capabilities"] == ["completion", "embedding"]
+        assert show["capabilities"] == ["completion", "embedding", "tools"]
         a = c.post("/api/embed", json={"model": "tiny", "input": ["hello there", "general kenobi"]}).json()
         assert len(a["embeddings"]) == 2 and len(a["embeddings"][0]) == 64
         assert all(abs(np.linalg.norm(v) - 1) < 1e-5 for v in a["embeddings"])  # last token, normalized

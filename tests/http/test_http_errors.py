@@ -146,7 +146,7 @@ def test_invalid_openai_parameter_names_it(server: Server, name: str, value: obj
         ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": 5}]}),
         (
             "/v1/chat/completions",
-            {"model": "tiny", "messages": CHAT, "response_format": {"type": "json_object"}},
+            {"model": "tiny", "messages": CHAT, "response_format": {"type": "xml"}},
         ),
         ("/v1/chat/completions", {"model": "tiny", "messages": CHAT, "stream_options": 1, "stream": True}),
         ("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}),

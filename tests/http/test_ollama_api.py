@@ -83,9 +83,9 @@ def test_empty_prompt_loads(client: ollama.Client) -> None:
     assert r.done and r.done_reason == "load"
 
 
-def test_unsupported_format_is_a_clear_400(client: ollama.Client) -> None:
+def test_bad_format_schema_is_a_clear_400(client: ollama.Client) -> None:
     with pytest.raises(ollama.ResponseError) as e:
-        client.generate(model="tiny", prompt="x", format="json")
+        client.generate(model="tiny", prompt="x", format={"type": "nonsense"})
     assert e.value.status_code == 400 and "format" in e.value.error
 
 

@@ -133,7 +133,13 @@ def test_fingerprint_tracks_every_layout_change() -> None:
         batch_layout(**{**SMALL, "depth": 3}),
         batch_layout(**{**SMALL, "max_num_seqs": 9}),
         batch_layout(**SMALL, max_stop_ids=1),
-        RingLayout([*base.fields[:-1], FieldSpec("want_logits", "int8", (8,), "seq")], 2),
+        RingLayout(
+            [
+                f if f.name != "want_logits" else FieldSpec("want_logits", "int8", (8,), "seq")
+                for f in base.fields
+            ],
+            2,
+        ),
     ]
     assert len({base.fingerprint, *(v.fingerprint for v in variants)}) == 1 + len(variants)
     # spelling of a dtype is not a change

@@ -16,13 +16,8 @@ def unsupported(param: str, what: str) -> ApiError:
 
 
 def refuse_ollama_features(body: dict[str, Any], model: str) -> None:
-    fmt = body.get("format")
-    if fmt not in (None, ""):
-        raise unsupported("format", "structured output (JSON mode, JSON schema) does not exist in tandem yet")
     if body.get("images"):
         raise unsupported("images", f"model '{model}' does not take images")
-    if body.get("tools"):
-        raise unsupported("tools", f"model '{model}' does not support tools in tandem yet")
     think = body.get("think")
     if think not in (None, False):
         raise unsupported("think", f"model '{model}' does not support thinking")
@@ -32,11 +27,10 @@ def refuse_ollama_features(body: dict[str, Any], model: str) -> None:
 
 
 def refuse_openai_features(body: dict[str, Any], chat: bool) -> None:
-    rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise unsupported("response_format", "structured output does not exist in tandem yet")
-    if body.get("tools") or body.get("functions"):
-        raise unsupported("tools", "tool calling is not implemented")
+    if body.get("functions"):
+        raise unsupported("functions", "the legacy functions API: use tools")
+    if not chat and body.get("tools"):
+        raise unsupported("tools", "tools need /v1/chat/completions")
     if not chat:
         if body.get("echo"):
             raise unsupported("echo", "echoing the prompt is not implemented")

@@ -69,6 +69,14 @@ class _StatsCollector(Collector):
             "tandem_steps": ("engine steps run", s.steps),
             "tandem_preemptions": ("sequences preempted for KV space", s.preemptions),
             "tandem_worker_restarts": ("times the GPU worker was restarted", s.worker_restarts),
+            "tandem_grammar_mask_seconds": (
+                "worker host time on grammar matchers (advance and mask) of constrained rows",
+                s.grammar_ms_total / 1e3,
+            ),
+            "tandem_grammar_masked_rows": (
+                "constrained rows masked (one per row per step)",
+                s.grammar_rows_total,
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)

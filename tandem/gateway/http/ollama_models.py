@@ -187,14 +187,21 @@ async def show(request: Request) -> Response:
             "details": _details(info),
             "model_info": _model_info(info),
             # The served model's from its worker; another pulled model's from its architecture
-            # (an encoder only embeds; the llama family does both).
-            "capabilities": gw.capabilities
-            if gw.serves(name)
-            else (["embedding"] if info.get("architecture") == "bert" else ["completion", "embedding"]),
+            # (an encoder only embeds; the llama family does both). Every generative model takes
+            # tools: through its template's tools section, or tandem's generic tools preamble.
+            "capabilities": _with_tools(
+                gw.capabilities
+                if gw.serves(name)
+                else (["embedding"] if info.get("architecture") == "bert" else ["completion", "embedding"])
+            ),
             "modified_at": rfc3339(ref.modified),
         }
 
     return JSONResponse(await _store_read(gw, f"reading model '{name}'", read))
+
+
+def _with_tools(capabilities: list[str]) -> list[str]:
+    return [*capabilities, "tools"] if "completion" in capabilities else list(capabilities)
 
 
 @router.get("/api/ps")

@@ -18,12 +18,16 @@ from tandem.gateway.http.params import bad, get_bool, get_str, ollama_sampling, 
 from tandem.gateway.http.params import ollama_logprobs as logprobs_param
 from tandem.gateway.http.state import Gateway, gateway_of
 from tandem.gateway.http.streaming import CancellableStream, Generation, finish_reason, run_cancellable
+from tandem.gateway.http.structured import ollama_format
+from tandem.gateway.http.tool_shapes import http_tools, ollama_tool_calls
 from tandem.messages import SamplingParams, TokenDelta
+from tandem.tools.parse import ToolCall, ToolStream
+from tandem.tools.request import prompt_messages
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-Chunk = Callable[[str, list[dict[str, Any]] | None], dict[str, Any]]
+Chunk = Callable[..., dict[str, Any]]
 
 
 async def _common(
@@ -42,6 +46,7 @@ async def _common(
         options = d.parameters | (options if isinstance(options, dict) else {})
     params, num_ctx = ollama_sampling(options)
     params.logprobs = logprobs_param(body)
+    await gw.constrain(params, ollama_format(body), "format")
     return arrival, gw, body, model, stream, params, num_ctx
 
 
@@ -102,31 +107,45 @@ async def chat(request: Request) -> Response:
         return _load_reply(model, body.get("keep_alive"), chat=True)
     d = gw.defaults_of(model)
     messages = with_defaults(messages, d, get_str(body, "system"))
-    ids = await gw.encode_chat(messages, d.template if d else None)
+    template = (d.template if d else None) or gw.engine.tokenizer.chat_template
+    tools = http_tools(body, template)
+    if tools is not None and (forced := tools.grammar()) is not None:
+        if params.grammar_kind:
+            raise bad("format", "cannot be combined with a forced tool call (tool_choice)")
+        await gw.constrain(params, forced, "tool_choice")
+    prompt_msgs, template_kwargs = prompt_messages(messages, tools, template)
+    ids = await gw.encode_chat(prompt_msgs, d.template if d else None, **template_kwargs)
     params.max_tokens = gw.fit_context(len(ids), params.max_tokens, num_ctx, clamp=True)
 
-    def chunk(text: str, lps: list[dict[str, Any]] | None) -> dict[str, Any]:
-        out = {
-            "model": model,
-            "created_at": rfc3339(),
-            "message": {"role": "assistant", "content": text},
-            "done": False,
-        }
+    def message(text: str, calls: list[ToolCall] | None = None) -> dict[str, Any]:
+        msg: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            msg["tool_calls"] = ollama_tool_calls(calls)
+        return msg
+
+    def chunk(
+        text: str, lps: list[dict[str, Any]] | None, calls: list[ToolCall] | None = None
+    ) -> dict[str, Any]:
+        out = {"model": model, "created_at": rfc3339(), "message": message(text, calls), "done": False}
         if lps is not None:
             out["logprobs"] = lps
         return out
 
     def final(gen: Generation, text: str) -> dict[str, Any]:
+        calls = None
+        if tools is not None and text:  # a whole reply (a stream sent its calls in a chunk)
+            text, calls = tools.parse(text)
         out = {
             "model": model,
             "created_at": rfc3339(),
-            "message": {"role": "assistant", "content": text},
+            "message": message(text, calls),
             "done": True,
             "done_reason": finish_reason(gen.finished),
         }
         return out | gen.durations_ns()
 
-    return await _respond(request, gw, Generation(gw, ids, params, arrival), stream, chunk, final)
+    gen = Generation(gw, ids, params, arrival)
+    return await _respond(request, gw, gen, stream, chunk, final, tools.stream() if tools else None)
 
 
 async def _respond(
@@ -136,11 +155,12 @@ async def _respond(
     stream: bool,
     chunk: Chunk,
     final: Callable[[Generation, str], dict[str, Any]],
+    tool_stream: ToolStream | None = None,
 ) -> Response:
     await run_cancellable(request, gen.start())
     want_lps = gen.params.logprobs is not None
     if stream:
-        lines = _lines(gen, chunk, final, want_lps)
+        lines = _lines(gen, chunk, final, want_lps, tool_stream)
         return CancellableStream(
             lines,
             "application/x-ndjson",
@@ -159,16 +179,25 @@ async def _respond(
 
 
 async def _lines(
-    gen: Generation, chunk: Chunk, final: Callable[[Generation, str], dict[str, Any]], want_lps: bool
+    gen: Generation,
+    chunk: Chunk,
+    final: Callable[[Generation, str], dict[str, Any]],
+    want_lps: bool,
+    tool_stream: ToolStream | None,
 ) -> AsyncIterator[bytes]:
     tok = gen.gw.engine.tokenizer
     try:
         async for ev in gen.events():
             if isinstance(ev, TokenDelta):
-                if ev.text or want_lps:
+                text = ev.text if tool_stream is None else tool_stream.feed(ev.text)
+                if text or want_lps:
                     lps = ollama_logprobs(delta_logprobs(tok, ev)) if want_lps else None
-                    yield ndjson(chunk(ev.text, lps))
+                    yield ndjson(chunk(text, lps))
             else:
+                if tool_stream is not None:
+                    rest, calls = tool_stream.finish()
+                    if rest or calls:  # ollama sends calls in a chunk of their own before the last
+                        yield ndjson(chunk(rest, None, calls))
                 yield ndjson(final(gen, ""))
     except EngineError as e:
         err: ApiError = await gen.gw.api_error(e)

@@ -23,7 +23,10 @@ from tandem.gateway.http.openai_shapes import Shape, chat_shape, completion_shap
 from tandem.gateway.http.params import bad, get_bool, openai_defaults, openai_sampling, read_json
 from tandem.gateway.http.state import Gateway, gateway_of
 from tandem.gateway.http.streaming import CancellableStream, Generation, run_cancellable
+from tandem.gateway.http.structured import openai_format
+from tandem.gateway.http.tool_shapes import http_tools
 from tandem.messages import TokenDelta
+from tandem.tools.request import prompt_messages
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -47,15 +50,23 @@ async def chat_completions(request: Request) -> Response:
     model = gw.check_model(body)
     refuse_openai_features(body, chat=True)
     params = openai_sampling(body, chat=True)
+    await gw.constrain(params, openai_format(body), "response_format")
     messages = chat_messages(body.get("messages"), openai=True)
     if not messages:
         raise bad("messages", "must hold at least one message")
     d = gw.defaults_of(model)
     if d is not None:
         params = openai_defaults(params, body, d.parameters)
-    ids = await gw.encode_chat(with_defaults(messages, d), d.template if d else None)
+    template = (d.template if d else None) or gw.engine.tokenizer.chat_template
+    tools = http_tools(body, template)
+    if tools is not None and (forced := tools.grammar()) is not None:
+        if params.grammar_kind:
+            raise bad("response_format", "cannot be combined with a forced tool call (tool_choice)")
+        await gw.constrain(params, forced, "tool_choice")
+    prompt_msgs, template_kwargs = prompt_messages(with_defaults(messages, d), tools, template)
+    ids = await gw.encode_chat(prompt_msgs, d.template if d else None, **template_kwargs)
     params.max_tokens = gw.fit_context(len(ids), params.max_tokens, None, clamp=False)
-    shape = chat_shape(model, f"chatcmpl-{uuid.uuid4().hex}", gw.engine.tokenizer)
+    shape = chat_shape(model, f"chatcmpl-{uuid.uuid4().hex}", gw.engine.tokenizer, tools)
     return await _respond(request, gw, Generation(gw, ids, params, arrival), body, shape)
 
 
@@ -69,6 +80,7 @@ async def completions(request: Request) -> Response:
     params = openai_sampling(body, chat=False)
     if (d := gw.defaults_of(model)) is not None:
         params = openai_defaults(params, body, d.parameters)
+    await gw.constrain(params, openai_format(body), "response_format")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one
@@ -121,10 +133,13 @@ async def _events(gen: Generation, shape: Shape, include_usage: bool) -> AsyncIt
     try:
         async for ev in gen.events():
             if isinstance(ev, TokenDelta):
-                if ev.text or want_lps:
+                text = shape.stream_text(ev.text)
+                if text or want_lps:
                     lps = delta_logprobs(tok, ev) if want_lps else None
-                    yield sse(shape.chunk(ev.text, lps, include_usage))
+                    yield sse(shape.chunk(text, lps, include_usage))
             else:
+                for c in shape.tail_chunks(include_usage):
+                    yield sse(c)
                 yield sse(shape.finish_chunk(gen, include_usage))
                 if include_usage:
                     yield sse(shape.usage_chunk(gen))

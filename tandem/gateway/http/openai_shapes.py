@@ -7,7 +7,9 @@ from typing import Any
 
 from tandem import __version__
 from tandem.gateway.http.streaming import Generation, finish_reason
+from tandem.gateway.http.tool_shapes import openai_tool_calls
 from tandem.tokenizer.tokenizer import Tokenizer
+from tandem.tools.request import ToolRequest
 
 FINGERPRINT = f"fp_tandem_{__version__}"
 
@@ -53,6 +55,14 @@ class Shape:
         return self._head(self.object_chunk) | {"choices": [], "usage": usage(gen)}
 
     # per kind
+    def stream_text(self, text: str) -> str:
+        """What of a delta's text to send now (a tool call in the making is held back)."""
+        return text
+
+    def tail_chunks(self, include_usage: bool) -> list[dict[str, Any]]:
+        """Chunks to send after the last delta, before the finish chunk."""
+        return []
+
     def first_chunk(self, include_usage: bool) -> dict[str, Any] | None:
         return None
 
@@ -69,6 +79,35 @@ class Shape:
 class ChatShape(Shape):
     object_chunk = "chat.completion.chunk"
     object_whole = "chat.completion"
+
+    def __init__(self, model: str, rid: str, tokenizer: Tokenizer, tools: ToolRequest | None = None) -> None:
+        super().__init__(model, rid, tokenizer)
+        self.tools = tools
+        self._tool_stream = tools.stream() if tools is not None else None
+        self._called = False
+
+    def stream_text(self, text: str) -> str:
+        return text if self._tool_stream is None else self._tool_stream.feed(text)
+
+    def tail_chunks(self, include_usage: bool) -> list[dict[str, Any]]:
+        if self._tool_stream is None:
+            return []
+        rest, calls = self._tool_stream.finish()
+        out = []
+        if rest:
+            out.append(self.chunk(rest, None, include_usage))
+        if calls:
+            self._called = True
+            delta = {"tool_calls": openai_tool_calls(calls, streamed=True)}
+            out.append(
+                self._chunk(
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}, include_usage
+                )
+            )
+        return out
+
+    def _finish_reason(self, gen: Generation) -> str | None:
+        return "tool_calls" if self._called else finish_reason(gen.finished)
 
     @staticmethod
     def _lps(lps: list[dict[str, Any]] | None) -> dict[str, Any] | None:
@@ -88,15 +127,21 @@ class ChatShape(Shape):
         return self._chunk(choice, include_usage)
 
     def finish_chunk(self, gen: Generation, include_usage: bool) -> dict[str, Any]:
-        choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason(gen.finished)}
+        choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": self._finish_reason(gen)}
         return self._chunk(choice, include_usage)
 
     def whole(self, gen: Generation, text: str, lps: list[dict[str, Any]] | None) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        if self.tools is not None:
+            content, calls = self.tools.parse(text)
+            if calls:
+                self._called = True
+                message |= {"content": content or None, "tool_calls": openai_tool_calls(calls)}
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": None},
+            "message": message,
             "logprobs": self._lps(lps),
-            "finish_reason": finish_reason(gen.finished),
+            "finish_reason": self._finish_reason(gen),
         }
         return self._head(self.object_whole) | {"choices": [choice], "usage": usage(gen)}
 
@@ -141,8 +186,8 @@ class CompletionShape(Shape):
         return self._head(self.object_whole) | {"choices": [choice], "usage": usage(gen)}
 
 
-def chat_shape(model: str, rid: str, tokenizer: Tokenizer) -> Shape:
-    return ChatShape(model, rid, tokenizer)
+def chat_shape(model: str, rid: str, tokenizer: Tokenizer, tools: ToolRequest | None = None) -> Shape:
+    return ChatShape(model, rid, tokenizer, tools)
 
 
 def completion_shape(model: str, rid: str, tokenizer: Tokenizer) -> Shape:

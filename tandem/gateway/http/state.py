@@ -89,6 +89,8 @@ class Gateway:
         names = {self.model_name, *settings.aliases}
         self.accepted = names | {c for n in names if (c := _canonical(n))}
         self._derived: dict[str, tuple[float, ModelDefaults | None]] = {}  # name -> (seen at, defaults)
+        self._ll_tok: Any = None  # llguidance's view of the tokenizer, built on first use
+        self._grammars_ok: dict[tuple[str, str], None] = {}  # grammars that compiled, oldest first
 
     # -- models --------------------------------------------------------------------------------
     @property
@@ -180,11 +182,46 @@ class Gateway:
         fn = partial(prompt_ids, tok, prompt, raw, system, special, template)
         return await self._off_loop(len(prompt), fn)
 
-    async def encode_chat(self, messages: list[dict[str, Any]], template: str | None = None) -> list[int]:
+    async def encode_chat(
+        self, messages: list[dict[str, Any]], template: str | None = None, **template_kwargs: Any
+    ) -> list[int]:
         size = sum(len(str(m.get("content") or "")) for m in messages)
+        size += len(str(template_kwargs.get("tools") or ""))
         special = self.settings.special_in_messages
-        fn = partial(chat_ids, self.engine.tokenizer, messages, special, template=template)
+        fn = partial(chat_ids, self.engine.tokenizer, messages, special, template=template, **template_kwargs)
         return await self._off_loop(size, fn)
+
+    # -- structured output ---------------------------------------------------------------------
+    async def constrain(self, params: Any, grammar: tuple[str, str] | None, param: str) -> None:
+        """Put ``grammar`` on ``params`` after compiling it once for this model's tokenizer (in
+        a thread: a big schema must not hold up the loop), so that a grammar the worker could not
+        compile is a 400 naming the problem, never a failure mid-generation."""
+        if grammar is None:
+            return
+        from tandem.grammar.compile import GrammarError, check
+
+        kind, text = grammar
+        try:
+            if grammar not in self._grammars_ok:
+                await asyncio.to_thread(check, kind, text, await self._ll_tokenizer())
+                self._grammars_ok[grammar] = None
+                while len(self._grammars_ok) > 256:  # the oldest checks go first
+                    del self._grammars_ok[next(iter(self._grammars_ok))]
+        except GrammarError as e:
+            msg = f"invalid parameter '{param}': {e}"
+            raise ApiError(400, msg, param=param, code="invalid_grammar") from None
+        params.grammar_kind, params.grammar = kind, text
+
+    async def _ll_tokenizer(self) -> Any:
+        if self._ll_tok is None:
+            from tandem.grammar.tokenizer import ll_tokenizer
+
+            try:
+                self._ll_tok = await asyncio.to_thread(ll_tokenizer, self.engine.tokenizer)
+            except Exception as e:  # a vocabulary llguidance cannot take: no structured output here
+                msg = f"structured output is not available for this model's tokenizer: {e}"
+                raise ApiError(400, msg, code="invalid_grammar") from None
+        return self._ll_tok
 
     async def _off_loop(self, size: int, fn: Callable[[], list[int]]) -> list[int]:
         try:

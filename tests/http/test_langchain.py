@@ -1,0 +1,47 @@
+"""langchain-ollama and langchain-openai against a live server (tiny random-weight model):
+with_structured_output (JSON schema and function calling) and bind_tools."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+import pytest
+from live_server import Server
+
+langchain_ollama = pytest.importorskip("langchain_ollama")
+langchain_openai = pytest.importorskip("langchain_openai")
+
+
+class Pet(pydantic.BaseModel):
+    """A pet."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    kind: Literal["cat", "dog"]
+    legs: int = pydantic.Field(ge=0, le=8)
+    name: str = pydantic.Field(max_length=5)
+
+
+def test_ollama_structured_output(tiny_server: Server) -> None:
+    llm = langchain_ollama.ChatOllama(model="tiny", base_url=tiny_server.url, num_predict=200, seed=3)
+    pet = llm.with_structured_output(Pet, method="json_schema").invoke("Describe a pet.")
+    assert isinstance(pet, Pet)
+    reply = llm.bind_tools([Pet]).invoke("Describe a pet.")  # auto: random weights answer in text
+    assert reply.type == "ai"
+
+
+def test_openai_structured_output_and_forced_tool(tiny_server: Server) -> None:
+    llm = langchain_openai.ChatOpenAI(
+        model="tiny",
+        base_url=tiny_server.url + "/v1",
+        api_key="unused",
+        max_tokens=200,
+        seed=4,
+        max_retries=0,
+    )
+    assert isinstance(llm.with_structured_output(Pet, method="json_schema").invoke("A pet?"), Pet)
+    assert isinstance(llm.with_structured_output(Pet, method="function_calling").invoke("A pet?"), Pet)
+    msg = llm.bind_tools([Pet], tool_choice="Pet").invoke("A pet?")
+    (call,) = msg.tool_calls
+    assert call["name"] == "Pet"
+    Pet.model_validate(call["args"])
