@@ -168,7 +168,7 @@ def test_race_options_are_checked_before_anything_runs(args: list[str], names: s
 
 def test_synthetic_shapes_load_with_the_real_geometry(tmp_path: Path) -> None:
     """The random-weight smollm2-135m file has the real model's shapes and tokenizes text."""
-    from tandem.formats.model_files import read_config_and_tokenizer
+    from tandem.tokenizer.model_files import read_config_and_tokenizer
 
     path = write_synthetic_gguf(tmp_path / "s.gguf", "smollm2-135m")
     config, tok = read_config_and_tokenizer(path)

@@ -166,7 +166,7 @@ class _Model:
 
 
 def _model(opts: RaceOptions, workdir: Path, say: Callable[[str], None]) -> _Model:
-    from tandem.formats.model_files import read_config_and_tokenizer
+    from tandem.tokenizer.model_files import read_config_and_tokenizer
 
     if opts.synthetic is not None:
         from tandem.formats.synthetic import synthetic_shape, write_synthetic_gguf

@@ -24,10 +24,10 @@ import numpy as np
 
 from tandem.bench.timing import median, summarize
 from tandem.config import EngineConfig
-from tandem.formats.model_files import load_tokenizer
 from tandem.messages import OutputBatch, SamplingParams, StepResult, SubmitRequest, decode, encode
 from tandem.scheduler.core import EngineCore
 from tandem.shm import RingSegment, batch_layout
+from tandem.tokenizer.model_files import load_tokenizer
 from tandem.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

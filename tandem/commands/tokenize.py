@@ -18,8 +18,8 @@ def tokenize(
     text: str, model: str | None, no_parse_special: bool, add_bos: bool | None, pieces: bool
 ) -> None:
     """Print TEXT's token ids as JSON ('-' reads stdin)."""
-    from tandem.formats.model_files import load_tokenizer
     from tandem.store.model_store import ensure_model
+    from tandem.tokenizer.model_files import load_tokenizer
 
     if text == "-":
         text = sys.stdin.read()

@@ -15,8 +15,8 @@ import zmq
 from tandem.actors import ActorHandle, ActorSpec
 from tandem.actors.sockets import ipc_address, make_runtime_dir, make_socket, remove_runtime_dir
 from tandem.config import EngineConfig
-from tandem.formats.model_files import read_config_and_tokenizer
 from tandem.scheduler.process import SchedulerBoot
+from tandem.tokenizer.model_files import read_config_and_tokenizer
 from tandem.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

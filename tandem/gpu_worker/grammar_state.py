@@ -69,9 +69,9 @@ class GrammarRows:
 
     # -- grammars (GrammarSpec / GrammarRelease) ------------------------------------------------
     def _matcher_cache(self):
-        from tandem.formats.model_files import load_tokenizer
         from tandem.grammar.compile import MatcherCache
         from tandem.grammar.tokenizer import ll_tokenizer
+        from tandem.tokenizer.model_files import load_tokenizer
 
         tok = load_tokenizer(self.model_path)
         self._eos = list(tok.eos_ids) or ([tok.eos_id] if tok.eos_id is not None else [])

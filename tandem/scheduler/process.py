@@ -19,7 +19,6 @@ import zmq
 from tandem.actors import ActorContext, ActorHandle, ActorSpec, ActorStartError
 from tandem.actors.sockets import drain, ipc_address, make_socket, remove_ipc_file
 from tandem.config import EngineConfig, WorkerConfig
-from tandem.formats.model_files import read_config_and_tokenizer
 from tandem.messages import (
     CancelRequest,
     EmbedRequest,
@@ -37,6 +36,7 @@ from tandem.messages import (
 from tandem.scheduler.core import EngineCore
 from tandem.scheduler.step_trace import StepTracer, trace_reply
 from tandem.shm import RingSegment, batch_layout, cleanup_stale_segments
+from tandem.tokenizer.model_files import read_config_and_tokenizer
 from tandem.validation import InvalidParameterError
 
 log = logging.getLogger(__name__)

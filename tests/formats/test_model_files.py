@@ -25,10 +25,10 @@ from tandem.cli import main
 from tandem.errors import ModelFileError, ModelStoreError, UnsupportedModelError
 from tandem.formats.gguf_file import GGUFFile
 from tandem.formats.loader import load_gguf, load_safetensors_dir
-from tandem.formats.model_files import read_config_and_tokenizer
 from tandem.paths import models_dir
 from tandem.store.model_store import list_models, pull_model
 from tandem.store.registry import lock_path
+from tandem.tokenizer.model_files import read_config_and_tokenizer
 
 
 @pytest.fixture(autouse=True)
