@@ -23,6 +23,9 @@ import msgspec
 from msgspec import field
 
 PROTOCOL_VERSION = 1
+# Revisions add fields and capabilities within a major version (PROTOCOL.md, "Versioning"): 1.1
+# structured output and tools.
+PROTOCOL_REVISION = "1.1"
 
 _REGISTRY: dict[int, type[Message]] = {}
 _DECODERS: dict[int, msgspec.msgpack.Decoder] = {}
@@ -512,6 +515,7 @@ class ServerHello(Message):
     max_inflight: int = 0  # per connection
     max_msg_size: int = 0  # bytes; a larger frame drops the connection
     server_version: str = ""
+    revision: str = ""  # PROTOCOL_REVISION (1.1 on); an older server sends none
 
 
 @message(52)

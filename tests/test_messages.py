@@ -147,6 +147,7 @@ PINNED: dict[int, tuple[str, list[str]]] = {
             "max_inflight",
             "max_msg_size",
             "server_version",
+            "revision",
         ],
     ),
     52: ("ChatMessage", ["role", "content", "tool_calls", "tool_call_id"]),
@@ -240,7 +241,7 @@ SAMPLES: dict[int, Any] = {
         3,
     ),
     50: m.ClientHello(1, "my-app"),
-    51: m.ServerHello(1, "smollm2:135m", 8192, ["stream", "cancel"], 49152, 256, 16 << 20, "0.1.0"),
+    51: m.ServerHello(1, "smollm2:135m", 8192, ["stream", "cancel"], 49152, 256, 16 << 20, "0.1.0", "1.1"),
     52: m.ChatMessage("user", "hi"),
     53: m.GenerateRequest(
         "r1",

@@ -44,6 +44,7 @@ from tandem.engine.router import EngineError
 from tandem.gateway.zmq_frames import UnreadableFrame, read_frame, readable_id
 from tandem.gateway.zmq_peers import Client, ClientRequest, Peers
 from tandem.messages import (
+    PROTOCOL_REVISION,
     PROTOCOL_VERSION,
     Accepted,
     Cancel,
@@ -292,6 +293,7 @@ class ZmqFrontend:
                 self.max_inflight,
                 self.max_msg_size,
                 __version__,
+                PROTOCOL_REVISION,
             ),
         )
         if msg.version != PROTOCOL_VERSION:
