@@ -151,7 +151,7 @@ def test_invalid_openai_parameter_names_it(server: Server, name: str, value: obj
         ("/v1/chat/completions", {"model": "tiny", "messages": CHAT, "stream_options": 1, "stream": True}),
         ("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}),
         ("/v1/completions", {"model": "tiny", "prompt": {"x": 1}}),
-        ("/v1/completions", {"model": "tiny", "prompt": "x", "echo": True}),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "echo": True, "max_tokens": -1}),
         ("/v1/completions", {"model": "tiny", "prompt": [10**30]}),
         ("/api/generate", {"model": "tiny", "prompt": "x", "context": [-1]}),
         ("/api/generate", {"model": "tiny", "prompt": "x", "options": {"top_k": 10**30}}),

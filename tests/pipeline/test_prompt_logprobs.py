@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 @pytest.fixture(scope="module")
 def reference(tiny_gguf: Path):
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(tiny_gguf.parent), gguf_file=tiny_gguf.name, torch_dtype=torch.float32
+        str(tiny_gguf.parent), gguf_file=tiny_gguf.name, dtype=torch.float32
     )
     return model.eval()
 

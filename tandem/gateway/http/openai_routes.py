@@ -96,8 +96,12 @@ async def completions(request: Request) -> Response:
         raise bad("prompt", "only one prompt per request is supported")
     else:
         raise bad("prompt", "must be a string, or a list of token ids")
-    params.max_tokens = gw.fit_context(len(ids), params.max_tokens if params.max_tokens else 16, None, False)
-    shape = completion_shape(model, f"cmpl-{uuid.uuid4().hex}", gw.engine.tokenizer)
+    max_tokens = 16 if params.max_tokens is None else params.max_tokens
+    params.max_tokens = gw.fit_context(len(ids), max_tokens, None, False)
+    echo = None
+    if get_bool(body, "echo", False):
+        echo = prompt if isinstance(prompt, str) else gw.engine.tokenizer.decode(ids)
+    shape = completion_shape(model, f"cmpl-{uuid.uuid4().hex}", gw.engine.tokenizer, echo)
     return await _respond(request, gw, Generation(gw, ids, params, arrival), body, shape)
 
 
@@ -132,6 +136,8 @@ async def _events(gen: Generation, shape: Shape, include_usage: bool) -> AsyncIt
         yield sse(first)
     try:
         async for ev in gen.events():
+            for c in shape.echo_chunks(gen, ev, include_usage):
+                yield sse(c)
             if isinstance(ev, TokenDelta):
                 text = shape.stream_text(ev.text)
                 if text or want_lps:

@@ -6,8 +6,10 @@ import time
 from typing import Any
 
 from tandem import __version__
+from tandem.gateway.http.formats import prompt_logprob_entries
 from tandem.gateway.http.streaming import Generation, finish_reason
 from tandem.gateway.http.tool_shapes import openai_tool_calls
+from tandem.messages import TokenDelta
 from tandem.tokenizer.tokenizer import Tokenizer
 from tandem.tools.request import ToolRequest
 
@@ -65,6 +67,10 @@ class Shape:
 
     def first_chunk(self, include_usage: bool) -> dict[str, Any] | None:
         return None
+
+    def echo_chunks(self, gen: Generation, ev: object, include_usage: bool) -> list[dict[str, Any]]:
+        """Chunks of the echoed prompt to send before event ``ev`` (completions with echo)."""
+        return []
 
     def chunk(self, text: str, lps: list[dict[str, Any]] | None, include_usage: bool) -> dict[str, Any]:
         raise NotImplementedError
@@ -150,9 +156,32 @@ class CompletionShape(Shape):
     object_chunk = "text_completion"
     object_whole = "text_completion"
 
-    def __init__(self, model: str, rid: str, tokenizer: Tokenizer) -> None:
+    def __init__(self, model: str, rid: str, tokenizer: Tokenizer, echo: str | None = None) -> None:
         super().__init__(model, rid, tokenizer)
         self._offset = 0  # text_offset runs across the chunks of a stream
+        self.echo = echo  # the prompt's text when it is echoed
+        self._echo_sent = False
+        self._prompt_seen = 0  # prompt positions whose logprobs are sent
+
+    def echo_chunks(self, gen: Generation, ev: object, include_usage: bool) -> list[dict[str, Any]]:
+        """The prompt's text with the first event, and its tokens' logprobs as they arrive."""
+        if self.echo is None:
+            return []
+        prompt = isinstance(ev, TokenDelta) and ev.prompt_logprobs is not None
+        if self._echo_sent and not prompt:
+            return []
+        lps = None
+        if gen.params.logprobs is not None:
+            d = ev if prompt and isinstance(ev, TokenDelta) else TokenDelta("", [], "")
+            lps = prompt_logprob_entries(
+                self.tokenizer, gen.prompt_ids, self._prompt_seen, d, head=not self._echo_sent
+            )
+            self._prompt_seen += len(d.prompt_logprobs or [])
+        elif self._echo_sent:
+            return []  # the text went out already and no logprobs are shown
+        text = "" if self._echo_sent else self.echo
+        self._echo_sent = True
+        return [self.chunk(text, lps, include_usage)]
 
     def _legacy(self, lps: list[dict[str, Any]] | None) -> dict[str, Any] | None:
         """The legacy completions logprobs: parallel lists, top_logprobs as {token: logprob}."""
@@ -162,8 +191,13 @@ class CompletionShape(Shape):
         for e in lps:
             out["tokens"].append(e["token"])
             out["token_logprobs"].append(e["logprob"])
-            tops = e["top_logprobs"] or [e]
-            out["top_logprobs"].append({t["token"]: t["logprob"] for t in tops})
+            if e["logprob"] is None:  # the echoed prompt's first token
+                out["top_logprobs"].append(None)
+            else:
+                tops: dict[str, float] = {}
+                for t in e["top_logprobs"] or [e]:  # best first: tokens alike as text keep the best
+                    tops.setdefault(t["token"], t["logprob"])
+                out["top_logprobs"].append(tops)
             out["text_offset"].append(self._offset)
             self._offset += len(e["token"])
         return out
@@ -177,6 +211,11 @@ class CompletionShape(Shape):
         return self._chunk(choice, include_usage)
 
     def whole(self, gen: Generation, text: str, lps: list[dict[str, Any]] | None) -> dict[str, Any]:
+        if self.echo is not None:
+            text = self.echo + text
+            if lps is not None:
+                prompt = prompt_logprob_entries(self.tokenizer, gen.prompt_ids, 0, gen.merged, head=True)
+                lps = prompt + lps
         choice = {
             "index": 0,
             "text": text,
@@ -190,5 +229,5 @@ def chat_shape(model: str, rid: str, tokenizer: Tokenizer, tools: ToolRequest | 
     return ChatShape(model, rid, tokenizer, tools)
 
 
-def completion_shape(model: str, rid: str, tokenizer: Tokenizer) -> Shape:
-    return CompletionShape(model, rid, tokenizer)
+def completion_shape(model: str, rid: str, tokenizer: Tokenizer, echo: str | None = None) -> Shape:
+    return CompletionShape(model, rid, tokenizer, echo)

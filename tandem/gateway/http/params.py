@@ -238,7 +238,9 @@ def openai_sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
     p.stop = get_stop(body)
     mct, mt = get_int(body, "max_completion_tokens"), get_int(body, "max_tokens")
     p.max_tokens = mct if mct is not None else mt
-    if p.max_tokens is not None and p.max_tokens < 1:
+    echo = not chat and get_bool(body, "echo", False)
+    if p.max_tokens is not None and p.max_tokens < (0 if echo else 1):
+        # 0 with echo: the prompt (and its logprobs) alone, nothing generated
         raise bad("max_completion_tokens" if mct is not None else "max_tokens", "must be >= 1")
     if chat:
         top = get_int(body, "top_logprobs")
@@ -253,6 +255,8 @@ def openai_sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
         if lp is not None and not 0 <= lp <= MAX_TOP_LOGPROBS:
             raise bad("logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}")
         p.logprobs = lp
+        if echo:  # the prompt's own logprobs come back with it (computed even when not shown)
+            p.prompt_logprobs = lp or 0
     return validated(p, {"logprobs": "top_logprobs" if chat else "logprobs"})
 
 
