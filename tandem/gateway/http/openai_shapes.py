@@ -17,14 +17,24 @@ FINGERPRINT = f"fp_tandem_{__version__}"
 
 
 def usage(gen: Generation) -> dict[str, Any]:
-    f = gen.finished
-    prompt = f.prompt_tokens if f else len(gen.prompt_ids)
-    completion = f.completion_tokens if f else len(gen.token_ids)
+    return usage_of([gen], 1)
+
+
+def usage_of(gens: list[Generation], n: int) -> dict[str, Any]:
+    """Usage of a request's choices, ``n`` per prompt in order: completion tokens summed over all,
+    each prompt (and its cached part) counted once, as OpenAI and vLLM do for n > 1."""
+    prompt = completion = cached = 0
+    for k, gen in enumerate(gens):
+        f = gen.finished
+        completion += f.completion_tokens if f else len(gen.token_ids)
+        if k % n == 0:
+            prompt += f.prompt_tokens if f else len(gen.prompt_ids)
+            cached += f.cached_tokens if f else 0
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": f.cached_tokens if f else 0},
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
 
 
@@ -37,6 +47,7 @@ class Shape:
         self.id = rid
         self.created = int(time.time())
         self.tokenizer = tokenizer
+        self.index = 0  # the choice this shape answers (n, prompt lists): prompt i, sample j is i * n + j
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {
@@ -53,8 +64,8 @@ class Shape:
             out["usage"] = None
         return out
 
-    def usage_chunk(self, gen: Generation) -> dict[str, Any]:
-        return self._head(self.object_chunk) | {"choices": [], "usage": usage(gen)}
+    def usage_chunk(self, gens: list[Generation], n: int = 1) -> dict[str, Any]:
+        return self._head(self.object_chunk) | {"choices": [], "usage": usage_of(gens, n)}
 
     # per kind
     def stream_text(self, text: str) -> str:
@@ -107,7 +118,8 @@ class ChatShape(Shape):
             delta = {"tool_calls": openai_tool_calls(calls, streamed=True)}
             out.append(
                 self._chunk(
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}, include_usage
+                    {"index": self.index, "delta": delta, "logprobs": None, "finish_reason": None},
+                    include_usage,
                 )
             )
         return out
@@ -121,7 +133,7 @@ class ChatShape(Shape):
 
     def first_chunk(self, include_usage: bool) -> dict[str, Any]:
         choice = {
-            "index": 0,
+            "index": self.index,
             "delta": {"role": "assistant", "content": ""},
             "logprobs": None,
             "finish_reason": None,
@@ -129,11 +141,21 @@ class ChatShape(Shape):
         return self._chunk(choice, include_usage)
 
     def chunk(self, text: str, lps: list[dict[str, Any]] | None, include_usage: bool) -> dict[str, Any]:
-        choice = {"index": 0, "delta": {"content": text}, "logprobs": self._lps(lps), "finish_reason": None}
+        choice = {
+            "index": self.index,
+            "delta": {"content": text},
+            "logprobs": self._lps(lps),
+            "finish_reason": None,
+        }
         return self._chunk(choice, include_usage)
 
     def finish_chunk(self, gen: Generation, include_usage: bool) -> dict[str, Any]:
-        choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": self._finish_reason(gen)}
+        choice = {
+            "index": self.index,
+            "delta": {},
+            "logprobs": None,
+            "finish_reason": self._finish_reason(gen),
+        }
         return self._chunk(choice, include_usage)
 
     def whole(self, gen: Generation, text: str, lps: list[dict[str, Any]] | None) -> dict[str, Any]:
@@ -144,7 +166,7 @@ class ChatShape(Shape):
                 self._called = True
                 message |= {"content": content or None, "tool_calls": openai_tool_calls(calls)}
         choice = {
-            "index": 0,
+            "index": self.index,
             "message": message,
             "logprobs": self._lps(lps),
             "finish_reason": self._finish_reason(gen),
@@ -203,11 +225,16 @@ class CompletionShape(Shape):
         return out
 
     def chunk(self, text: str, lps: list[dict[str, Any]] | None, include_usage: bool) -> dict[str, Any]:
-        choice = {"index": 0, "text": text, "logprobs": self._legacy(lps), "finish_reason": None}
+        choice = {"index": self.index, "text": text, "logprobs": self._legacy(lps), "finish_reason": None}
         return self._chunk(choice, include_usage)
 
     def finish_chunk(self, gen: Generation, include_usage: bool) -> dict[str, Any]:
-        choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": finish_reason(gen.finished)}
+        choice = {
+            "index": self.index,
+            "text": "",
+            "logprobs": None,
+            "finish_reason": finish_reason(gen.finished),
+        }
         return self._chunk(choice, include_usage)
 
     def whole(self, gen: Generation, text: str, lps: list[dict[str, Any]] | None) -> dict[str, Any]:
@@ -217,7 +244,7 @@ class CompletionShape(Shape):
                 prompt = prompt_logprob_entries(self.tokenizer, gen.prompt_ids, 0, gen.merged, head=True)
                 lps = prompt + lps
         choice = {
-            "index": 0,
+            "index": self.index,
             "text": text,
             "logprobs": self._legacy(lps),
             "finish_reason": finish_reason(gen.finished),

@@ -205,10 +205,20 @@ def ollama_logprobs(body: dict[str, Any]) -> int | None:
 
 
 # -- OpenAI ------------------------------------------------------------------------------------
-def openai_sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
+MAX_N = 64  # choices per prompt: each is a request of its own in the scheduler
+
+
+def openai_n(body: dict[str, Any]) -> int:
+    """How many choices to generate per prompt (OpenAI's ``n``)."""
     n = get_int(body, "n")
-    if n is not None and n != 1:
-        raise bad("n", "only n=1 is supported")
+    if n is None:
+        return 1
+    if not 1 <= n <= MAX_N:
+        raise bad("n", f"must be between 1 and {MAX_N}, got {n}")
+    return n
+
+
+def openai_sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
     for name in ("best_of",):
         v = get_int(body, name)
         if v is not None and v != 1:
