@@ -81,6 +81,9 @@ def build_model(model_path: str, dtype_name: str, device: torch.device) -> Llama
     return model
 
 
+_PROMPT_LP_ROWS = 256  # echo rows whose log-softmax is live at once
+
+
 @dataclass
 class PendingResult:
     """A launched step whose outputs may still be on their way to the host."""
@@ -302,12 +305,17 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """At each echo prompt position: the log-softmax (fp32, before any sampling knob) of the
         next prompt token, and the top ``top`` of the row."""
-        lsm = torch.log_softmax(self.model.logits(hidden, dev["plp_rows"]), dim=-1)
-        lps = lsm.gather(1, dev["plp_targets"][:, None]).squeeze(1)
+        rows, targets = dev["plp_rows"], dev["plp_targets"]
+        parts: list[tuple[torch.Tensor, ...]] = []
+        # A few hundred rows at a time: a whole chunk's fp32 vocabulary rows could take GiBs.
+        for i in range(0, rows.shape[0], _PROMPT_LP_ROWS):
+            lsm = torch.log_softmax(self.model.logits(hidden, rows[i : i + _PROMPT_LP_ROWS]), dim=-1)
+            lps = lsm.gather(1, targets[i : i + _PROMPT_LP_ROWS, None]).squeeze(1)
+            parts.append((lps, *lsm.topk(min(top, lsm.shape[1]), dim=-1)) if top else (lps,))
+        lps = torch.cat([p[0] for p in parts])
         if top == 0:
             return lps, None, None
-        top_lps, top_ids = lsm.topk(min(top, lsm.shape[1]), dim=-1)
-        return lps, top_ids, top_lps
+        return lps, torch.cat([p[2] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _prev_sampled_host(self, refs: np.ndarray) -> np.ndarray:
         """Host values of the previous step's sampled ids at rows ``refs``."""
