@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pipeline_driver import make_engine
+from pipeline_driver import make_engine, stats
 
 from tandem.engine.process import EngineProcess
 from tandem.messages import OutputBatch, SamplingParams, SubmitRequest, decode, encode
@@ -103,3 +103,40 @@ def test_prompt_logprobs_with_the_prefix_already_cached(small_chunks, reference)
     _check(got, _expected(reference, prompt), prompt, 1)
     assert got["finished"].cached_tokens == 0  # computed, never taken from the cache
     assert got["tokens"][:2] == plain["tokens"]  # and generation goes on after the prompt
+
+
+def test_preempted_echo_requests_send_each_prompt_logprob_once(tiny_gguf: Path, reference) -> None:
+    """A KV pool too small for all of them: a preempted request recomputes its prompt, whose
+    logprobs were sent already; they must not come twice (nor go missing)."""
+    probe = make_engine(tiny_gguf)
+    plan = probe.ready_info["memory_plan"]
+    probe.close()
+    block_bytes = plan["kv_cache_bytes"] // plan["kv_blocks"]
+    eng = make_engine(tiny_gguf, kv_cache_memory=14 * block_bytes, max_num_batched_tokens=32)
+    rng = random.Random(9)
+    prompts = {f"r{i}": [rng.randrange(1, 250) for _ in range(60)] for i in range(4)}
+    try:
+        assert eng.to_sched is not None and eng.from_sched is not None
+        for rid, prompt in prompts.items():
+            params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
+            eng.to_sched.send(encode(SubmitRequest(rid, prompt, params, time.monotonic())))
+        lps: dict[str, list[float]] = {rid: [] for rid in prompts}
+        done: set[str] = set()
+        deadline = time.monotonic() + 120
+        while len(done) < len(prompts):
+            assert time.monotonic() < deadline, "timed out"
+            if not eng.from_sched.poll(100):
+                continue
+            msg = decode(eng.from_sched.recv())
+            if isinstance(msg, OutputBatch):
+                assert not msg.errors, msg.errors
+                for d in msg.deltas:
+                    lps[d.request_id] += d.prompt_logprobs or []
+                done |= {f.request_id for f in msg.finished}
+        st = stats(eng)
+    finally:
+        eng.close()
+    assert st.preemptions > 0, "the pool was meant to be too small: nothing was preempted"
+    for rid, prompt in prompts.items():
+        ref = _expected(reference, prompt)
+        np.testing.assert_allclose(lps[rid], ref[np.arange(len(prompt) - 1), prompt[1:]], atol=1e-4)
