@@ -83,3 +83,19 @@ def test_max_tokens_zero_needs_echo(client) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt="hello", max_tokens=0)
     assert e.value.body["param"] == "max_tokens"
+
+
+def test_lm_eval_style_batched_loglikelihood(client, reference) -> None:
+    """lm-evaluation-harness's request: token-id prompts in one list, echo, logprobs 1, one token
+    generated; it reads token_logprobs[ctxlen:-1] of each choice by index."""
+    prompts = [_prompt(3, 10), _prompt(4, 17)]
+    r = client.completions.create(
+        model="tiny", prompt=prompts, echo=True, logprobs=1, max_tokens=1, temperature=0, seed=1
+    )
+    assert [c.index for c in r.choices] == [0, 1]
+    for c, prompt in zip(r.choices, prompts, strict=True):
+        assert len(c.logprobs.token_logprobs) == len(prompt) + 1
+        rows = _ref_rows(reference, prompt)
+        want = rows[np.arange(len(prompt) - 1), prompt[1:]]
+        np.testing.assert_allclose(c.logprobs.token_logprobs[1:-1], want, atol=1e-4)
+    assert r.usage.completion_tokens == 2 and r.usage.prompt_tokens == 27
