@@ -4,6 +4,7 @@ client that goes away cancels every choice."""
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 
 import httpx
@@ -99,3 +100,24 @@ def test_a_refused_prompt_refuses_the_whole_list(client) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt=["fine", "x" * 20000], n=2, max_tokens=5)
     assert e.value.body["code"] == "context_length_exceeded"
+
+
+def test_n2_with_a_json_schema_constrains_every_choice(client) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "kind": {"enum": ["cat", "dog"]},
+            "legs": {"type": "integer", "minimum": 0, "maximum": 8},
+        },
+        "required": ["kind", "legs"],
+        "additionalProperties": False,
+    }
+    rf = {"type": "json_schema", "json_schema": {"name": "pet", "schema": schema, "strict": True}}
+    r = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, n=3, response_format=rf, max_tokens=100, temperature=0.8, seed=4
+    )
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for c in r.choices:
+        assert c.finish_reason == "stop"
+        value = json.loads(c.message.content)
+        assert value["kind"] in ("cat", "dog") and 0 <= value["legs"] <= 8
