@@ -70,6 +70,7 @@ def test_echo_then_generation_and_streamed_alike(client, tiny_tokenizer) -> None
     assert "".join(ch.choices[0].text for ch in chunks) == c.text
     streamed = [v for ch in chunks if ch.choices[0].logprobs for v in ch.choices[0].logprobs.token_logprobs]
     assert streamed[0] is None
+    assert all(ch.choices[0].logprobs is None or ch.choices[0].logprobs.tokens for ch in chunks)
     np.testing.assert_allclose(streamed[1:], c.logprobs.token_logprobs[1:], atol=1e-5)
 
 

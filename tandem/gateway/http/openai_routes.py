@@ -252,7 +252,7 @@ async def _events(gen: Generation, shape: Shape, include_usage: bool) -> AsyncIt
             yield sse(c)
         if isinstance(ev, TokenDelta):
             text = shape.stream_text(ev.text)
-            if text or want_lps:
+            if text or (want_lps and ev.token_ids):  # an echo's prompt delta went out above
                 lps = delta_logprobs(tok, ev) if want_lps else None
                 yield sse(shape.chunk(text, lps, include_usage))
         else:
