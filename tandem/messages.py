@@ -278,6 +278,9 @@ class SamplingParams(Message):
     # schema as JSON text, a regex, a Lark or GBNF grammar; ignored for "json").
     grammar_kind: str = ""
     grammar: str = ""
+    # Echo: the logprob of every prompt token given the ones before it (positions 1..n-1), plus
+    # the top-n there; None: none. Such a request never takes its prompt from the prefix cache.
+    prompt_logprobs: int | None = None
 
 
 @message(11)
@@ -303,16 +306,21 @@ class TokenDelta(Message):
     # per token: [[id, logprob], ...] best first
     top_logprobs: list[list[list[int | float]]] | None = None
     logits: list[bytes] | None = None  # per token: float32 row of the vocabulary
+    # Echo (params.prompt_logprobs): logprobs of the next prompt tokens this step's prefill chunk
+    # computed, in prompt order (the first delta's first entry is prompt token 1's), top-n as above.
+    prompt_logprobs: list[float] | None = None
+    prompt_top_logprobs: list[list[list[int | float]]] | None = None
 
 
 def merge_delta(into: Any, d: TokenDelta) -> None:
     """Append delta ``d`` to ``into`` (a TokenDelta, or a reply with the same five fields): the
-    one merge of deltas that every non-streaming reply is built with."""
+    one merge of deltas that every non-streaming reply is built with. A reply without the
+    prompt-logprob fields leaves them out."""
     into.token_ids += d.token_ids
     into.text += d.text
-    for name in ("logprobs", "top_logprobs", "logits"):
+    for name in ("logprobs", "top_logprobs", "logits", "prompt_logprobs", "prompt_top_logprobs"):
         extra = getattr(d, name)
-        if extra is not None:
+        if extra is not None and hasattr(into, name):
             setattr(into, name, (getattr(into, name) or []) + extra)
 
 
@@ -450,6 +458,7 @@ class Doorbell(Message):
     all_greedy: bool = False
     want_logits: bool = False
     any_grammar: bool = False  # some row carries a grammar_id: its logits are masked before sampling
+    any_prompt_logprobs: bool = False  # some row wants its prompt positions' logprobs (target_ids)
 
 
 @message(31)
@@ -475,6 +484,13 @@ class StepResult(Message):
     embed_dim: int = 0
     grammar_ms: float = 0.0  # host time spent on grammar matchers (advance + mask) in this step
     grammar_rows: int = 0  # constrained rows masked in this step
+    # Prompt logprobs (rows with prompt_logprobs >= 0): one entry per prompt position p < prompt_len - 1
+    # fed in this step, in row then position order: the logprob of prompt token p + 1, and top-k.
+    num_prompt_lps: int = 0
+    prompt_lps: bytes = b""  # float32[num_prompt_lps]
+    prompt_top_k: int = 0
+    prompt_top_ids: bytes = b""  # int64[num_prompt_lps, prompt_top_k]
+    prompt_top_lps: bytes = b""  # float32[num_prompt_lps, prompt_top_k]
 
 
 @message(32)

@@ -43,8 +43,11 @@ class InvalidParameterError(ValueError):
 
 def validate_sampling(params: SamplingParams) -> None:
     """Raise InvalidParameterError naming the first bad field of ``params``."""
+    if params.prompt_logprobs is not None:
+        _int("prompt_logprobs", params.prompt_logprobs, 0, MAX_TOP_LOGPROBS)
     if params.max_tokens is not None:
-        _int("max_tokens", params.max_tokens, 1, INT32_MAX)
+        # 0: the prompt's logprobs alone (echo), no generated token
+        _int("max_tokens", params.max_tokens, 0 if params.prompt_logprobs is not None else 1, INT32_MAX)
     _finite("temperature", params.temperature, 0.0, MAX_TEMPERATURE)
     _int("top_k", params.top_k, -INT32_MAX - 1, INT32_MAX)
     _finite("top_p", params.top_p, 0.0, 1.0, lo_open=True)

@@ -40,11 +40,24 @@ PINNED: dict[int, tuple[str, list[str]]] = {
             "skip_special_tokens",
             "grammar_kind",
             "grammar",
+            "prompt_logprobs",
         ],
     ),
     11: ("SubmitRequest", ["request_id", "prompt_token_ids", "params", "arrival_time"]),
     12: ("CancelRequest", ["request_id", "reason"]),
-    13: ("TokenDelta", ["request_id", "token_ids", "text", "logprobs", "top_logprobs", "logits"]),
+    13: (
+        "TokenDelta",
+        [
+            "request_id",
+            "token_ids",
+            "text",
+            "logprobs",
+            "top_logprobs",
+            "logits",
+            "prompt_logprobs",
+            "prompt_top_logprobs",
+        ],
+    ),
     14: (
         "Finished",
         [
@@ -107,6 +120,7 @@ PINNED: dict[int, tuple[str, list[str]]] = {
             "all_greedy",
             "want_logits",
             "any_grammar",
+            "any_prompt_logprobs",
         ],
     ),
     32: ("GrammarSpec", ["grammar_id", "kind", "text"]),
@@ -133,6 +147,11 @@ PINNED: dict[int, tuple[str, list[str]]] = {
             "embed_dim",
             "grammar_ms",
             "grammar_rows",
+            "num_prompt_lps",
+            "prompt_lps",
+            "prompt_top_k",
+            "prompt_top_ids",
+            "prompt_top_lps",
         ],
     ),
     50: ("ClientHello", ["version", "client_name"]),
@@ -189,8 +208,18 @@ PARAMS = m.SamplingParams(
     logprobs=3,
     return_logits=True,
     skip_special_tokens=False,
+    prompt_logprobs=2,
 )
-DELTA = m.TokenDelta("r1", [7, 300], "hé", [-0.5, -1.0], [[[7, -0.5], [9, -2.0]]], [b"\x00\x00\x80\x3f", b""])
+DELTA = m.TokenDelta(
+    "r1",
+    [7, 300],
+    "hé",
+    [-0.5, -1.0],
+    [[[7, -0.5], [9, -2.0]]],
+    [b"\x00\x00\x80\x3f", b""],
+    [-1.5],
+    [[[3, -1.5], [4, -2.5]]],
+)
 FINISHED = m.Finished("r1", m.FinishReason.STOP, 12, 2, 4, "\n\n", 0.01, 0.2, 1.5)
 ERROR = m.RequestError("r2", m.ErrorCode.BUSY, "queue full", 2.5)
 STATS = m.Stats(1, True, *range(2, 14), False, 1.5, 0.25, {"kv_bytes": 1 << 40, "plan": [1, 2.5]}, 64, 1, 0.5)
@@ -216,7 +245,7 @@ SAMPLES: dict[int, Any] = {
     20: m.StepTrace(3, True, 1024, 11, 12, [[1, 2, 3], [4, 5, 6]]),
     21: m.EmbedRequest("e1", [1, 2, 3], 12.5),
     22: m.Embedding("e1", bytes(8), 2),
-    30: m.Doorbell(1000, 3, 64, 32, 5, True, True, True, True),
+    30: m.Doorbell(1000, 3, 64, 32, 5, True, True, True, True, True),
     32: m.GrammarSpec(7, "json_schema", '{"type": "object"}'),
     33: m.GrammarRelease(7),
     31: m.StepResult(
@@ -239,6 +268,11 @@ SAMPLES: dict[int, Any] = {
         2,
         0.75,
         3,
+        2,
+        bytes(8),
+        1,
+        bytes(16),
+        bytes(8),
     ),
     50: m.ClientHello(1, "my-app"),
     51: m.ServerHello(1, "smollm2:135m", 8192, ["stream", "cancel"], 49152, 256, 16 << 20, "0.1.0", "1.1"),
@@ -297,11 +331,11 @@ def test_literal_frames() -> None:
     assert m.encode(m.RequestError("r1", m.ErrorCode.BUSY, "full", 2.5)) == (
         b"\x95\x0f\xa2r1\xa4busy\xa4full\xcb\x40\x04\x00\x00\x00\x00\x00\x00"
     )
-    # A nested message carries no tag: the params are a bare array (17 fields: array16, 0xdc0011).
+    # A nested message carries no tag: the params are a bare array (18 fields: array16, 0xdc0012).
     req = m.encode(m.GenerateRequest("r", prompt="p"))
-    assert req.startswith(b"\x9b\x35\xa1r\xa1p\xc0\xc0\xc2\xc0\xdc\x00\x11\xc0\xcb")
-    # 20 elements (tag + 19 fields) take the array16 header.
-    assert m.encode(SAMPLES[31])[:4] == b"\xdc\x00\x14\x1f"
+    assert req.startswith(b"\x9b\x35\xa1r\xa1p\xc0\xc0\xc2\xc0\xdc\x00\x12\xc0\xcb")
+    # 25 elements (tag + 24 fields) take the array16 header.
+    assert m.encode(SAMPLES[31])[:4] == b"\xdc\x00\x19\x1f"
 
 
 @pytest.mark.parametrize("tag", sorted(SAMPLES))
@@ -373,8 +407,8 @@ def test_an_integer_where_a_float_belongs_decodes_as_that_float() -> None:
 
 
 def test_a_tag_in_a_wider_integer_still_reads() -> None:
-    # msgpack lets a peer write 13 as uint16 and a 7-element array with an array16 header.
-    data = b"\xdc\x00\x07\xcd\x00\x0d" + frame(13, wire(DELTA))[2:]
+    # msgpack lets a peer write 13 as uint16 and a 9-element array with an array16 header.
+    data = b"\xdc\x00\x09\xcd\x00\x0d" + frame(13, wire(DELTA))[2:]
     assert m.decode(data) == DELTA
 
 

@@ -122,6 +122,8 @@ class Completion:
     logprobs: list[float] | None = None
     top_logprobs: list[list[list[float]]] | None = None
     logits: list[bytes] | None = None
+    prompt_logprobs: list[float] | None = None  # params.prompt_logprobs: prompt tokens 1.. (TokenDelta)
+    prompt_top_logprobs: list[list[list[float]]] | None = None
     tool_calls: list[dict[str, Any]] | None = None  # [{id, name, arguments}] for a request with tools
 
 

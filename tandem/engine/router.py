@@ -59,6 +59,8 @@ class Completion:
     logits: list[bytes] | None = None
     finished: Finished | None = None
     wall_s: float = 0.0
+    prompt_logprobs: list[float] | None = None  # params.prompt_logprobs: prompt tokens 1.. (TokenDelta)
+    prompt_top_logprobs: list[list[list[float]]] | None = None
 
     @property
     def finish_reason(self) -> str | None:

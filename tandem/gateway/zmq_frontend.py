@@ -85,6 +85,7 @@ CAPABILITIES = [
     "health",
     "structured_output",  # SamplingParams.grammar_kind / grammar (protocol revision 1.1)
     "tools",  # GenerateRequest.tools / tool_choice, Finished.tool_calls (1.1)
+    "prompt_logprobs",  # SamplingParams.prompt_logprobs, TokenDelta.prompt_logprobs (1.2)
 ]
 TERMINAL_LINGER_MS = 500  # time at close for terminal frames still queued to reach their clients
 MAX_ERROR_CHARS = 300  # error messages quote client values: never send back more than this

@@ -81,6 +81,9 @@ def build_model(model_path: str, dtype_name: str, device: torch.device) -> Llama
     return model
 
 
+_PROMPT_LP_ROWS = 256  # echo rows whose log-softmax is live at once
+
+
 @dataclass
 class PendingResult:
     """A launched step whose outputs may still be on their way to the host."""
@@ -98,6 +101,9 @@ class PendingResult:
     embeddings: torch.Tensor | None = None  # (pooled, hidden) float32
     grammar_ms: float = 0.0
     grammar_rows: int = 0
+    prompt_lps: torch.Tensor | None = None  # (echo positions,) float32: the next prompt token's
+    prompt_top_ids: torch.Tensor | None = None  # (echo positions, top-n)
+    prompt_top_lps: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -215,7 +221,7 @@ class ModelRunner:
         all indices come from the slot through numpy and reach the device in one staged copy."""
         t0 = time.perf_counter()
         a = slot.prefixes(bell.num_tokens, bell.num_seqs)
-        if self._graphs is not None and not bell.any_grammar:
+        if self._graphs is not None and not bell.any_grammar and not bell.any_prompt_logprobs:
             launched = self._graphs.try_launch(a, bell)
             if launched is not None:
                 tokens, out_logprobs = launched
@@ -238,11 +244,15 @@ class ModelRunner:
         if plan.update_penalties:
             self._update_penalty_state(dev, input_ids)
 
-        embeddings = None
-        if plan.num_pooled:
+        embeddings = prompt = None
+        if plan.num_pooled or plan.prompt_top >= 0:
             hidden = self.model.hidden_states(input_ids, dev["positions"], self.kv, meta)
             logits = self.model.logits(hidden, dev["logits_rows"])
-            embeddings = self._pool(self.model.final_hidden(hidden, dev["pool_rows"]), dev, plan.num_pooled)
+            if plan.num_pooled:
+                pooled = self.model.final_hidden(hidden, dev["pool_rows"])
+                embeddings = self._pool(pooled, dev, plan.num_pooled)
+            if plan.prompt_top >= 0:
+                prompt = self._prompt_logprobs(hidden, dev, plan.prompt_top)
         else:
             logits = self.model(input_ids, dev["positions"], self.kv, meta, dev["logits_rows"])
         g_ms, g_rows = 0.0, 0
@@ -286,7 +296,26 @@ class ModelRunner:
         pending = self._pending(bell, tokens, out_logprobs, top_ids, top_lps, keep_logits, t0, idle_ms)
         pending.embeddings = embeddings
         pending.grammar_ms, pending.grammar_rows = g_ms, g_rows
+        if prompt is not None:
+            pending.prompt_lps, pending.prompt_top_ids, pending.prompt_top_lps = prompt
         return pending
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, dev: dict[str, torch.Tensor], top: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """At each echo prompt position: the log-softmax (fp32, before any sampling knob) of the
+        next prompt token, and the top ``top`` of the row."""
+        rows, targets = dev["plp_rows"], dev["plp_targets"]
+        parts: list[tuple[torch.Tensor, ...]] = []
+        # A few hundred rows at a time: a whole chunk's fp32 vocabulary rows could take GiBs.
+        for i in range(0, rows.shape[0], _PROMPT_LP_ROWS):
+            lsm = torch.log_softmax(self.model.logits(hidden, rows[i : i + _PROMPT_LP_ROWS]), dim=-1)
+            lps = lsm.gather(1, targets[i : i + _PROMPT_LP_ROWS, None]).squeeze(1)
+            parts.append((lps, *lsm.topk(min(top, lsm.shape[1]), dim=-1)) if top else (lps,))
+        lps = torch.cat([p[0] for p in parts])
+        if top == 0:
+            return lps, None, None
+        return lps, torch.cat([p[2] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _prev_sampled_host(self, refs: np.ndarray) -> np.ndarray:
         """Host values of the previous step's sampled ids at rows ``refs``."""
@@ -368,4 +397,9 @@ class ModelRunner:
             embed_dim=0 if p.embeddings is None else int(p.embeddings.shape[1]),
             grammar_ms=p.grammar_ms,
             grammar_rows=p.grammar_rows,
+            num_prompt_lps=0 if p.prompt_lps is None else int(p.prompt_lps.shape[0]),
+            prompt_lps=raw(p.prompt_lps, torch.float32),
+            prompt_top_k=0 if p.prompt_top_ids is None else int(p.prompt_top_ids.shape[1]),
+            prompt_top_ids=raw(p.prompt_top_ids, torch.int64),
+            prompt_top_lps=raw(p.prompt_top_lps, torch.float32),
         )

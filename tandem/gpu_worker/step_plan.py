@@ -27,6 +27,8 @@ class StepPlan:
     sampling: bool  # sampling parameters are staged (not the all-greedy fast path)
     update_penalties: bool  # some sequence is penalized: its inputs go into the penalty state
     num_pooled: int = 0  # embedding sequences: their hidden states are pooled (`pool_arrays`)
+    # Echo rows' prompt positions (``plp_rows``, ``plp_targets``): the top-n they return; -1: none.
+    prompt_top: int = -1
 
 
 def pool_arrays(a: dict[str, np.ndarray], rows: np.ndarray, pooling: str) -> dict[str, np.ndarray]:
@@ -116,7 +118,16 @@ def plan_step(
         arrays.update(_penalty_arrays(a, penalized))
     if sampling and bell.any_penalties:
         arrays["sample_slots"] = a["seq_slots"][sample_rows].astype(np.int64)
-    return StepPlan(arrays, attention, len(sample_rows), sampling, bool(len(penalized)), len(pooled))
+    prompt_top = -1
+    if bell.any_prompt_logprobs:  # the scheduler wrote target_ids only then
+        rows = np.flatnonzero(a["target_ids"] >= 0)
+        if len(rows):
+            arrays["plp_rows"] = rows
+            arrays["plp_targets"] = a["target_ids"][rows]
+            prompt_top = int(a["prompt_logprobs"].max())
+    return StepPlan(
+        arrays, attention, len(sample_rows), sampling, bool(len(penalized)), len(pooled), prompt_top
+    )
 
 
 def resolve_refs(input_ids: torch.Tensor, prev_sampled: torch.Tensor) -> torch.Tensor:

@@ -25,16 +25,25 @@ from tandem.scheduler.sequence import Sequence
 from tandem.shm.layout import SAMPLING_COLUMNS
 from tandem.shm.slot import SlotView
 
-_PARAM_COLUMNS = (*SAMPLING_COLUMNS, "want_logits", "prompt_lens", "embed", "grammar_id", "grammar_key")
+_PARAM_COLUMNS = (
+    *SAMPLING_COLUMNS,
+    "want_logits",
+    "prompt_lens",
+    "embed",
+    "grammar_id",
+    "grammar_key",
+    "prompt_logprobs",
+)
 _NO_BLOCKS: list[int] = []  # the table of an encoder's embedding, which holds no KV
 # Where _flags reads a row's values (a row holds _PARAM_COLUMNS in order).
 _TEMP, _PRES_PEN, _FREQ_PEN, _REP_PEN = (
     _PARAM_COLUMNS.index(c)
     for c in ("temperature", "presence_penalty", "frequency_penalty", "repetition_penalty")
 )
-_LOGPROBS, _LOGITS, _GRAMMAR = (
-    _PARAM_COLUMNS.index(c) for c in ("num_logprobs", "want_logits", "grammar_id")
+_LOGPROBS, _LOGITS, _GRAMMAR, _PROMPT_LPS = (
+    _PARAM_COLUMNS.index(c) for c in ("num_logprobs", "want_logits", "grammar_id", "prompt_logprobs")
 )
+_Flags = tuple[int, bool, bool, bool, bool, bool]
 
 
 def _param_row(seq: Sequence) -> tuple:
@@ -60,27 +69,45 @@ def _param_row(seq: Sequence) -> tuple:
             seq.grammar_id,
             # unique per admission: a recompute (new epoch) restarts the worker's matcher
             (seq.seq_id << 16 | (seq.epoch & 0xFFFF)) + 1 if seq.grammar_id else 0,
+            -1 if p.prompt_logprobs is None else p.prompt_logprobs,
         )
         seq.packed_params = row
     return row
 
 
-def _flags(param_rows: list[tuple], sample: list[bool]) -> tuple[int, bool, bool, bool, bool]:
-    """The doorbell's (max_top_logprobs, any_penalties, all_greedy, want_logits, any_grammar)."""
+def _flags(param_rows: list[tuple], sample: list[bool]) -> _Flags:
+    """The doorbell's (max_top_logprobs, any_penalties, all_greedy, want_logits, any_grammar,
+    any_prompt_logprobs)."""
     max_top = -1  # -1: no sampled row wants logprobs (0 means the sampled token's own logprob)
     any_pen = False
     all_greedy = True
     want_logits = False
     # Any row, sampled or not: a constrained prefill chunk feeds its matcher too.
     any_grammar = False
+    any_prompt_lps = False
     for r, s in zip(param_rows, sample, strict=True):
         any_grammar |= r[_GRAMMAR] != 0
+        any_prompt_lps |= r[_PROMPT_LPS] >= 0
         if s:
             max_top = max(max_top, r[_LOGPROBS])
             any_pen |= r[_REP_PEN] != 1.0 or r[_PRES_PEN] != 0.0 or r[_FREQ_PEN] != 0.0
             all_greedy &= r[_TEMP] == 0.0
             want_logits |= bool(r[_LOGITS])
-    return max_top, any_pen, all_greedy and max_top < 0, want_logits, any_grammar
+    return max_top, any_pen, all_greedy and max_top < 0, want_logits, any_grammar, any_prompt_lps
+
+
+def _write_targets(items: list, target_ids: np.ndarray) -> None:
+    """Per token of an echo row, the prompt token after it (-1 past the prompt's end), so the
+    worker can return that token's logprob at each prompt position; other rows get -1."""
+    target_ids[:] = -1
+    offset = 0
+    for it in items:
+        q = len(it.input_ids)
+        seq = it.seq
+        if seq.params.prompt_logprobs is not None and it.start < seq.prompt_len - 1:
+            nxt = seq.token_ids[it.start + 1 : min(it.start + q + 1, seq.prompt_len)]
+            target_ids[offset : offset + len(nxt)] = nxt
+        offset += q
 
 
 @dataclass
@@ -91,7 +118,7 @@ class _SlotMemo:
     tables: list[list[int]]  # row -> the block table list written there
     table_lens: list[int]  # row -> how many of its entries were written
     sample: list[bool]
-    flags: tuple[int, bool, bool, bool, bool]
+    flags: _Flags
     epochs: list[int]  # a sequence preempted and readmitted into the same row has new constants
 
 
@@ -210,7 +237,9 @@ class Packer:
 
         slot.set_header(batch.step, n_tok, n_seq)
         self._memo[slot_index] = _SlotMemo(seqs, tables, table_lens, sample, flags, epochs)
-        max_top, any_pen, all_greedy, want_logits, any_grammar = flags
+        max_top, any_pen, all_greedy, want_logits, any_grammar, any_prompt_lps = flags
+        if any_prompt_lps:
+            _write_targets(items, arrays["target_ids"][:n_tok])
         return Doorbell(
             step=batch.step,
             slot=slot_index,
@@ -221,6 +250,7 @@ class Packer:
             all_greedy=all_greedy,
             want_logits=want_logits,
             any_grammar=any_grammar,
+            any_prompt_logprobs=any_prompt_lps,
         )
 
 

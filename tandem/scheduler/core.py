@@ -171,7 +171,8 @@ class EngineCore:
             token_ids=list(req.prompt_token_ids),
             params=params,
             seed=params.seed if params.seed is not None else secrets.randbits(63),
-            max_tokens=params.max_tokens or (self.context_length - n),
+            # max_tokens 0 (an echo of the prompt alone) samples one token, then drops it
+            max_tokens=params.max_tokens or (1 if params.max_tokens == 0 else self.context_length - n),
             arrival_time=req.arrival_time or self.clock(),
             embed=embed,
         )
@@ -311,6 +312,8 @@ class EngineCore:
                 if it.seq.status is _RUNNING and it.seq.epoch == it.epoch:
                     self.fail(it.seq, ErrorCode.INTERNAL, f"step failed on the worker: {res.error}", out)
             return out
+        if res.num_prompt_lps:
+            self._take_prompt_logprobs(res, batch.items, out)
         self._take_tokens(res, batch.step, sampled, now, out)
         if batch.embeds:
             self._take_embeddings(res, batch.embeds, now, out)
@@ -330,6 +333,39 @@ class EngineCore:
             self.prompt_tokens_total += seq.prompt_len
             out.embeddings.append(Embedding(seq.request_id, vectors[k].astype("<f4").tobytes(), dims))
             self._finish(seq, FinishReason.STOP, None, out)
+
+    def _take_prompt_logprobs(self, res: StepResult, items: list[Any], out: OutputBatch) -> None:
+        """Echo rows' prompt logprobs, one delta per row: the worker returned one entry per prompt
+        position p < prompt_len - 1 each such row fed, in row order (batch._write_targets)."""
+        lps = np.frombuffer(res.prompt_lps, dtype=np.float32).tolist()
+        top_ids = top_lps = None
+        if res.prompt_top_k:
+            top_ids = np.frombuffer(res.prompt_top_ids, dtype=np.int64).reshape(-1, res.prompt_top_k)
+            top_lps = np.frombuffer(res.prompt_top_lps, dtype=np.float32).reshape(-1, res.prompt_top_k)
+        offset = 0
+        for it in items:
+            seq = it.seq
+            n_top = seq.params.prompt_logprobs
+            if n_top is None:
+                continue
+            first, end = it.start, min(it.start + len(it.input_ids), seq.prompt_len - 1)
+            if end <= first:
+                continue
+            lo, offset = offset, offset + end - first
+            if seq.status is not _RUNNING or seq.epoch != it.epoch:
+                continue
+            skip = max(0, seq.prompt_lps_sent - first)  # sent before a preemption
+            if skip >= end - first:
+                continue
+            delta = TokenDelta(seq.request_id, [], "", prompt_logprobs=lps[lo + skip : offset])
+            if n_top and top_ids is not None and top_lps is not None:
+                sel = slice(lo + skip, offset)
+                rows = zip(top_ids[sel, :n_top], top_lps[sel, :n_top], strict=True)
+                delta.prompt_top_logprobs = [
+                    [[i, v] for i, v in zip(ids.tolist(), vals.tolist(), strict=True)] for ids, vals in rows
+                ]
+            seq.prompt_lps_sent = end
+            out.deltas.append(delta)
 
     def _take_tokens(
         self, res: StepResult, step: int, sampled: list[Any], now: float, out: OutputBatch
@@ -356,6 +392,11 @@ class EngineCore:
                 continue  # finished, cancelled or preempted since: the token is dropped
             pstep, _ = seq.pending.popleft()
             assert pstep == step
+            if seq.params.max_tokens == 0:  # echo of the prompt alone: its sampled token is not wanted
+                seq.first_token_time = seq.first_token_time or now
+                self.prompt_tokens_total += seq.prompt_len
+                self._finish(seq, FinishReason.LENGTH, None, out)
+                continue
             tok = tokens[k]
             seq.token_ids.append(tok)
             if seq.first_token_time == 0.0:

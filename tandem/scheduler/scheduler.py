@@ -290,11 +290,13 @@ def _cache_key(seq: Sequence) -> bytes:
     seeing every token fed from position 0, which a prefix hit would skip. Constrained ones share
     the cache on first admission (a hit then skips prompt tokens only, which their matcher never
     reads) but not on a recompute, whose hits could skip generated tokens the matcher must replay:
-    a new key per epoch there."""
+    a new key per epoch there. Echo requests (prompt_logprobs) get one per epoch always: a hit
+    would skip prompt positions whose logprobs they must compute, and after a preemption even
+    their own blocks may hold positions whose results were dropped as stale."""
     if seq.embed:  # its blocks are never shared: no hit, and (not committed) never a cache entry
         return f"embed:{seq.seq_id}".encode()
     p = seq.params
-    if seq.grammar_id and seq.epoch:
+    if (seq.grammar_id and seq.epoch) or p.prompt_logprobs is not None:
         return f"private:{seq.seq_id}:{seq.epoch}".encode()
     if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
         return f"private:{seq.seq_id}".encode()

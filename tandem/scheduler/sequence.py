@@ -51,6 +51,7 @@ class Sequence:
     # An embedding: its whole prompt runs in one step, samples nothing, and is answered with the
     # pooled vector; it never shares or leaves prefix-cache blocks.
     embed: bool = False
+    prompt_lps_sent: int = 0  # echo: prompt positions whose logprobs are sent (a recompute skips them)
 
     @property
     def num_outputs(self) -> int:

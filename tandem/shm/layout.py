@@ -256,6 +256,10 @@ def batch_layout(
         # its occupant's identity (sequence and epoch), so the worker's matcher restarts with it.
         seq("grammar_id", "int32"),
         seq("grammar_key", "int64"),
+        # Echo: top-n of each prompt position's logprobs (-1: none), and per token the next prompt
+        # token, whose logprob the position returns (-1: none; written only when a row asks).
+        seq("prompt_logprobs", "int32"),
+        tok("target_ids", "int64"),
     ]
     if max_stop_ids:
         fields.append(seq("stop_ids", "int32", max_stop_ids))

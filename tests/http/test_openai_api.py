@@ -128,7 +128,7 @@ def test_errors_through_the_client(client: openai.OpenAI) -> None:
         client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=-0.5)
     assert br.value.body["param"] == "temperature" and br.value.body["type"] == "invalid_request_error"
     with pytest.raises(openai.BadRequestError) as n:
-        client.chat.completions.create(model="tiny", messages=MESSAGES, n=2)
+        client.chat.completions.create(model="tiny", messages=MESSAGES, n=0)
     assert n.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as ctx:
         client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=100_000)

@@ -89,6 +89,23 @@ def delta_logprobs(tok: Tokenizer, d: TokenDelta) -> list[dict[str, Any]]:
     return out
 
 
+def prompt_logprob_entries(
+    tok: Tokenizer, prompt_ids: list[int], first: int, d: TokenDelta, head: bool
+) -> list[dict[str, Any]]:
+    """Entries as `delta_logprobs` gives them for the prompt tokens whose logprobs ``d`` carries,
+    prompt token ``first`` + 1 on; ``head`` puts prompt token 0 before them, with no logprob
+    (nothing comes before it) and no top_logprobs, as OpenAI's echo does."""
+    n = len(d.prompt_logprobs or [])
+    ids = prompt_ids[first + 1 : first + 1 + n]
+    shown = TokenDelta("", ids, "", d.prompt_logprobs, d.prompt_top_logprobs)
+    out = delta_logprobs(tok, shown)
+    if head and prompt_ids:
+        raw = token_bytes(tok, prompt_ids[0])
+        head = {"token": raw.decode("utf-8", errors="replace"), "logprob": None, "bytes": list(raw)}
+        out.insert(0, head | {"top_logprobs": None})
+    return out
+
+
 def ollama_logprobs(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """ollama's shape: the OpenAI one without the bytes."""
     return [

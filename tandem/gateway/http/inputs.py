@@ -32,8 +32,6 @@ def refuse_openai_features(body: dict[str, Any], chat: bool) -> None:
     if not chat and body.get("tools"):
         raise unsupported("tools", "tools need /v1/chat/completions")
     if not chat:
-        if body.get("echo"):
-            raise unsupported("echo", "echoing the prompt is not implemented")
         if body.get("suffix"):
             raise unsupported("suffix", "fill-in-the-middle is not implemented")
 

@@ -6,12 +6,15 @@ ends with one ``data: {"error": {...}}`` event instead (openai-python raises API
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -19,13 +22,13 @@ from tandem.engine.router import EngineError
 from tandem.gateway.http.errors import ApiError, openai_error_body
 from tandem.gateway.http.formats import JSONResponse, delta_logprobs, sse
 from tandem.gateway.http.inputs import chat_messages, refuse_openai_features, with_defaults
-from tandem.gateway.http.openai_shapes import Shape, chat_shape, completion_shape
-from tandem.gateway.http.params import bad, get_bool, openai_defaults, openai_sampling, read_json
+from tandem.gateway.http.openai_shapes import Shape, chat_shape, completion_shape, usage_of
+from tandem.gateway.http.params import bad, get_bool, openai_defaults, openai_n, openai_sampling, read_json
 from tandem.gateway.http.state import Gateway, gateway_of
 from tandem.gateway.http.streaming import CancellableStream, Generation, run_cancellable
 from tandem.gateway.http.structured import openai_format
 from tandem.gateway.http.tool_shapes import http_tools
-from tandem.messages import TokenDelta
+from tandem.messages import SamplingParams, TokenDelta
 from tandem.tools.request import prompt_messages
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ async def chat_completions(request: Request) -> Response:
     body = await read_json(request)
     model = gw.check_model(body)
     refuse_openai_features(body, chat=True)
+    n = openai_n(body)
     params = openai_sampling(body, chat=True)
     await gw.constrain(params, openai_format(body), "response_format")
     messages = chat_messages(body.get("messages"), openai=True)
@@ -66,8 +70,24 @@ async def chat_completions(request: Request) -> Response:
     prompt_msgs, template_kwargs = prompt_messages(with_defaults(messages, d), tools, template)
     ids = await gw.encode_chat(prompt_msgs, d.template if d else None, **template_kwargs)
     params.max_tokens = gw.fit_context(len(ids), params.max_tokens, None, clamp=False)
-    shape = chat_shape(model, f"chatcmpl-{uuid.uuid4().hex}", gw.engine.tokenizer, tools)
-    return await _respond(request, gw, Generation(gw, ids, params, arrival), body, shape)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    # each choice parses its own tool calls: a shape per choice
+    shapes = [chat_shape(model, rid, gw.engine.tokenizer, tools) for _ in range(n)]
+    return await _respond(request, _choices(gw, [ids], params, n, arrival, shapes), body, n)
+
+
+def _prompts(body: dict[str, Any]) -> list[str | list[int]]:
+    """The prompts of a completions request: a string, a list of token ids, or a list of either."""
+
+    def is_ids(p: Any) -> bool:
+        return isinstance(p, list) and bool(p) and all(type(t) is int for t in p)
+
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or is_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or is_ids(p) for p in prompt):
+        return list(prompt)
+    raise bad("prompt", "must be a string, a list of token ids, or a non-empty list of either")
 
 
 @router.post("/v1/completions")
@@ -77,77 +97,168 @@ async def completions(request: Request) -> Response:
     body = await read_json(request)
     model = gw.check_model(body)
     refuse_openai_features(body, chat=False)
+    n = openai_n(body)
     params = openai_sampling(body, chat=False)
     if (d := gw.defaults_of(model)) is not None:
         params = openai_defaults(params, body, d.parameters)
     await gw.constrain(params, openai_format(body), "response_format")
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        ids = await gw.encode_prompt(prompt, raw=True, system=None)
-    elif (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-    ):
-        ids = gw.check_token_ids(prompt, "prompt")
-    elif isinstance(prompt, list) and len(prompt) > 1:
-        raise bad("prompt", "only one prompt per request is supported")
-    else:
-        raise bad("prompt", "must be a string, or a list of token ids")
-    params.max_tokens = gw.fit_context(len(ids), params.max_tokens if params.max_tokens else 16, None, False)
-    shape = completion_shape(model, f"cmpl-{uuid.uuid4().hex}", gw.engine.tokenizer)
-    return await _respond(request, gw, Generation(gw, ids, params, arrival), body, shape)
+    echo = get_bool(body, "echo", False)
+    tok = gw.engine.tokenizer
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    prompts: list[list[int]] = []
+    shapes: list[Shape] = []
+    max_tokens = 16 if params.max_tokens is None else params.max_tokens
+    for i, prompt in enumerate(_prompts(body)):
+        if isinstance(prompt, str):
+            ids = await gw.encode_prompt(prompt, raw=True, system=None)
+        else:
+            ids = gw.check_token_ids(prompt, "prompt" if i == 0 else f"prompt[{i}]")
+        prompts.append(ids)
+        shown = (prompt if isinstance(prompt, str) else tok.decode(ids)) if echo else None
+        shapes += [completion_shape(model, rid, tok, shown) for _ in range(n)]
+    params.max_tokens = max_tokens
+    return await _respond(request, _choices(gw, prompts, params, n, arrival, shapes), body, n)
+
+
+def _choices(
+    gw: Gateway,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    n: int,
+    arrival: float,
+    shapes: list[Shape],
+) -> list[tuple[Generation, Shape]]:
+    """One generation per choice, prompt i's sample j at index i * n + j; with a seed, sample j
+    draws with seed + j so the choices differ. Every prompt must fit the context: a request is
+    refused whole, before any choice is submitted."""
+    out = []
+    for k, shape in enumerate(shapes):
+        ids, j = prompts[k // n], k % n
+        p = msgspec.structs.replace(params, seed=None if params.seed is None else params.seed + j)
+        p.max_tokens = gw.fit_context(len(ids), params.max_tokens, None, False)
+        shape.index = k
+        shape.created = shapes[0].created
+        out.append((Generation(gw, ids, p, arrival), shape))
+    return out
+
+
+async def _start_all(gens: list[Generation]) -> None:
+    """Submit every choice; if one is refused, the others are cancelled and its error raised."""
+    try:
+        results = await asyncio.gather(*(g.start() for g in gens), return_exceptions=True)
+    except BaseException:  # the client went away (run_cancellable): cancel the ones that started
+        for g in gens:
+            await g.aclose()
+        raise
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        for g in gens:
+            await g.aclose()
+        raise failed[0]
 
 
 async def _respond(
-    request: Request, gw: Gateway, gen: Generation, body: dict[str, Any], shape: Shape
+    request: Request, choices: list[tuple[Generation, Shape]], body: dict[str, Any], n: int
 ) -> Response:
+    gens = [g for g, _ in choices]
+    gw = gens[0].gw
     stream = get_bool(body, "stream", False)
     include_usage = _stream_options(body) if stream else False
-    await run_cancellable(request, gen.start())
+    await run_cancellable(request, _start_all(gens))
     if stream:
-        events = _events(gen, shape, include_usage)
         return CancellableStream(
-            events,
+            _merged_events(choices, include_usage, n),
             "text/event-stream",
             _SSE_HEADERS,
             error_frame=_sse_error,
             send_timeout=gw.settings.send_timeout,
         )
 
-    async def collect() -> dict[str, Any]:
+    async def collect(gen: Generation, shape: Shape) -> dict[str, Any]:
         text, lps = await gen.collect()
         return shape.whole(gen, text, lps)
 
-    return JSONResponse(await run_cancellable(request, collect()))
+    async def collect_all() -> dict[str, Any]:
+        try:
+            wholes = await asyncio.gather(*(collect(g, s) for g, s in choices))
+        finally:
+            for g in gens:
+                await g.aclose()
+        out = wholes[0]
+        out["choices"] = [c for w in wholes for c in w["choices"]]
+        out["usage"] = usage_of(gens, n)
+        return out
+
+    return JSONResponse(await run_cancellable(request, collect_all()))
+
+
+async def _merged_events(
+    choices: list[tuple[Generation, Shape]], include_usage: bool, n: int
+) -> AsyncIterator[bytes]:
+    """Every choice's chunks as they come, interleaved; one error ends the stream (and, through
+    the generators' closing, cancels every choice); usage once, after the last finish chunk."""
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+    failed = False
+
+    async def pump(gen: Generation, shape: Shape) -> None:
+        nonlocal failed
+        try:
+            async for frame in _events(gen, shape, include_usage):
+                queue.put_nowait(frame)
+        except EngineError as e:
+            failed = True
+            err: ApiError = await gen.gw.api_error(e)
+            queue.put_nowait(sse(openai_error_body(err)))
+        except Exception as e:  # a bug: end the stream as CancellableStream would
+            log.exception("stream failed")
+            failed = True
+            queue.put_nowait(_sse_error(f"internal error: {type(e).__name__}: {e}"))
+        finally:
+            queue.put_nowait(None)
+
+    tasks = [asyncio.ensure_future(pump(g, s)) for g, s in choices]
+    try:
+        left = len(tasks)
+        while left:
+            frame = await queue.get()
+            if frame is None:
+                left -= 1
+                if failed:
+                    return
+                continue
+            yield frame
+        if include_usage:
+            yield sse(choices[0][1].usage_chunk([g for g, _ in choices], n))
+        yield sse("[DONE]")
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for g, _ in choices:
+            await g.aclose()
 
 
 async def _events(gen: Generation, shape: Shape, include_usage: bool) -> AsyncIterator[bytes]:
+    """One choice's chunks; an EngineError propagates."""
     tok = gen.gw.engine.tokenizer
     want_lps = gen.params.logprobs is not None
     first = shape.first_chunk(include_usage)
     if first is not None:
         yield sse(first)
-    try:
-        async for ev in gen.events():
-            if isinstance(ev, TokenDelta):
-                text = shape.stream_text(ev.text)
-                if text or want_lps:
-                    lps = delta_logprobs(tok, ev) if want_lps else None
-                    yield sse(shape.chunk(text, lps, include_usage))
-            else:
-                for c in shape.tail_chunks(include_usage):
-                    yield sse(c)
-                yield sse(shape.finish_chunk(gen, include_usage))
-                if include_usage:
-                    yield sse(shape.usage_chunk(gen))
-    except EngineError as e:
-        err: ApiError = await gen.gw.api_error(e)
-        yield sse(openai_error_body(err))
-        return
-    yield sse("[DONE]")
+    async for ev in gen.events():
+        for c in shape.echo_chunks(gen, ev, include_usage):
+            yield sse(c)
+        if isinstance(ev, TokenDelta):
+            text = shape.stream_text(ev.text)
+            if text or (want_lps and ev.token_ids):  # an echo's prompt delta went out above
+                lps = delta_logprobs(tok, ev) if want_lps else None
+                yield sse(shape.chunk(text, lps, include_usage))
+        else:
+            for c in shape.tail_chunks(include_usage):
+                yield sse(c)
+            yield sse(shape.finish_chunk(gen, include_usage))
 
 
 def _sse_error(message: str) -> bytes:

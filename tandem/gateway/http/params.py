@@ -205,10 +205,20 @@ def ollama_logprobs(body: dict[str, Any]) -> int | None:
 
 
 # -- OpenAI ------------------------------------------------------------------------------------
-def openai_sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
+MAX_N = 64  # choices per prompt: each is a request of its own in the scheduler
+
+
+def openai_n(body: dict[str, Any]) -> int:
+    """How many choices to generate per prompt (OpenAI's ``n``)."""
     n = get_int(body, "n")
-    if n is not None and n != 1:
-        raise bad("n", "only n=1 is supported")
+    if n is None:
+        return 1
+    if not 1 <= n <= MAX_N:
+        raise bad("n", f"must be between 1 and {MAX_N}, got {n}")
+    return n
+
+
+def openai_sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
     for name in ("best_of",):
         v = get_int(body, name)
         if v is not None and v != 1:
@@ -238,7 +248,9 @@ def openai_sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
     p.stop = get_stop(body)
     mct, mt = get_int(body, "max_completion_tokens"), get_int(body, "max_tokens")
     p.max_tokens = mct if mct is not None else mt
-    if p.max_tokens is not None and p.max_tokens < 1:
+    echo = not chat and get_bool(body, "echo", False)
+    if p.max_tokens is not None and p.max_tokens < (0 if echo else 1):
+        # 0 with echo: the prompt (and its logprobs) alone, nothing generated
         raise bad("max_completion_tokens" if mct is not None else "max_tokens", "must be >= 1")
     if chat:
         top = get_int(body, "top_logprobs")
@@ -253,6 +265,8 @@ def openai_sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
         if lp is not None and not 0 <= lp <= MAX_TOP_LOGPROBS:
             raise bad("logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}")
         p.logprobs = lp
+        if echo:  # the prompt's own logprobs come back with it (computed even when not shown)
+            p.prompt_logprobs = lp or 0
     return validated(p, {"logprobs": "top_logprobs" if chat else "logprobs"})
 
 

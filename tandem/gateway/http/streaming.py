@@ -140,6 +140,7 @@ class Generation:
         self.finished: Finished | None = None
         self.error: EngineError | None = None
         self.token_ids: list[int] = []
+        self.merged = TokenDelta("", [], "")  # collect(): every delta merged (echo reads its prompt part)
         # Every route checked the request (params, token ids, fit_context) to name its own fields.
         self._it = gw.engine.generate(prompt_ids, params, checked=True)
         self._first: Event | None = None
@@ -177,7 +178,7 @@ class Generation:
     async def collect(self) -> tuple[str, list[dict[str, Any]] | None]:
         """A non-streaming reply's whole text and, when asked for, its per-token logprobs (in
         OpenAI's shape; ollama's routes map them); an engine error becomes the API's error."""
-        whole = TokenDelta("", [], "")
+        whole = self.merged
         try:
             async for ev in self.events():
                 if isinstance(ev, TokenDelta):
