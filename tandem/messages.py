@@ -24,8 +24,8 @@ from msgspec import field
 
 PROTOCOL_VERSION = 1
 # Revisions add fields and capabilities within a major version (PROTOCOL.md, "Versioning"): 1.1
-# structured output and tools.
-PROTOCOL_REVISION = "1.1"
+# structured output and tools, 1.2 prompt logprobs.
+PROTOCOL_REVISION = "1.2"
 
 _REGISTRY: dict[int, type[Message]] = {}
 _DECODERS: dict[int, msgspec.msgpack.Decoder] = {}
