@@ -30,6 +30,7 @@ from tandem.gateway.http.formats import JSONResponse
 from tandem.gateway.http.middleware import GuardMiddleware, OriginPolicy, allowed_names
 from tandem.gateway.http.state import Gateway, HttpSettings
 from tandem.gateway.http.streaming import ClientGone
+from tandem.gateway.models import LeaseMiddleware
 
 __all__ = ["HttpSettings", "build_app"]
 
@@ -70,6 +71,7 @@ def build_app(engine: AsyncEngine, settings: HttpSettings) -> FastAPI:
         metrics=gw.metrics,
         known=known,
     )
+    app.add_middleware(LeaseMiddleware)
     return app
 
 

@@ -11,6 +11,7 @@ delete are store names, which cannot reach outside the store.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +36,7 @@ from tandem.gateway.http.params import get_bool, read_json
 from tandem.gateway.http.state import Gateway, check_name, gateway_of
 from tandem.gateway.http.store_calls import StoreTimeout
 from tandem.gateway.http.streaming import CancellableStream
+from tandem.gateway.models import Loaded
 from tandem.store import model_store as store
 from tandem.store.describe import describe_model
 from tandem.store.modelfile import ModelDefaults, check_messages, check_parameters, parse_modelfile
@@ -207,6 +209,13 @@ def _with_tools(capabilities: list[str]) -> list[str]:
 @router.get("/api/ps")
 async def ps(request: Request) -> Response:
     gw = gateway_of(request)
+    entries = gw.pool.entries()
+    models = await asyncio.gather(*(_ps_entry(gw, m) for m in entries))
+    return JSONResponse({"models": list(models)})
+
+
+async def _ps_entry(root: Gateway, m: Loaded) -> dict[str, Any]:
+    gw = m.gw
     stats = await gw.stats()
     cfg = gw.engine.cfg
 
@@ -217,10 +226,11 @@ async def ps(request: Request) -> Response:
             ref = store.inspect_path(Path(cfg.model_path), gw.model_name)
         return ref, _info(ref)
 
-    ref, info = await _store_read(gw, "reading the loaded model", read)
+    ref, info = await _store_read(root, "reading the loaded model", read)
     plan = stats.memory_plan if stats else gw.engine.ready_info.get("memory_plan", {})
     size = int(plan.get("weights_bytes", 0)) + int(plan.get("kv_cache_bytes", 0)) or ref.size_bytes
     on_gpu = str(plan.get("device", cfg.device)).startswith("cuda")
+    expires = _NEVER if m.resident or m.expires_at is None else datetime.fromtimestamp(m.expires_at, UTC)
     tandem = {
         "device": plan.get("device", cfg.device),
         "worker_alive": bool(stats and stats.worker_alive and gw.engine.dead is None),
@@ -232,21 +242,24 @@ async def ps(request: Request) -> Response:
         "kv_blocks_cached": stats.kv_blocks_cached if stats else None,
         "overlap": cfg.overlap,
         "memory_plan": plan,
-        "zmq": list(gw.settings.zmq_endpoints),
+        "planned_bytes": m.estimate,  # what the gateway counted against its budget before loading
+        "in_flight": m.in_flight,
+        "resident": m.resident,
+        "load_seconds": round(gw.engine.load_seconds, 3),
+        "zmq": list(gw.settings.zmq_endpoints) if m.resident else [],
         "pid": gw.settings.extra.get("pid"),
     }
-    model = {
+    return {
         "name": gw.model_name,
         "model": gw.model_name,
         "size": size,
         "digest": ref.sha256 or "",
         "details": _details(info),
-        "expires_at": rfc3339(_NEVER),
+        "expires_at": rfc3339(expires),
         "size_vram": size if on_gpu else 0,
         "context_length": gw.engine.context_length,
         "tandem": tandem,
     }
-    return JSONResponse({"models": [model]})
 
 
 @router.api_route("/api/version", methods=["GET", "HEAD"])
@@ -306,8 +319,9 @@ async def _pull_lines(gw: Gateway, name: str) -> AsyncIterator[bytes]:
 async def delete(request: Request) -> Response:
     gw = gateway_of(request)
     name = _name(await read_json(request))
-    if gw.serves(name):
-        raise ApiError(400, f"cannot delete '{name}': this server has it loaded; stop the server first")
+    if (m := gw.pool.find(name)) is not None:
+        how = "stop the server first" if m.resident else f"unload it first (`tandem stop {name}`)"
+        raise ApiError(400, f"cannot delete '{name}': this server has it loaded; {how}")
     try:
         await _store_write(gw, f"deleting '{name}'", gw.settings.store_timeout, store.remove_model, name)
     except ModelStoreError as e:
