@@ -158,9 +158,9 @@ def serve(
 ) -> None:
     """Serve a model over HTTP (ollama and OpenAI APIs) and the ZeroMQ protocol."""
     from tandem.gateway.http.errors import ApiError
+    from tandem.gateway.http.model_pool import parse_keep_alive
     from tandem.gateway.http.state import HttpSettings
     from tandem.gateway.listen import ServeError
-    from tandem.gateway.models import parse_keep_alive
     from tandem.gateway.server import ServeConfig
     from tandem.gateway.server import serve as run
     from tandem.store.local_paths import allowed_roots

@@ -24,9 +24,9 @@ import zmq
 
 from tandem.config import EngineConfig
 from tandem.engine.aio import AsyncEngine
+from tandem.gateway.http.model_pool import ModelPool
 from tandem.gateway.http.state import HttpSettings
 from tandem.gateway.listen import ServeError, bind_error, is_loopback, listen_tcp
-from tandem.gateway.models import ModelPool
 from tandem.gateway.zmq_frontend import ZmqFrontend
 from tandem.paths import tandem_home
 

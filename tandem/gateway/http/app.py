@@ -28,9 +28,9 @@ from tandem.gateway.http import (
 from tandem.gateway.http.errors import ApiError, BodyTooLarge, error_response
 from tandem.gateway.http.formats import JSONResponse
 from tandem.gateway.http.middleware import GuardMiddleware, OriginPolicy, allowed_names
+from tandem.gateway.http.model_pool import LeaseMiddleware
 from tandem.gateway.http.state import Gateway, HttpSettings
 from tandem.gateway.http.streaming import ClientGone
-from tandem.gateway.models import LeaseMiddleware
 
 __all__ = ["HttpSettings", "build_app"]
 

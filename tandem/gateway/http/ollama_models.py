@@ -32,11 +32,11 @@ from tandem.errors import (
 )
 from tandem.gateway.http.errors import ApiError
 from tandem.gateway.http.formats import JSONResponse, ndjson, rfc3339
+from tandem.gateway.http.model_pool import Loaded
 from tandem.gateway.http.params import get_bool, read_json
 from tandem.gateway.http.state import Gateway, check_name, gateway_of
 from tandem.gateway.http.store_calls import StoreTimeout
 from tandem.gateway.http.streaming import CancellableStream
-from tandem.gateway.models import Loaded
 from tandem.store import model_store as store
 from tandem.store.describe import describe_model
 from tandem.store.modelfile import ModelDefaults, check_messages, check_parameters, parse_modelfile

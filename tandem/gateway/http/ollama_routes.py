@@ -14,13 +14,13 @@ from tandem.engine.router import EngineError
 from tandem.gateway.http.errors import ApiError
 from tandem.gateway.http.formats import JSONResponse, delta_logprobs, ndjson, ollama_logprobs, rfc3339
 from tandem.gateway.http.inputs import chat_messages, refuse_ollama_features, with_defaults
+from tandem.gateway.http.model_pool import parse_keep_alive
 from tandem.gateway.http.params import bad, get_bool, get_str, ollama_sampling, read_json
 from tandem.gateway.http.params import ollama_logprobs as logprobs_param
 from tandem.gateway.http.state import Gateway, gateway_of
 from tandem.gateway.http.streaming import CancellableStream, Generation, finish_reason, run_cancellable
 from tandem.gateway.http.structured import ollama_format
 from tandem.gateway.http.tool_shapes import http_tools, ollama_tool_calls
-from tandem.gateway.models import parse_keep_alive
 from tandem.messages import SamplingParams, TokenDelta
 from tandem.tools.parse import ToolCall, ToolStream
 from tandem.tools.request import prompt_messages

@@ -20,9 +20,9 @@ from tandem.engine.aio import AsyncEngine
 from tandem.engine.router import EngineError
 from tandem.gateway.http.errors import ApiError, from_engine_error
 from tandem.gateway.http.metrics import Metrics
+from tandem.gateway.http.model_pool import ModelPool, parse_keep_alive
 from tandem.gateway.http.params import bad
 from tandem.gateway.http.store_calls import StoreLane
-from tandem.gateway.models import ModelPool, parse_keep_alive
 from tandem.messages import ErrorCode, Stats
 from tandem.prompts.build import chat_ids, prompt_ids
 from tandem.prompts.chat_template import ChatTemplateError
@@ -52,7 +52,7 @@ class HttpSettings:
     store_timeout: float = 30.0  # seconds a store read or delete may take before the client gets a 504
     pull_timeout: float = 3600.0  # the same for a pull, which may download gigabytes
     version: str = __version__
-    # Multi-model serving (tandem.gateway.models): seconds a model stays loaded after its last
+    # Multi-model serving (tandem.gateway.http.model_pool): seconds a model stays loaded after its last
     # request (None: forever), most models loaded at once (0: as many as the memory fits), and the
     # memory budget in bytes for their plans (0: what the system has available).
     keep_alive: float | None = 300.0
