@@ -5,6 +5,9 @@ nothing behind (processes, shm segments, ipc socket files) when a model goes."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -259,3 +262,34 @@ def test_max_loaded_models(home: Path) -> None:
         assert set(loaded(s)) == {"tiny", "tiny3"}
     finally:
         assert s.stop() == 0
+
+
+def _cli(server: Server, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "tandem.cli", *args]
+    return subprocess.run(cmd, env=server.env, capture_output=True, text=True, timeout=60)
+
+
+def test_tandem_run_loads_the_model_and_stop_model_unloads_it(server: Server) -> None:
+    wait_for(lambda: "tiny3" not in loaded(server), timeout=15)
+    before = Footprint(server)
+    r = subprocess.run(
+        [sys.executable, "-m", "tandem.cli", "run", "tiny3"],
+        env=server.env,
+        input="/bye\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "tiny3" in loaded(server)
+    ps = _cli(server, "ps")
+    assert ps.returncode == 0, ps.stderr
+    assert re.search(r"tiny:latest .* Forever", ps.stdout), ps.stdout
+    assert re.search(r"tiny3:latest .* minutes from now", ps.stdout), ps.stdout
+    r = _cli(server, "stop", "tiny3")
+    assert r.returncode == 0 and "unloaded tiny3" in r.stdout, r.stderr
+    assert "tiny3" not in loaded(server)
+    wait_for(lambda: Footprint(server).new_since(before) == (set(), set(), set()), timeout=15)
+    assert server.proc is not None and server.proc.poll() is None  # the server itself runs on
+    r = _cli(server, "stop", "ghost")
+    assert r.returncode == 1 and "not found" in r.stderr
