@@ -174,7 +174,8 @@ class Gateway:
 
     def forget_derived(self) -> None:
         """After a create, copy or delete through this server: look the names up again."""
-        self._derived.clear()
+        for m in self.pool.entries():
+            m.gw._derived.clear()
 
     def _derived_from_served(self, name: str) -> bool:
         """Whether ``name`` is a copy or derived model of the loaded one (same weights file). The
