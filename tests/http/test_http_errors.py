@@ -245,7 +245,7 @@ def test_client_disconnect_frees_slot_and_blocks(server: Server) -> None:
         assert (
             f"tandem_running_sequences{tiny} 0.0" in metrics and f"tandem_kv_blocks_used{tiny} 0.0" in metrics
         )
-        assert 'tandem_request_outcomes_total{reason="cancelled",model="tiny:latest"}' in metrics
+        assert 'tandem_request_outcomes_total{model="tiny:latest",reason="cancelled"}' in metrics
         # OpenAI SSE stream, and a non-streamed request whose client gives up
         oai = {"model": "tiny", "messages": CHAT, "stream": True, "max_tokens": 3000, "ignore_eos": True}
         with c.stream("POST", "/v1/chat/completions", json=oai) as r:
