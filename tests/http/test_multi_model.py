@@ -265,7 +265,8 @@ def test_max_loaded_models(home: Path) -> None:
 
 
 def _cli(server: Server, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "tandem.cli", *args]
+    # --url: the eviction tests' servers share this TANDEM_HOME, and its server record.
+    cmd = [sys.executable, "-m", "tandem.cli", *args, "--url", server.url]
     return subprocess.run(cmd, env=server.env, capture_output=True, text=True, timeout=60)
 
 
@@ -273,7 +274,7 @@ def test_tandem_run_loads_the_model_and_stop_model_unloads_it(server: Server) ->
     wait_for(lambda: "tiny3" not in loaded(server), timeout=15)
     before = Footprint(server)
     r = subprocess.run(
-        [sys.executable, "-m", "tandem.cli", "run", "tiny3"],
+        [sys.executable, "-m", "tandem.cli", "run", "tiny3", "--url", server.url],
         env=server.env,
         input="/bye\n",
         capture_output=True,
