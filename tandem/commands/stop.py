@@ -60,7 +60,17 @@ def _unload(model: str, url: str | None, timeout: float) -> None:
             else r.text
         )
         raise click.ClickException(f"cannot stop {model}: {msg}")
-    click.echo(f"unloaded {model}" if r.json().get("done_reason") == "unload" else f"{model}: {r.text}")
+    ps = httpx.get(f"{base}/api/ps", timeout=timeout).json().get("models", [])
+    if any(m.get("tandem", {}).get("resident") and _names_match(model, m.get("name", "")) for m in ps):
+        raise click.ClickException(
+            f"{model} is the server's own model (serve --model) and stays loaded; "
+            "`tandem stop` without a model stops the server"
+        )
+    click.echo(f"unloaded {model}")
+
+
+def _names_match(asked: str, loaded: str) -> bool:
+    return loaded in (asked, f"{asked}:latest")
 
 
 @click.command()

@@ -292,5 +292,8 @@ def test_tandem_run_loads_the_model_and_stop_model_unloads_it(server: Server) ->
     assert "tiny3" not in loaded(server)
     wait_for(lambda: Footprint(server).new_since(before) == (set(), set(), set()), timeout=15)
     assert server.proc is not None and server.proc.poll() is None  # the server itself runs on
+    r = _cli(server, "stop", "tiny")
+    assert r.returncode == 1 and "stays loaded" in r.stderr
+    assert "tiny" in loaded(server)
     r = _cli(server, "stop", "ghost")
     assert r.returncode == 1 and "not found" in r.stderr
