@@ -120,6 +120,7 @@ class ModelPool:
         self._reserved: dict[str, int] = {}  # bytes planned for loads under way
         self._plan_lock = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
+        self._unloads: set[asyncio.Task[None]] = set()
         self._closing = False
 
     @property
@@ -226,11 +227,14 @@ class ModelPool:
         """A request on ``entry`` ended; its keep_alive ("default": the server's) starts counting."""
         entry.in_flight -= 1
         entry.touch(self.keep_alive if keep_alive == "default" else keep_alive)  # type: ignore[arg-type]
-        if entry.keep_alive == 0:
-            entry.unload_when_idle = True
+        entry.unload_when_idle = entry.keep_alive == 0  # the last request's keep_alive wins
         self._reap_now()
 
-    async def unload(self, entry: Loaded) -> None:
+    async def unload(self, entry: Loaded, only_if_idle: bool = False) -> None:
+        """Stop ``entry``'s engine (its processes, ring, KV pool, socket files). ``only_if_idle``:
+        not if a request took it meanwhile (the reaper decided before this ran)."""
+        if only_if_idle and not entry.idle and entry.gw.engine.dead is None:
+            return
         if entry.resident:
             log.info("keep_alive asks to unload %s; the server's own model stays loaded", entry.name)
             entry.unload_when_idle = False
@@ -260,14 +264,18 @@ class ModelPool:
 
     def _reap_now(self) -> None:
         for m in self._due():
-            asyncio.get_running_loop().create_task(self.unload(m))
+            task = asyncio.get_running_loop().create_task(self.unload(m, only_if_idle=True))
+            self._unloads.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(self._unloads.discard)
 
     async def _reap_loop(self) -> None:
         while True:
             await asyncio.sleep(REAP_INTERVAL_S)
             for m in self._due():
-                with contextlib.suppress(Exception):
-                    await self.unload(m)
+                try:
+                    await self.unload(m, only_if_idle=True)
+                except Exception:  # the reaper must outlive one engine's bad close
+                    log.exception("unloading %s failed", m.name)
 
     async def close(self, drain: bool = False, timeout: float = 30.0) -> None:
         """Stop every model but the resident one (the server closes that itself)."""
@@ -276,7 +284,7 @@ class ModelPool:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        for task in list(self._loading.values()):
+        for task in [*self._loading.values(), *self._unloads]:
             with contextlib.suppress(BaseException):
                 await task
         others = [m for m in self.loaded.values() if not m.resident]
