@@ -79,17 +79,31 @@ class Footprint:
         assert server.proc is not None
         self.server = server
         self.procs = descendants(server.proc.pid)
-        self.shm = set(Path("/dev/shm").glob("tandem-*"))
+        # Segments are named tandem-{creator pid}-{hex}. Other tandem processes on this machine
+        # (other test runs) make theirs too: only the server's tree's count, and any whose creator
+        # is gone (a model's scheduler or worker that left one behind).
+        self.shm = {p for p in Path("/dev/shm").glob("tandem-*") if _ours(p, {server.proc.pid} | self.procs)}
         self.ipc = set(_run_dir(server.home).glob("tandem-*"))
 
     def new_since(self, before: Footprint) -> tuple[set[int], set[Path], set[Path]]:
         return self.procs - before.procs, self.shm - before.shm, self.ipc - before.ipc
 
 
+def _ours(segment: Path, pids: set[int]) -> bool:
+    from procs import running
+
+    try:
+        owner = int(segment.name.split("-")[1])
+    except (IndexError, ValueError):
+        return False
+    return owner in pids or not running(owner)
+
+
 def assert_gone(server: Server, added: tuple[set[int], set[Path], set[Path]]) -> None:
     procs, shm, ipc = added
     assert procs, "the model started no processes of its own"
     assert ipc, "the model made no ipc directory of its own"
+    assert shm, "the model made no shm segment of its own"
     from procs import running
 
     wait_for(lambda: not any(running(p) for p in procs), timeout=15)
