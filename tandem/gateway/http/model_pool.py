@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import re
+import subprocess
 import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,18 @@ def available_memory() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def gpu_free_memory(device: str) -> int | None:
+    """Free bytes on CUDA ``device`` ("cuda", "cuda:N") from nvidia-smi, None when it cannot tell.
+    Not torch: a CUDA context in the gateway would itself take GPU memory."""
+    index = device.partition(":")[2] or "0"
+    query = ["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", index]
+    try:
+        out = subprocess.run(query, capture_output=True, text=True, timeout=5, check=True).stdout
+        return int(out.split()[0]) * 2**20
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
 
 
 def estimate_bytes(model_path: str, kv_cache_memory: int) -> int:
@@ -187,9 +200,14 @@ class ModelPool:
     def _free(self) -> int:
         if self.memory_limit:
             return self.memory_limit - self._used()
-        # What the kernel reports already lacks what loaded models took; not what loads under way
-        # are about to take.
-        return available_memory() - sum(self._reserved.values())
+        # What the kernel (or the GPU) reports already lacks what loaded models took; not what
+        # loads under way are about to take.
+        free = None
+        if self.base_cfg.device.startswith("cuda"):
+            free = gpu_free_memory(self.base_cfg.device)
+        if free is None:
+            free = available_memory()
+        return free - sum(self._reserved.values())
 
     async def _make_room(self, name: str, need: int) -> None:
         """Evict idle models, least recently used first, until ``need`` bytes and a model slot are
