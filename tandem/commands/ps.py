@@ -64,11 +64,28 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def _until(expires_at: str) -> str:
+    """ollama's UNTIL column: "Forever" for a model that stays loaded, else how long it has left."""
+    from datetime import UTC, datetime
+
+    try:
+        when = datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
+    except ValueError:
+        return "?"
+    if when.year >= 2300:
+        return "Forever"
+    left = (when - datetime.now(UTC)).total_seconds()
+    if left < 1:
+        return "now"
+    minutes, seconds = divmod(int(left), 60)
+    return f"{minutes} minutes from now" if minutes else f"{seconds} seconds from now"
+
+
 @click.command()
 @url_option
 @click.option("--json", "as_json", is_flag=True, help="Print /api/ps as JSON.")
 def ps(url: str | None, as_json: bool) -> None:
-    """Show the model a running server has loaded, its load and memory plan."""
+    """Show the models a running server has loaded, their load, expiry and memory plans."""
     import httpx
 
     base = server_url(url)
@@ -97,7 +114,7 @@ def ps(url: str | None, as_json: bool) -> None:
                 str(t.get("running", "?")),
                 f"{t.get('waiting', '?')}/{t.get('max_queue', '?')}",
                 f"{used}/{total}" if total is not None else "?",
-                "Forever",
+                _until(m.get("expires_at", "")),
             )
         )
         plans.append((m.get("name", "?"), t))
@@ -116,7 +133,8 @@ def ps(url: str | None, as_json: bool) -> None:
             if isinstance(plan.get(key), int | float)
         ]
         alive = "worker alive" if t.get("worker_alive") else "WORKER DOWN"
+        planned = f", planned {human_bytes(t['planned_bytes'])}" if t.get("planned_bytes") else ""
         click.echo(
             f"\n{name}: {alive}, {', '.join(parts)} on {plan.get('device', '?')} "
-            f"({plan.get('dtype', '?')}), overlap {'on' if t.get('overlap') else 'off'}"
+            f"({plan.get('dtype', '?')}){planned}, overlap {'on' if t.get('overlap') else 'off'}"
         )

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from tandem.commands.options import engine_config, engine_options
+from tandem.commands.options import ByteSize, engine_config, engine_options
 
 
 def _split_host(value: str) -> tuple[str, int | None]:
@@ -120,6 +120,21 @@ def _allowed_hosts(ctx: click.Context, param: click.Parameter, value: tuple[str,
     help="Record the timings of the last N steps (scheduler prep, worker compute) for GET /api/trace "
     "(tandem bench --trace draws them); 0: off.",
 )
+@click.option(
+    "--max-loaded-models",
+    type=click.IntRange(0),
+    default=0,
+    help="Most models loaded at once (each its own scheduler and worker); 0: as many as the memory "
+    "budget fits.  [default: 0]",
+)
+@click.option(
+    "--keep-alive",
+    default="5m",
+    show_default=True,
+    help="How long a model stays loaded after its last request: a duration (10m, 1h, 0), seconds, "
+    "or -1 for forever; a request's own keep_alive overrides it. The --model model stays loaded.",
+)
+@click.option("--memory-limit", type=ByteSize(), default=None, hidden=True)  # tests cap the budget
 @engine_options
 def serve(
     model: str | None,
@@ -136,9 +151,14 @@ def serve(
     send_timeout: float,
     special_tokens_in_messages: bool,
     trace_steps: int,
+    max_loaded_models: int,
+    keep_alive: str,
+    memory_limit: int | None,
     **kw: Any,
 ) -> None:
     """Serve a model over HTTP (ollama and OpenAI APIs) and the ZeroMQ protocol."""
+    from tandem.gateway.http.errors import ApiError
+    from tandem.gateway.http.model_pool import parse_keep_alive
     from tandem.gateway.http.state import HttpSettings
     from tandem.gateway.listen import ServeError
     from tandem.gateway.server import ServeConfig
@@ -146,6 +166,10 @@ def serve(
     from tandem.store.local_paths import allowed_roots
     from tandem.store.model_store import ensure_model
 
+    try:
+        keep = parse_keep_alive(keep_alive, "--keep-alive")
+    except ApiError as e:
+        raise click.BadParameter(e.message.removeprefix("invalid parameter '--keep-alive': ")) from None
     h, p = _split_host(host)
     allowed_origins = _origins(origins)
     ref = ensure_model(model, progress=True)
@@ -157,6 +181,9 @@ def serve(
         store_timeout=store_timeout,
         send_timeout=send_timeout,
         special_in_messages=special_tokens_in_messages,
+        keep_alive=keep,
+        max_loaded_models=max_loaded_models,
+        memory_limit=memory_limit or 0,
     )
     cfg = ServeConfig(
         engine=engine,

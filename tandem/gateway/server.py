@@ -24,6 +24,7 @@ import zmq
 
 from tandem.config import EngineConfig
 from tandem.engine.aio import AsyncEngine
+from tandem.gateway.http.model_pool import ModelPool
 from tandem.gateway.http.state import HttpSettings
 from tandem.gateway.listen import ServeError, bind_error, is_loopback, listen_tcp
 from tandem.gateway.zmq_frontend import ZmqFrontend
@@ -64,6 +65,7 @@ class Server:
         self._force = asyncio.Event()
         self._signals = 0
         self.zmq_endpoints: list[str] = []
+        self.pool: ModelPool | None = None  # the models loaded on demand (HTTP only)
 
     def _on_signal(self, signame: str) -> None:
         self._signals += 1
@@ -160,6 +162,7 @@ class Server:
                 self.cfg.http_settings, zmq_endpoints=tuple(self.zmq_endpoints), bind_host=self.cfg.host
             )
             app = build_app(self.engine, settings)
+            self.pool = app.state.gateway.pool
             undecodable = app.state.gateway.metrics.zmq_undecodable_frames
             undecodable.inc(self.frontend.undecodable_frames)
             self.frontend.on_undecodable = undecodable.inc
@@ -208,11 +211,11 @@ class Server:
         if self.http_server is not None:
             self.http_server.should_exit = True
         drain = not self._force.is_set() and self.engine.dead is None
-        if drain and self.engine.num_active:
-            log.warning(
-                "waiting up to %.0f s for %d requests", self.cfg.drain_timeout, self.engine.num_active
-            )
-            drain_task = asyncio.create_task(self.engine.close(drain=True, timeout=self.cfg.drain_timeout))
+        others = [m.gw.engine for m in self.pool.entries() if not m.resident] if self.pool else []
+        active = sum(e.num_active for e in [self.engine, *others])
+        if drain and active:
+            log.warning("waiting up to %.0f s for %d requests", self.cfg.drain_timeout, active)
+            drain_task = asyncio.create_task(self._drain_all())
             force = asyncio.create_task(self._force.wait())
             await asyncio.wait({drain_task, force}, return_when=asyncio.FIRST_COMPLETED)
             force.cancel()
@@ -222,6 +225,8 @@ class Server:
                     await drain_task
         # Whatever is still running ends now with an error frame, before the front ends close,
         # so every stream gets its terminal line (uvicorn waits for open streams to finish).
+        if self.pool is not None:
+            await self.pool.close()
         await self.engine.close()
         if self.frontend is not None:
             await self.frontend.close()
@@ -230,6 +235,13 @@ class Server:
                 await asyncio.wait_for(self._http_task, 5)
         if self._http_sock is not None:
             self._http_sock.close()
+
+    async def _drain_all(self) -> None:
+        timeout = self.cfg.drain_timeout
+        closing = [self.engine.close(drain=True, timeout=timeout)]
+        if self.pool is not None:
+            closing.append(self.pool.close(drain=True, timeout=timeout))
+        await asyncio.gather(*closing)
 
 
 def _url_host(host: str) -> str:

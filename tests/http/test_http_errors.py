@@ -243,8 +243,11 @@ def test_client_disconnect_frees_slot_and_blocks(server: Server) -> None:
         freed = wait_for(lambda: (p := server.ps())["running"] == 0 and p["kv_blocks_used"] == 0, timeout=1.0)
         assert freed < 1.0
         metrics = c.get("/metrics").text
-        assert "tandem_running_sequences 0.0" in metrics and "tandem_kv_blocks_used 0.0" in metrics
-        assert 'tandem_request_outcomes_total{reason="cancelled"}' in metrics
+        tiny = '{model="tiny:latest"}'
+        assert (
+            f"tandem_running_sequences{tiny} 0.0" in metrics and f"tandem_kv_blocks_used{tiny} 0.0" in metrics
+        )
+        assert 'tandem_request_outcomes_total{model="tiny:latest",reason="cancelled"}' in metrics
         # OpenAI SSE stream, and a non-streamed request whose client gives up
         oai = {"model": "tiny", "messages": CHAT, "stream": True, "max_tokens": 3000, "ignore_eos": True}
         with c.stream("POST", "/v1/chat/completions", json=oai) as r:
@@ -341,4 +344,4 @@ def test_dead_worker_503_for_new_and_error_line_for_running(dead_engine_server: 
         assert ollama_error(c.post("/api/generate", json={"model": "tiny", "prompt": "x"}), 503)
         err = openai_error(c.post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT}), 503)
         assert err["type"] == "server_error"
-        assert "tandem_worker_alive 0.0" in c.get("/metrics").text
+        assert 'tandem_worker_alive{model="tiny:latest"} 0.0' in c.get("/metrics").text

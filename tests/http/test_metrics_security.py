@@ -11,6 +11,7 @@ from live_server import Server
 from prometheus_client.parser import text_string_to_metric_families
 
 MAX_BODY = 8 * 2**20  # ServeConfig.max_body_bytes
+TINY = (("model", "tiny:latest"),)  # the label of every per-model metric
 
 
 def scrape(server: Server) -> dict[str, dict[tuple, float]]:
@@ -35,14 +36,17 @@ def test_metrics_cover_requests_queue_kv_tokens_latency(server_after_traffic: Se
         "tandem_kv_blocks_used",
         "tandem_kv_blocks_free",
     ):
-        assert m[gauge][()] >= 0
-    assert m["tandem_kv_blocks_used"][()] + m["tandem_kv_blocks_free"][()] == m["tandem_kv_blocks_total"][()]
-    assert m["tandem_prompt_tokens_total"][()] > 0 and m["tandem_generation_tokens_total"][()] >= 10
-    assert m["tandem_time_to_first_token_seconds_count"][()] >= 2
-    assert m["tandem_inter_token_latency_seconds_count"][()] >= 8
-    assert m["tandem_step_time_seconds"][()] > 0 and m["tandem_gpu_idle_seconds"][()] >= 0
-    assert m["tandem_overlap_enabled"][()] == 1 and m["tandem_worker_alive"][()] == 1
-    assert m["tandem_request_outcomes_total"][(("reason", "length"),)] >= 2
+        assert m[gauge][TINY] >= 0
+    assert (
+        m["tandem_kv_blocks_used"][TINY] + m["tandem_kv_blocks_free"][TINY]
+        == m["tandem_kv_blocks_total"][TINY]
+    )
+    assert m["tandem_prompt_tokens_total"][TINY] > 0 and m["tandem_generation_tokens_total"][TINY] >= 10
+    assert m["tandem_time_to_first_token_seconds_count"][TINY] >= 2
+    assert m["tandem_inter_token_latency_seconds_count"][TINY] >= 8
+    assert m["tandem_step_time_seconds"][TINY] > 0 and m["tandem_gpu_idle_seconds"][TINY] >= 0
+    assert m["tandem_overlap_enabled"][TINY] == 1 and m["tandem_worker_alive"][TINY] == 1
+    assert m["tandem_request_outcomes_total"][(*TINY, ("reason", "length"))] >= 2
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,7 @@ def test_list_show_ps(client: ollama.Client) -> None:
     assert ps[0].context_length == TINY_CONTEXT and ps[0].expires_at is not None
 
 
-def test_pull_other_model_then_404_then_delete(
+def test_pull_other_model_then_it_loads_on_demand_then_delete(
     client: ollama.Client, tiny_server: Server, tmp_path: Path
 ) -> None:
     other = write_tiny_gguf(tmp_path / "other.gguf", TinySpec(seed=7))
@@ -112,17 +112,22 @@ def test_pull_other_model_then_404_then_delete(
     statuses = [p.status for p in client.pull("other", stream=True)]
     assert statuses[0] == "pulling manifest" and statuses[-1] == "success"
     assert "other:latest" in [m.model for m in client.list().models]
+    assert client.generate(model="other", prompt="x", options={"num_predict": 2}).done  # loaded for it
+    assert {"other:latest", "tiny:latest"} <= {m.model for m in client.ps().models}
     with pytest.raises(ollama.ResponseError) as e:
-        client.generate(model="other", prompt="x")
-    assert e.value.status_code == 404
-    assert "other" in e.value.error and "tiny:latest" in e.value.error  # names what is loaded
+        client.delete("other")  # loaded
+    assert e.value.status_code == 400 and "tandem stop other" in e.value.error
+    assert client.generate(model="other", prompt="", keep_alive=0).done_reason == "unload"
     assert client.delete("other").status == "success"
     assert "other:latest" not in [m.model for m in client.list().models]
     with pytest.raises(ollama.ResponseError) as e:
         client.delete("other")
     assert e.value.status_code == 404
     with pytest.raises(ollama.ResponseError) as e:
-        client.delete("tiny")  # the loaded model
+        client.generate(model="other", prompt="x")
+    assert e.value.status_code == 404 and "not found" in e.value.error
+    with pytest.raises(ollama.ResponseError) as e:
+        client.delete("tiny")  # the server's own model
     assert e.value.status_code == 400
 
 

@@ -178,8 +178,8 @@ def test_mask_cost_in_metrics(tiny_server: Server, oai: openai.OpenAI) -> None:
         model="tiny", messages=MESSAGES, max_tokens=6, extra_body={"guided_regex": "[ab]{4}"}
     )
     text = httpx.get(tiny_server.url + "/metrics", timeout=10).text
-    values = {
-        line.split()[0]: float(line.split()[1])
+    values = {  # one series per loaded model: `name{model="tiny:latest"} value`
+        line.split()[0].split("{")[0]: float(line.split()[1])
         for line in text.splitlines()
         if line.startswith("tandem_grammar")
     }

@@ -6,6 +6,7 @@ every wait (queue, tokens) is an await. Errors keep each API's own shape on its 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -28,6 +29,7 @@ from tandem.gateway.http import (
 from tandem.gateway.http.errors import ApiError, BodyTooLarge, error_response
 from tandem.gateway.http.formats import JSONResponse
 from tandem.gateway.http.middleware import GuardMiddleware, OriginPolicy, allowed_names
+from tandem.gateway.http.model_pool import LeaseMiddleware
 from tandem.gateway.http.state import Gateway, HttpSettings
 from tandem.gateway.http.streaming import ClientGone
 
@@ -70,6 +72,7 @@ def build_app(engine: AsyncEngine, settings: HttpSettings) -> FastAPI:
         metrics=gw.metrics,
         known=known,
     )
+    app.add_middleware(LeaseMiddleware)
     return app
 
 
@@ -100,9 +103,15 @@ def _add_base_routes(app: FastAPI, gw: Gateway) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        stats = None if gw.engine.dead else await gw.stats(timeout=2.0)
-        gw.metrics.set_stats(stats, gw.engine.dead is None)
+        models = [m.gw for m in gw.pool.entries()]
+        stats = await asyncio.gather(*(_none() if g.engine.dead else g.stats(timeout=2.0) for g in models))
+        alive = {g.model_name: (st, g.engine.dead is None) for g, st in zip(models, stats, strict=True)}
+        gw.metrics.set_stats(alive)
         return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _none() -> None:
+    return None
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -117,7 +117,7 @@ async def ollama_embed(request: Request) -> Response:
     t0 = time.monotonic()
     gw = gateway_of(request)
     body = await read_json(request)
-    model = gw.check_model(body)
+    gw, model = await gw.open_model(request, body)
     check_embeds(gw, model)
     texts = _text_list(body.get("input", []), "input")
     if len(texts) > MAX_INPUTS:
@@ -140,7 +140,7 @@ async def ollama_embed(request: Request) -> Response:
 async def ollama_embeddings(request: Request) -> Response:
     gw = gateway_of(request)
     body = await read_json(request)
-    model = gw.check_model(body)
+    gw, model = await gw.open_model(request, body)
     check_embeds(gw, model)
     prompt = body.get("prompt", "")
     if not isinstance(prompt, str):
@@ -170,7 +170,7 @@ def _openai_inputs(value: Any, gw: Gateway) -> tuple[list[str] | None, list[list
 async def openai_embeddings(request: Request) -> Response:
     gw = gateway_of(request)
     body = await read_json(request)
-    model = gw.check_model(body)
+    gw, model = await gw.open_model(request, body)
     check_embeds(gw, model)
     texts, ids = _openai_inputs(body.get("input"), gw)
     count = len(texts if texts is not None else ids or [])

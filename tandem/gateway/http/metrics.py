@@ -20,18 +20,28 @@ _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.
 
 
 class _StatsCollector(Collector):
-    """Turns the last Stats snapshot into metric families (collected under the registry's lock)."""
+    """Turns each loaded model's last Stats snapshot into metric families with a ``model`` label
+    (collected under the registry's lock)."""
 
     def __init__(self) -> None:
-        self.stats: Stats | None = None
-        self.engine_alive = True
+        self.models: dict[str, tuple[Stats | None, bool]] = {}  # model -> (stats, engine alive)
 
     def collect(self) -> Iterator[Metric]:
-        s = self.stats
-        alive = self.engine_alive and s is not None and s.worker_alive
-        yield GaugeMetricFamily("tandem_worker_alive", "1 while the GPU worker is alive", value=int(alive))
-        if s is None:
-            return
+        alive = GaugeMetricFamily("tandem_worker_alive", "1 while the GPU worker is alive", labels=["model"])
+        families: dict[str, Metric] = {}
+        for model, (s, engine_alive) in self.models.items():
+            alive.add_metric([model], int(engine_alive and s is not None and s.worker_alive))
+            if s is None:
+                continue
+            for name, kind, doc, value in self._values(s):
+                if name not in families:
+                    families[name] = kind(name, doc, labels=["model"])
+                families[name].add_metric([model], value)  # type: ignore[attr-defined]
+        yield alive
+        yield from families.values()
+
+    @staticmethod
+    def _values(s: Stats) -> Iterator[tuple[str, type, str, float]]:
         gauges = {
             "tandem_queue_depth": ("requests waiting to be scheduled", s.waiting),
             "tandem_queue_capacity": ("most requests that may wait before 'server busy'", s.max_queue),
@@ -54,7 +64,7 @@ class _StatsCollector(Collector):
             ),
         }
         for name, (doc, value) in gauges.items():
-            yield GaugeMetricFamily(name, doc, value=value)
+            yield name, GaugeMetricFamily, doc, value
         counters = {
             "tandem_prompt_tokens": ("prompt tokens processed", s.prompt_tokens_total),
             "tandem_generation_tokens": ("tokens generated", s.generated_tokens_total),
@@ -79,7 +89,7 @@ class _StatsCollector(Collector):
             ),
         }
         for name, (doc, value) in counters.items():
-            yield CounterMetricFamily(name, doc, value=value)
+            yield name, CounterMetricFamily, doc, value
 
 
 class TokenRate:
@@ -115,23 +125,29 @@ class Metrics:
             "tandem_http_requests", "HTTP requests by route and status", ["route", "status"], registry=r
         )
         self.outcomes = Counter(
-            "tandem_request_outcomes", "generation requests by how they ended", ["reason"], registry=r
+            "tandem_request_outcomes",
+            "generation requests by how they ended",
+            ["reason", "model"],
+            registry=r,
         )
         self.ttft = Histogram(
             "tandem_time_to_first_token_seconds",
             "arrival to first generated token",
+            ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.itl = Histogram(
             "tandem_inter_token_latency_seconds",
             "time between generated tokens of one request",
+            ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.e2e = Histogram(
             "tandem_request_duration_seconds",
             "arrival to the last frame of a generation request",
+            ["model"],
             buckets=_DURATION_BUCKETS,
             registry=r,
         )
@@ -144,9 +160,9 @@ class Metrics:
         r.register(self._stats)
         self.rate = TokenRate()
 
-    def set_stats(self, stats: Stats | None, engine_alive: bool) -> None:
-        self._stats.stats = stats
-        self._stats.engine_alive = engine_alive
+    def set_stats(self, models: dict[str, tuple[Stats | None, bool]]) -> None:
+        """Every loaded model's snapshot (stats, engine alive): unloaded models drop out."""
+        self._stats.models = models
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -14,6 +14,7 @@ from tandem.engine.router import EngineError
 from tandem.gateway.http.errors import ApiError
 from tandem.gateway.http.formats import JSONResponse, delta_logprobs, ndjson, ollama_logprobs, rfc3339
 from tandem.gateway.http.inputs import chat_messages, refuse_ollama_features, with_defaults
+from tandem.gateway.http.model_pool import parse_keep_alive
 from tandem.gateway.http.params import bad, get_bool, get_str, ollama_sampling, read_json
 from tandem.gateway.http.params import ollama_logprobs as logprobs_param
 from tandem.gateway.http.state import Gateway, gateway_of
@@ -37,7 +38,7 @@ async def _common(
     arrival = time.monotonic()
     gw = gateway_of(request)
     body = await read_json(request)
-    model = gw.check_model(body)
+    gw, model = await gw.open_model(request, body)
     refuse_ollama_features(body, model)
     stream = get_bool(body, "stream", True)
     options = body.get("options")
@@ -50,11 +51,17 @@ async def _common(
     return arrival, gw, body, model, stream, params, num_ctx
 
 
-def _load_reply(model: str, keep_alive: Any, chat: bool) -> JSONResponse:
-    # ollama answers an empty prompt by loading the model; ours is always loaded.
-    reason = "unload" if keep_alive in (0, "0", "0s") else "load"
-    if reason == "unload":
-        log.info("keep_alive 0 asks to unload %s; tandem keeps its one model loaded", model)
+async def _load_reply(gw: Gateway, model: str, keep_alive: Any, chat: bool) -> JSONResponse:
+    """ollama's answer to an empty prompt: the model is loaded (open_model did that), or with
+    keep_alive 0 unloaded at once (what `ollama stop` sends), or once its other requests end."""
+    reason = "load"
+    if keep_alive is not None and parse_keep_alive(keep_alive) == 0:
+        reason = "unload"
+        entry = gw.pool.entry_of(gw)
+        if entry is not None:
+            entry.unload_when_idle = True
+            if entry.in_flight <= 1 and gw.engine.num_active == 0:  # this request's own lease
+                await gw.pool.unload(entry)
     out: dict[str, Any] = {"model": model, "created_at": rfc3339()}
     if chat:
         out["message"] = {"role": "assistant", "content": ""}
@@ -72,7 +79,7 @@ async def generate(request: Request) -> Response:
         raise bad("context", "must be a list of token ids")
     context = gw.check_token_ids(context, "context")
     if not prompt and not context:
-        return _load_reply(model, body.get("keep_alive"), chat=False)
+        return await _load_reply(gw, model, body.get("keep_alive"), chat=False)
     raw = get_bool(body, "raw", False)
     d = gw.defaults_of(model)
     system = get_str(body, "system") or (d.system if d else None)
@@ -104,7 +111,7 @@ async def chat(request: Request) -> Response:
     arrival, gw, body, model, stream, params, num_ctx = await _common(request)
     messages = chat_messages(body.get("messages"), openai=False)
     if not messages:
-        return _load_reply(model, body.get("keep_alive"), chat=True)
+        return await _load_reply(gw, model, body.get("keep_alive"), chat=True)
     d = gw.defaults_of(model)
     messages = with_defaults(messages, d, get_str(body, "system"))
     template = (d.template if d else None) or gw.engine.tokenizer.chat_template

@@ -50,7 +50,7 @@ async def chat_completions(request: Request) -> Response:
     arrival = time.monotonic()
     gw = gateway_of(request)
     body = await read_json(request)
-    model = gw.check_model(body)
+    gw, model = await gw.open_model(request, body)
     refuse_openai_features(body, chat=True)
     n = openai_n(body)
     params = openai_sampling(body, chat=True)
@@ -95,7 +95,7 @@ async def completions(request: Request) -> Response:
     arrival = time.monotonic()
     gw = gateway_of(request)
     body = await read_json(request)
-    model = gw.check_model(body)
+    gw, model = await gw.open_model(request, body)
     refuse_openai_features(body, chat=False)
     n = openai_n(body)
     params = openai_sampling(body, chat=False)
@@ -265,20 +265,47 @@ def _sse_error(message: str) -> bytes:
     return sse(openai_error_body(ApiError(500, message, code="internal_error")))
 
 
-def _model_obj(gw: Gateway, name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": int(gw.engine.started_at), "owned_by": "tandem"}
+def _model_obj(name: str, created: float) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": int(created), "owned_by": "tandem"}
+
+
+def _pulled() -> list[tuple[str, float]]:
+    from tandem.errors import ModelStoreError
+    from tandem.store.model_store import list_models
+
+    with contextlib.suppress(ModelStoreError, OSError):
+        return [(ref.name, ref.modified.timestamp()) for ref in list_models()]
+    return []
 
 
 @router.get("/v1/models")
 async def models(request: Request) -> Response:
+    """Every model this server can run: its own (and aliases) first, then every pulled one."""
     gw = gateway_of(request)
-    names = [gw.model_name, *(a for a in gw.settings.aliases if a != gw.model_name)]
-    return JSONResponse({"object": "list", "data": [_model_obj(gw, n) for n in names]})
+    own = [gw.model_name, *(a for a in gw.settings.aliases if a != gw.model_name)]
+    data = [_model_obj(n, gw.engine.started_at) for n in own]
+    for name, modified in await asyncio.to_thread(_pulled):
+        if not gw.serves(name):
+            data.append(_model_obj(name, modified))
+    return JSONResponse({"object": "list", "data": data})
 
 
 @router.get("/v1/models/{model_id:path}")
 async def model(model_id: str, request: Request) -> Response:
     gw = gateway_of(request)
-    if not gw.serves(model_id):
-        raise gw.not_found(model_id)
-    return JSONResponse(_model_obj(gw, model_id))
+    if gw.serves(model_id):
+        return JSONResponse(_model_obj(model_id, gw.engine.started_at))
+    for name, modified in await asyncio.to_thread(_pulled):
+        if name == model_id or _same(name, model_id):
+            return JSONResponse(_model_obj(model_id, modified))
+    raise gw.not_found(model_id)
+
+
+def _same(pulled: str, asked: str) -> bool:
+    from tandem.errors import ModelStoreError
+    from tandem.store.registry import canonical_name
+
+    try:
+        return canonical_name(asked) == pulled
+    except ModelStoreError:
+        return False

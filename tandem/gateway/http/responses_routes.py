@@ -108,7 +108,7 @@ async def create_response(request: Request) -> Response:
     arrival = time.monotonic()
     gw = gateway_of(request)
     body = await read_json(request)
-    model = gw.check_model(body)
+    gw, model = await gw.open_model(request, body)
     for name in _REFUSED:
         if body.get(name):
             raise bad(name, "is not supported by tandem's /v1/responses (text input and output only)")

@@ -20,6 +20,7 @@ from tandem.engine.aio import AsyncEngine
 from tandem.engine.router import EngineError
 from tandem.gateway.http.errors import ApiError, from_engine_error
 from tandem.gateway.http.metrics import Metrics
+from tandem.gateway.http.model_pool import ModelPool, parse_keep_alive
 from tandem.gateway.http.params import bad
 from tandem.gateway.http.store_calls import StoreLane
 from tandem.messages import ErrorCode, Stats
@@ -51,6 +52,12 @@ class HttpSettings:
     store_timeout: float = 30.0  # seconds a store read or delete may take before the client gets a 504
     pull_timeout: float = 3600.0  # the same for a pull, which may download gigabytes
     version: str = __version__
+    # Multi-model serving (tandem.gateway.http.model_pool): seconds a model stays loaded after its last
+    # request (None: forever), most models loaded at once (0: as many as the memory fits), and the
+    # memory budget in bytes for their plans (0: what the system has available).
+    keep_alive: float | None = 300.0
+    max_loaded_models: int = 0
+    memory_limit: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -76,21 +83,33 @@ def check_name(name: str, param: str = "model") -> None:
 
 
 class Gateway:
-    def __init__(self, engine: AsyncEngine, settings: HttpSettings) -> None:
+    """One loaded model's view: its engine and tokenizer rules. The server's own model's Gateway
+    is the app's; the others (``shared`` set) share its settings, metrics, store lanes and pool."""
+
+    def __init__(self, engine: AsyncEngine, settings: HttpSettings, shared: Gateway | None = None) -> None:
         self.engine = engine
         self.settings = settings
-        self.metrics = Metrics()
-        # Separate lanes: pulls (minutes long, and waiting on each other's locks) never hold up the
-        # reads behind /api/tags and /api/show.
-        self.store_reads = StoreLane("store-read", 4)
-        self.store_writes = StoreLane("store-write", 2)
+        if shared is None:
+            self.metrics = Metrics()
+            # Separate lanes: pulls (minutes long, and waiting on each other's locks) never hold up
+            # the reads behind /api/tags and /api/show.
+            self.store_reads = StoreLane("store-read", 4)
+            self.store_writes = StoreLane("store-write", 2)
+        else:
+            self.metrics = shared.metrics
+            self.store_reads, self.store_writes = shared.store_reads, shared.store_writes
+            self.pool = shared.pool
         cfg = engine.cfg
         self.model_name = cfg.model_name or Path(cfg.model_path).stem
-        names = {self.model_name, *settings.aliases}
+        # The aliases name the server's own model only.
+        names = {self.model_name, *(settings.aliases if shared is None else ())}
         self.accepted = names | {c for n in names if (c := _canonical(n))}
         self._derived: dict[str, tuple[float, ModelDefaults | None]] = {}  # name -> (seen at, defaults)
         self._ll_tok: Any = None  # llguidance's view of the tokenizer, built on first use
         self._grammars_ok: dict[tuple[str, str], None] = {}  # grammars that compiled, oldest first
+        if shared is None:
+            s = settings
+            self.pool = ModelPool(self, s.keep_alive, s.max_loaded_models, s.memory_limit)
 
     # -- models --------------------------------------------------------------------------------
     @property
@@ -112,19 +131,41 @@ class Gateway:
     def serves(self, name: str) -> bool:
         return name in self.accepted or _canonical(name) in self.accepted
 
-    def check_model(self, body: dict[str, Any]) -> str:
-        """The requested model name if this server runs it; 400 when missing, 404 otherwise."""
+    async def open_model(self, request: Request, body: dict[str, Any]) -> tuple[Gateway, str]:
+        """The Gateway of the model the request names, loading it when it is pulled but not
+        loaded, and the name; the request holds the model (no eviction) until its response ends,
+        after which its ``keep_alive`` (or the server's) starts counting."""
         name = body.get("model")
         if name is None or name == "":
             raise ApiError(400, "model is required", param="model", code="model_required")
         if not isinstance(name, str):
             raise ApiError(400, "invalid parameter 'model': must be a string", param="model")
-        if self.serves(name):
-            return name
-        check_name(name)
-        if self._derived_from_served(name):
-            return name
-        raise self.not_found(name)
+        keep_alive: Any = "default"
+        if body.get("keep_alive") is not None:
+            keep_alive = parse_keep_alive(body["keep_alive"])
+        entry = self.pool.find(name)
+        if entry is None:
+            check_name(name)
+            path = await self._pulled_path(name)
+            entry = await self.pool.get(_canonical(name) or name, path)
+        gw = entry.gw
+        if not gw.serves(name):
+            gw._derived_from_served(name)  # its defaults, when it is a derived model
+        self.pool.acquire(entry)
+        request.scope.setdefault("state", {}).setdefault("model_leases", []).append(
+            (self.pool, entry, keep_alive)
+        )
+        return gw, name
+
+    async def _pulled_path(self, name: str) -> str:
+        from tandem.errors import ModelStoreError
+        from tandem.store.model_store import resolve_model
+
+        try:
+            ref = await asyncio.to_thread(resolve_model, name)
+        except ModelStoreError:
+            raise self.not_found(name) from None
+        return str(ref.path)
 
     def defaults_of(self, name: str) -> ModelDefaults | None:
         """A derived model's request defaults (system, parameters, template, messages), if any."""
@@ -133,7 +174,8 @@ class Gateway:
 
     def forget_derived(self) -> None:
         """After a create, copy or delete through this server: look the names up again."""
-        self._derived.clear()
+        for m in self.pool.entries():
+            m.gw._derived.clear()
 
     def _derived_from_served(self, name: str) -> bool:
         """Whether ``name`` is a copy or derived model of the loaded one (same weights file). The
@@ -156,22 +198,7 @@ class Gateway:
         return same
 
     def not_found(self, name: str) -> ApiError:
-        from tandem.errors import ModelStoreError
-        from tandem.store.model_store import resolve_model
-
-        try:
-            resolve_model(name)
-            pulled = True
-        except ModelStoreError:
-            pulled = False
-        if pulled:
-            msg = (
-                f"model '{name}' is pulled but not loaded: this server runs '{self.model_name}' "
-                f"(start `tandem serve --model {name}` to use it)"
-            )
-        else:
-            msg = f"model '{name}' not found (this server runs '{self.model_name}')"
-        return ApiError(404, msg, param="model", code="model_not_found")
+        return ApiError(404, f"model '{name}' not found", param="model", code="model_not_found")
 
     # -- prompts -------------------------------------------------------------------------------
     async def encode_prompt(

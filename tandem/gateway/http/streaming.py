@@ -200,10 +200,10 @@ class Generation:
             if n:
                 if self.first_token_at is None:
                     self.first_token_at = now
-                    m.ttft.observe(now - self.arrival)
+                    m.ttft.labels(self.gw.model_name).observe(now - self.arrival)
                 else:  # tokens that arrive together share the gap since the last ones
                     for _ in range(n):
-                        m.itl.observe((now - self.last_token_at) / n)
+                        m.itl.labels(self.gw.model_name).observe((now - self.last_token_at) / n)
                 self.last_token_at = now
                 m.rate.add(n, now)
         else:
@@ -215,8 +215,8 @@ class Generation:
         if self._outcome_recorded:
             return
         self._outcome_recorded = True
-        self.gw.metrics.outcomes.labels(outcome).inc()
-        self.gw.metrics.e2e.observe(time.monotonic() - self.arrival)
+        self.gw.metrics.outcomes.labels(outcome, self.gw.model_name).inc()
+        self.gw.metrics.e2e.labels(self.gw.model_name).observe(time.monotonic() - self.arrival)
 
     def durations_ns(self) -> dict[str, Any]:
         """ollama's timing fields (integers, nanoseconds)."""

@@ -28,7 +28,7 @@ async def tokenize(request: Request) -> Response:
     gw = gateway_of(request)
     body = await read_json(request)
     if body.get("model") is not None:
-        gw.check_model(body)
+        gw, _ = await gw.open_model(request, body)
     has_prompt, has_messages = "prompt" in body, "messages" in body
     if has_prompt == has_messages:
         raise bad("prompt", "give exactly one of 'prompt' (text) or 'messages' (a chat)")
@@ -50,7 +50,7 @@ async def detokenize(request: Request) -> Response:
     gw = gateway_of(request)
     body = await read_json(request)
     if body.get("model") is not None:
-        gw.check_model(body)
+        gw, _ = await gw.open_model(request, body)
     tokens: Any = body.get("tokens")
     if not isinstance(tokens, list):
         raise bad("tokens", "must be a list of token ids")
