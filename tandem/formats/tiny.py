@@ -103,7 +103,6 @@ def _quantize(data: np.ndarray, qtype: GGMLQuantizationType, rng: np.random.Gene
 def add_llama_metadata(w: gguf.GGUFWriter, shape: Any, vocab: tuple[list[str], list[int], list[str]]) -> None:
     """The llama-family hyperparameters of ``shape`` (layers, context, hidden, ffn, heads, kv_heads,
     rope_theta) and the byte-level BPE vocabulary with ChatML, as every test-model writer needs."""
-    tokens, types, merges = vocab
     w.add_block_count(shape.layers)
     w.add_context_length(shape.context)
     w.add_embedding_length(shape.hidden)
@@ -113,6 +112,14 @@ def add_llama_metadata(w: gguf.GGUFWriter, shape: Any, vocab: tuple[list[str], l
     w.add_rope_freq_base(shape.rope_theta)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(shape.hidden // shape.heads)
+    add_tiny_tokenizer(w, vocab, getattr(shape, "chat_template", None) or CHATML_TEMPLATE)
+
+
+def add_tiny_tokenizer(
+    w: gguf.GGUFWriter, vocab: tuple[list[str], list[int], list[str]], chat_template: str = CHATML_TEMPLATE
+) -> None:
+    """tiny_vocab()'s byte-level BPE as GGUF tokenizer metadata (BOS 1, EOS 2, no BOS added)."""
+    tokens, types, merges = vocab
     w.add_vocab_size(len(tokens))
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("smollm")
@@ -122,7 +129,7 @@ def add_llama_metadata(w: gguf.GGUFWriter, shape: Any, vocab: tuple[list[str], l
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
-    w.add_chat_template(getattr(shape, "chat_template", None) or CHATML_TEMPLATE)
+    w.add_chat_template(chat_template)
 
 
 def write_tiny_gguf(path: str | Path, spec: TinySpec | None = None) -> Path:

@@ -19,7 +19,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from tandem.formats.model_check import hf_to_gguf_name
-from tandem.formats.tiny import CHATML_TEMPLATE, tiny_vocab
+from tandem.formats.tiny import add_tiny_tokenizer, tiny_vocab
 
 _ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen3": "qwen3", "gemma3_text": "gemma3"}
 _GEMMA3_LOCAL_THETA = 10000.0  # llama.cpp's fixed base for Gemma 3's sliding layers
@@ -91,16 +91,7 @@ def write_gguf_from_hf(
         w.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
     if config.get("final_logit_softcapping") is not None:
         w.add_float32(f"{arch}.final_logit_softcapping", float(config["final_logit_softcapping"]))
-    w.add_vocab_size(len(tokens))
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHATML_TEMPLATE)
+    add_tiny_tokenizer(w, (tokens, types, merges))
 
     for hf_name, value in state.items():
         name = hf_to_gguf_name(hf_name, arch)

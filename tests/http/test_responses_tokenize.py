@@ -66,6 +66,8 @@ def test_responses_refuse_what_they_do_not_do(client: openai.OpenAI) -> None:
         client.responses.create(model="tiny", input="x", tools=[{"type": "web_search"}])
     with pytest.raises(openai.BadRequestError, match="input"):
         client.responses.create(model="tiny", input=[])
+    with pytest.raises(openai.BadRequestError, match="max_output_tokens"):  # past the ring's int32
+        client.responses.create(model="tiny", input="x", max_output_tokens=2**31)
 
 
 def test_tokenize_and_detokenize_round_trip(tiny_server: Server, tiny_tokenizer) -> None:

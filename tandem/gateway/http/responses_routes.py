@@ -26,7 +26,16 @@ from tandem.engine.router import EngineError
 from tandem.gateway.http.errors import openai_error_body
 from tandem.gateway.http.formats import JSONResponse, json_text
 from tandem.gateway.http.inputs import chat_messages
-from tandem.gateway.http.params import bad, get_bool, get_float, get_int, get_str, read_json
+from tandem.gateway.http.params import (
+    bad,
+    check_range,
+    get_bool,
+    get_float,
+    get_int,
+    get_str,
+    read_json,
+    validated,
+)
 from tandem.gateway.http.state import gateway_of
 from tandem.gateway.http.streaming import CancellableStream, Generation, finish_reason, run_cancellable
 from tandem.messages import FinishReason, SamplingParams, TokenDelta
@@ -88,19 +97,17 @@ def _input_messages(raw: Any) -> list[dict[str, Any]]:
 def _sampling(body: dict[str, Any]) -> SamplingParams:
     p = SamplingParams()
     if (v := get_float(body, "temperature")) is not None:
-        if not 0.0 <= v <= 2.0:
-            raise bad("temperature", f"must be between 0 and 2, got {v}")
+        check_range("temperature", v, 0.0, 2.0)  # the bounds /v1/chat/completions takes
         p.temperature = v
     if (v := get_float(body, "top_p")) is not None:
-        if not 0.0 < v <= 1.0:
-            raise bad("top_p", f"must be in (0, 1], got {v}")
+        check_range("top_p", v, 0.0, 1.0, lo_open=True)
         p.top_p = v
     if (n := get_int(body, "max_output_tokens")) is not None:
         if n < 1:
             raise bad("max_output_tokens", "must be >= 1")
         p.max_tokens = n
     p.seed = get_int(body, "seed")
-    return p
+    return validated(p, {"max_tokens": "max_output_tokens"})
 
 
 @router.post("/v1/responses")
