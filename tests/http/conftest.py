@@ -1,5 +1,5 @@
 """Fixtures: tiny random models in their own TANDEM_HOMEs, and a real server shared by the
-tests that leave it as they found it. Helpers live in live_server.py.
+tests that leave it as they found it. Helpers live in tests/live_server.py.
 """
 
 from __future__ import annotations
