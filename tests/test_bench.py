@@ -198,3 +198,21 @@ def test_step_figures_split_scheduler_worker_and_idle_time() -> None:
     assert f.worker_ms_per_step == pytest.approx((8 + 8) / 2)
     assert f.gpu_idle_frac == pytest.approx(2 / 18)  # idle 10->12 ms of the worker's 2->20 ms span
     assert step_figures([[0, 1, 1, 0, 1, 1, 0, 0, 2, 3]]) is None  # the worker never stamped it
+
+
+def test_decode_step_bench_runs_on_the_tiny_shape(tmp_path: Path) -> None:
+    """benchmarks/bench_decode.py drives the worker's own planning and forward: a slot field the
+    worker starts reading must reach the bench's synthetic slot too, or the bench stops running."""
+    import importlib.util
+
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", script)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "decode.json"
+    assert bench.main(["--quick", "--contexts", "32,64", "--json-out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [o["batch"] for o in r["ops_per_layer"]] == [1, 8]
+    assert all(o["kernels_per_layer"] > 0 for o in r["ops_per_layer"])
+    assert set(r["context_scaling"]["tokens_per_s"]) == {"32", "64"}

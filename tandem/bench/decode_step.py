@@ -136,6 +136,7 @@ class DecodeBatch:
             "sample_mask": np.ones(b, np.uint8),
             "prompt_lens": np.ones(b, np.int32),
             "sample_step": np.full(b, ctx - 1, np.int64),
+            "embed": np.zeros(b, np.uint8),
         }
         for name, value, dt in (
             ("temperature", 0.0, np.float32),
