@@ -57,7 +57,7 @@ def _model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -
         from tandem.store.model_store import ensure_model
 
         path = ensure_model(args.model).path
-    return ds.load_model(path, device, dtype), str(path)
+    return ds.load_model(path, device, args.dtype), str(path)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_info(),
         "model": name,
         "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch.") + ("+packed" * model.has_packed_weights),
         "threads": torch.get_num_threads(),
         "ops_per_layer": [ds.ops_per_layer(model, b, short, device) for b in (1, 8)],
         "plan_ms_batch256": ds.plan_time_ms(model, 256, short, repeats=20),

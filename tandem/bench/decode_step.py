@@ -271,11 +271,15 @@ def graphs_vs_eager(
     return rows
 
 
-def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> LlamaModel:
-    from tandem.formats.loader import load_model_weights
+def load_model(path: str | Path, device: torch.device, dtype_name: str) -> LlamaModel:
+    """The model exactly as the worker builds it for ``--dtype dtype_name`` (packed weights, kernels
+    chosen), so the figures are the serving path's."""
+    from tandem.gpu_worker.runner import build_model
 
-    loaded = load_model_weights(str(path), dtype=dtype)
-    return make_model(loaded.config, loaded.tensors).to(device)
+    model = build_model(str(path), dtype_name, device)
+    if not isinstance(model, LlamaModel):
+        raise ValueError(f"{path}: an encoder has no decode step")
+    return model
 
 
 def write_plot(results: dict[str, Any], path: Path) -> bool:
