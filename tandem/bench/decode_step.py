@@ -28,7 +28,6 @@ from tandem.bench.timing import median, ratio
 from tandem.formats.model_config import ModelConfig
 from tandem.gpu_worker.cuda_graphs import DecodeGraphs
 from tandem.gpu_worker.kv_cache import KVCache
-from tandem.gpu_worker.model.architectures import make_model
 from tandem.gpu_worker.model.llama import LlamaModel
 from tandem.gpu_worker.model.triton_attention import triton_available
 from tandem.gpu_worker.staging import StepStaging
