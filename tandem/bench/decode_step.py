@@ -113,7 +113,7 @@ class DecodeBatch:
     def __init__(self, model: LlamaModel, batch: int, max_ctx: int, device: torch.device) -> None:
         self.model, self.batch, self.device = model, batch, device
         self.width = -(-max_ctx // BLOCK_SIZE)
-        self.kv = KVCache.allocate(model.config, batch * self.width, BLOCK_SIZE, model.dtype, device)
+        self.kv = KVCache.allocate(model.config, batch * self.width, BLOCK_SIZE, model.cache_dtype, device)
         rng = np.random.default_rng(0)
         self.tables = rng.permutation(batch * self.width).reshape(batch, self.width).astype(np.int32)
         self.staging = StepStaging(device)

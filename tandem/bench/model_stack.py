@@ -72,7 +72,7 @@ class _Batch:
         self.model = model
         self.batch = batch
         blocks_per_seq = -(-max_len // BLOCK_SIZE)
-        self.kv = KVCache.allocate(model.config, batch * blocks_per_seq, BLOCK_SIZE, model.dtype)
+        self.kv = KVCache.allocate(model.config, batch * blocks_per_seq, BLOCK_SIZE, model.cache_dtype)
         self.tables = torch.arange(batch * blocks_per_seq, dtype=torch.int32).reshape(batch, blocks_per_seq)
         self.gen = torch.Generator().manual_seed(0)
 

@@ -133,7 +133,7 @@ class ModelRunner:
             self.kv = KVCache.allocate(self.config, 1, eng.block_size, self.dtype, self.device)
         else:
             self.kv = KVCache.from_memory_budget(
-                self.config, eng.kv_cache_memory, eng.block_size, self.dtype, self.device
+                self.config, eng.kv_cache_memory, eng.block_size, self.model.cache_dtype, self.device
             )
         n = eng.max_num_seqs
         self.prev_sampled = torch.zeros(n, dtype=torch.long, device=self.device)

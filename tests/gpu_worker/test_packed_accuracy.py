@@ -47,7 +47,7 @@ def models(default_model_path: Path) -> dict[str, LlamaModel]:
 
 def _kv(model: LlamaModel, tokens: int) -> tuple[KVCache, torch.Tensor]:
     blocks = -(-tokens // BLOCK)
-    kv = KVCache.allocate(model.config, blocks, BLOCK, model.dtype)
+    kv = KVCache.allocate(model.config, blocks, BLOCK, model.cache_dtype)
     return kv, torch.arange(blocks, dtype=torch.int32).view(1, -1)
 
 
