@@ -4,26 +4,16 @@ encoder: embeddings only) checked against transformers, and the tiny llama (embe
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from live_server import Server, register
+from live_server import Server
 
 from tandem.tokenizer.tokenizer import Tokenizer
 
 TEXTS = ["the quick brown fox", "hello world, this is tandem serving embeddings", "vectors"]
-
-
-@pytest.fixture(scope="module")
-def bert_server(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Iterator[Server]:
-    home = tmp_path_factory.mktemp("home")
-    register(home, tiny_bert, "tiny-bert")
-    server = Server(home, model="tiny-bert").start()
-    yield server
-    assert server.stop() == 0, server.log.read_text()[-3000:]
 
 
 def reference(folder: Path, texts: list[str]) -> np.ndarray:
