@@ -29,6 +29,9 @@ _GEMMA3_LOCAL_THETA = 10000.0
 ENCODER_ARCHITECTURES = ("bert",)
 _HF_ENCODERS = {"BertModel": "bert", "BertForMaskedLM": "bert"}
 POOLINGS = ("mean", "cls", "last")
+# A GGUF that declares a pooling giving no one vector an input (llama.cpp's none: a vector a
+# token; rank: a reranker's score): the model does not embed.
+NO_POOLING = "none"
 
 
 @dataclass(frozen=True)
@@ -90,11 +93,17 @@ class ModelConfig:
         return self.architecture in ENCODER_ARCHITECTURES
 
     @property
+    def embeds(self) -> bool:
+        """Whether the model embeds (ollama's "embedding" capability): every one but a file that
+        declares a pooling without one vector an input (a reranker's rank, or none)."""
+        return self.pooling != NO_POOLING
+
+    @property
     def embedding_pooling(self) -> tuple[str, bool]:
         """(pooling, normalize) of the model's embeddings. A model that declares none (every
         generative one) pools its last token, L2-normalized: the hidden state that has attended to
         the whole input, as decoder embedding models (e5-mistral, Qwen3-Embedding) are trained."""
-        return (self.pooling, self.normalize) if self.pooling else ("last", True)
+        return (self.pooling, self.normalize) if self.pooling in POOLINGS else ("last", True)
 
 
 def _require(meta: dict[str, Any], key: str) -> Any:
@@ -169,6 +178,7 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str |
         eos_token_ids=tuple(i for i in eos_ids if i is not None),
         name=str(meta.get("general.name", "")),
         qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+        **_gguf_decoder_pooling(meta, arch),
         **_gguf_gemma3_fields(meta, arch, num_layers, hidden, n_heads, source),
         **_gguf_sliding_fields(meta, arch, num_layers, source),
     )
@@ -177,6 +187,24 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str |
 # llama.cpp's enum llama_pooling_type, as `{arch}.pooling_type` stores it (0 none, 4 rank: a
 # reranker's classifier head; neither gives one vector an input).
 _GGUF_POOLINGS = {1: "mean", 2: "cls", 3: "last"}
+
+
+def pooling_type_embeds(value: Any) -> bool:
+    """Whether a GGUF's `{arch}.pooling_type` (None where the file has none) gives one vector an
+    input, so that the model embeds."""
+    return value is None or (
+        isinstance(value, int) and not isinstance(value, bool) and value in _GGUF_POOLINGS
+    )
+
+
+def _gguf_decoder_pooling(meta: dict[str, Any], arch: str) -> dict[str, Any]:
+    """A generative GGUF's `{arch}.pooling_type`, which llama.cpp's converter writes only for
+    embedding and reranking models (Qwen3-Embedding: last; Qwen3-Reranker: rank). Absent, the
+    model embeds with the default (last token, normalized)."""
+    value = meta.get(f"{arch}.pooling_type")
+    if value is None:
+        return {}
+    return {"pooling": _GGUF_POOLINGS[value] if pooling_type_embeds(value) else NO_POOLING, "normalize": True}
 
 
 def _bert_config_from_gguf(meta: dict[str, Any], source: str | Path) -> ModelConfig:
