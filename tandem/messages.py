@@ -24,8 +24,8 @@ from msgspec import field
 
 PROTOCOL_VERSION = 1
 # Revisions add fields and capabilities within a major version (PROTOCOL.md, "Versioning"): 1.1
-# structured output and tools, 1.2 prompt logprobs.
-PROTOCOL_REVISION = "1.2"
+# structured output and tools, 1.2 prompt logprobs, 1.3 embeddings.
+PROTOCOL_REVISION = "1.3"
 
 _REGISTRY: dict[int, type[Message]] = {}
 _DECODERS: dict[int, msgspec.msgpack.Decoder] = {}
@@ -596,3 +596,15 @@ class KeepAlive(Message):
     """Server -> client probe that finds vanished clients while their requests are silent; ignore it."""
 
     time: float = 0.0
+
+
+@message(59)
+class EmbedInputRequest(Message):
+    """Client -> server (1.3): embed one input. Answered with Accepted, then the Embedding (tag 22:
+    the model's own vector, normalized where its pooling config says so, and always for generative
+    models), then Finished; or a RequestError."""
+
+    request_id: str
+    prompt: str | None = None  # raw text (no chat template), framed as the model frames inputs
+    prompt_token_ids: list[int] | None = None
+    truncate: bool = True  # cut an input past the limit (BERT's final [SEP] kept); false: refuse it

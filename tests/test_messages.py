@@ -190,6 +190,7 @@ PINNED: dict[int, tuple[str, list[str]]] = {
     56: ("HealthRequest", ["query_id"]),
     57: ("Health", ["query_id", "status", "model", "error", "uptime_s", "clients", "inflight", "stats"]),
     58: ("KeepAlive", ["time"]),
+    59: ("EmbedInputRequest", ["request_id", "prompt", "prompt_token_ids", "truncate"]),
 }
 
 PARAMS = m.SamplingParams(
@@ -288,6 +289,7 @@ SAMPLES: dict[int, Any] = {
     56: m.HealthRequest(9),
     57: m.Health(9, "degraded", "smollm2:135m", "", 12.5, 2, 3, STATS),
     58: m.KeepAlive(123.5),
+    59: m.EmbedInputRequest("e1", "the quick brown fox", None, False),
 }
 
 

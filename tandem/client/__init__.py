@@ -4,6 +4,7 @@ from tandem.client.async_client import AsyncStream, AsyncTandemClient
 from tandem.client.common import (
     Completion,
     ContextLengthError,
+    EmbeddingResult,
     InvalidRequestError,
     ProtocolVersionError,
     ServerBusyError,
@@ -22,6 +23,7 @@ __all__ = [
     "ChatMessage",
     "Completion",
     "ContextLengthError",
+    "EmbeddingResult",
     "Finished",
     "Health",
     "InvalidRequestError",

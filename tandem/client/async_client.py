@@ -20,6 +20,8 @@ from tandem.client.common import (
     CONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
     Completion,
+    EmbeddingResult,
+    EmbedState,
     RequestState,
     TandemTimeout,
     build_request,
@@ -37,6 +39,8 @@ from tandem.messages import (
     Accepted,
     Cancel,
     ClientHello,
+    Embedding,
+    EmbedInputRequest,
     ErrorCode,
     Finished,
     GenerateRequest,
@@ -166,6 +170,40 @@ class AsyncTandemClient:
         req = build_request(rid, prompt, prompt_token_ids, messages, raw, system, True, sampling)
         return AsyncStream(self, req, RequestState(rid, collect=False), self._timeout(timeout))
 
+    async def embed(
+        self,
+        prompt: str | None = None,
+        *,
+        prompt_token_ids: list[int] | None = None,
+        truncate: bool = True,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> EmbeddingResult:
+        """One input's embedding (protocol 1.3), as TandemClient.embed."""
+        await self.connect()
+        rid = request_id or new_request_id()
+        if rid in self._queues:
+            raise ValueError(f"request id {rid!r} is already in use on this client")
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._queues[rid] = queue
+        state, wait = EmbedState(rid), self._timeout(timeout)
+        try:
+            await self._sock.send(encode(EmbedInputRequest(rid, prompt, prompt_token_ids, truncate)))
+            while True:
+                try:
+                    msg = await asyncio.wait_for(queue.get(), wait)
+                except TimeoutError:
+                    raise timeout_error(rid, wait or 0.0) from None
+                result = state.feed(msg)
+                if result is not None:
+                    return result
+        finally:
+            if self._queues.get(rid) is queue:
+                del self._queues[rid]
+            if not state.done:
+                with contextlib.suppress(zmq.ZMQError):
+                    await self.cancel(rid)
+
     async def cancel(self, request_id: str) -> None:
         """Ask the server to stop a request; its stream then ends with finish_reason 'cancelled'."""
         if self._sock is not None:
@@ -199,7 +237,7 @@ class AsyncTandemClient:
             except MessageError as e:
                 log.warning("dropping a frame from %s that did not decode: %s", self.url, e)
                 continue
-            if isinstance(msg, Accepted | TokenDelta | Finished | RequestError):
+            if isinstance(msg, Accepted | TokenDelta | Embedding | Finished | RequestError):
                 q = self._queues.get(msg.request_id)
                 if q is not None:
                     q.put_nowait(msg)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import array
 import os
 import re
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from tandem.messages import (
     PROTOCOL_VERSION,
     Accepted,
     ChatMessage,
+    Embedding,
     ErrorCode,
     Finished,
     GenerateRequest,
@@ -125,6 +128,48 @@ class Completion:
     prompt_logprobs: list[float] | None = None  # params.prompt_logprobs: prompt tokens 1.. (TokenDelta)
     prompt_top_logprobs: list[list[list[float]]] | None = None
     tool_calls: list[dict[str, Any]] | None = None  # [{id, name, arguments}] for a request with tools
+
+
+@dataclass
+class EmbeddingResult:
+    """One input's embedding (protocol 1.3): the vector, the tokens embedded (after any cut) and
+    the Finished frame (prompt_tokens, timings)."""
+
+    request_id: str
+    vector: list[float]
+    prompt_token_ids: list[int]
+    finished: Finished
+
+
+class EmbedState:
+    """One embedding request seen from the client (protocol 1.3): feed it its frames (Accepted,
+    Embedding, Finished); the Finished returns the result, an error frame raises TandemError."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.ids: list[int] = []
+        self.vector: list[float] | None = None
+        self.done = False
+
+    def feed(self, msg: Any) -> EmbeddingResult | None:
+        if isinstance(msg, RequestError):
+            self.done = True
+            raise error_from(msg)
+        if isinstance(msg, Accepted):
+            self.ids = list(msg.prompt_token_ids)
+        elif isinstance(msg, Embedding):
+            v = array.array("f", msg.vector)  # float32, little-endian on the wire
+            if sys.byteorder != "little":
+                v.byteswap()
+            self.vector = v.tolist()
+        elif isinstance(msg, Finished):
+            self.done = True
+            if self.vector is None:
+                raise TandemError(
+                    ErrorCode.INTERNAL, "the embedding finished without a vector", self.request_id
+                )
+            return EmbeddingResult(self.request_id, self.vector, self.ids, msg)
+        return None
 
 
 def new_request_id() -> str:

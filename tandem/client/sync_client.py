@@ -20,6 +20,8 @@ from tandem.client.common import (
     CONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
     Completion,
+    EmbeddingResult,
+    EmbedState,
     RequestState,
     TandemTimeout,
     build_request,
@@ -37,6 +39,8 @@ from tandem.messages import (
     Accepted,
     Cancel,
     ClientHello,
+    Embedding,
+    EmbedInputRequest,
     ErrorCode,
     Finished,
     GenerateRequest,
@@ -131,6 +135,32 @@ class TandemClient:
             build_request(rid, prompt, prompt_token_ids, messages, raw, system, True, sampling), timeout
         )
 
+    def embed(
+        self,
+        prompt: str | None = None,
+        *,
+        prompt_token_ids: list[int] | None = None,
+        truncate: bool = True,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> EmbeddingResult:
+        """One input's embedding (protocol 1.3, capability ``embeddings``): text (no chat
+        template) or token ids; past the model's limit it is cut, or with ``truncate=False``
+        refused (ContextLengthError)."""
+        rid = request_id or new_request_id()
+        if rid in self._buffers or rid in self._abandoned:
+            raise ValueError(f"request id {rid!r} is already in use on this client")
+        self._buffers[rid] = deque()
+        self._sock.send(encode(EmbedInputRequest(rid, prompt, prompt_token_ids, truncate)))
+        state = EmbedState(rid)
+        try:
+            while True:
+                result = state.feed(self._next_frame(rid, self.timeout if timeout is None else timeout))
+                if result is not None:
+                    return result
+        finally:
+            self._forget(rid, cancel=not state.done)
+
     def cancel(self, request_id: str) -> None:
         """Ask the server to stop a request; its stream then ends with finish_reason 'cancelled'."""
         self._sock.send(encode(Cancel(request_id)))
@@ -203,7 +233,7 @@ class TandemClient:
             log.warning("dropping a frame from %s that did not decode: %s", self.url, e)
 
     def _route(self, msg: Any) -> None:
-        if isinstance(msg, Accepted | TokenDelta | Finished | RequestError):
+        if isinstance(msg, Accepted | TokenDelta | Embedding | Finished | RequestError):
             rid = msg.request_id
             if rid in self._buffers:
                 self._buffers[rid].append(msg)

@@ -29,6 +29,9 @@ _GEMMA3_LOCAL_THETA = 10000.0
 ENCODER_ARCHITECTURES = ("bert",)
 _HF_ENCODERS = {"BertModel": "bert", "BertForMaskedLM": "bert"}
 POOLINGS = ("mean", "cls", "last")
+# A GGUF that declares a pooling giving no one vector an input (llama.cpp's none: a vector a
+# token; rank: a reranker's score): the model does not embed.
+NO_POOLING = "none"
 
 
 @dataclass(frozen=True)
@@ -90,11 +93,17 @@ class ModelConfig:
         return self.architecture in ENCODER_ARCHITECTURES
 
     @property
+    def embeds(self) -> bool:
+        """Whether the model embeds (ollama's "embedding" capability): every one but a file that
+        declares a pooling without one vector an input (a reranker's rank, or none)."""
+        return self.pooling != NO_POOLING
+
+    @property
     def embedding_pooling(self) -> tuple[str, bool]:
         """(pooling, normalize) of the model's embeddings. A model that declares none (every
         generative one) pools its last token, L2-normalized: the hidden state that has attended to
         the whole input, as decoder embedding models (e5-mistral, Qwen3-Embedding) are trained."""
-        return (self.pooling, self.normalize) if self.pooling else ("last", True)
+        return (self.pooling, self.normalize) if self.pooling in POOLINGS else ("last", True)
 
 
 def _require(meta: dict[str, Any], key: str) -> Any:
@@ -119,6 +128,8 @@ def _number(meta: dict[str, Any], key: str, source: str | Path, default: float) 
 
 def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str | Path) -> ModelConfig:
     arch = str(meta.get("general.architecture", ""))
+    if arch in ENCODER_ARCHITECTURES:
+        return _bert_config_from_gguf(meta, source)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
             f"unsupported architecture {quoted(arch)} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
@@ -167,8 +178,70 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str |
         eos_token_ids=tuple(i for i in eos_ids if i is not None),
         name=str(meta.get("general.name", "")),
         qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+        **_gguf_decoder_pooling(meta, arch),
         **_gguf_gemma3_fields(meta, arch, num_layers, hidden, n_heads, source),
         **_gguf_sliding_fields(meta, arch, num_layers, source),
+    )
+
+
+# llama.cpp's enum llama_pooling_type, as `{arch}.pooling_type` stores it (0 none, 4 rank: a
+# reranker's classifier head; neither gives one vector an input).
+_GGUF_POOLINGS = {1: "mean", 2: "cls", 3: "last"}
+
+
+def pooling_type_embeds(value: Any) -> bool:
+    """Whether a GGUF's `{arch}.pooling_type` (None where the file has none) gives one vector an
+    input, so that the model embeds."""
+    return value is None or (
+        isinstance(value, int) and not isinstance(value, bool) and value in _GGUF_POOLINGS
+    )
+
+
+def _gguf_decoder_pooling(meta: dict[str, Any], arch: str) -> dict[str, Any]:
+    """A generative GGUF's `{arch}.pooling_type`, which llama.cpp's converter writes only for
+    embedding and reranking models (Qwen3-Embedding: last; Qwen3-Reranker: rank). Absent, the
+    model embeds with the default (last token, normalized)."""
+    value = meta.get(f"{arch}.pooling_type")
+    if value is None:
+        return {}
+    return {"pooling": _GGUF_POOLINGS[value] if pooling_type_embeds(value) else NO_POOLING, "normalize": True}
+
+
+def _bert_config_from_gguf(meta: dict[str, Any], source: str | Path) -> ModelConfig:
+    """A BERT GGUF as llama.cpp's convert_hf_to_gguf.py writes it. The file has no normalization
+    flag; llama.cpp's embedding tools (and ollama) L2-normalize by default, and so does this."""
+    pooling_value = meta.get("bert.pooling_type", 1)  # absent: mean, sentence-transformers' default
+    pooling = _GGUF_POOLINGS.get(pooling_value) if isinstance(pooling_value, int) else None
+    if pooling is None:
+        raise UnsupportedModelError(
+            f"BERT pooling type {quoted(str(pooling_value))} (bert.pooling_type) is not supported "
+            "(supported: 1 mean, 2 cls, 3 last)"
+        )
+    if meta.get("bert.attention.causal", False):
+        raise UnsupportedModelError("a causal BERT (bert.attention.causal is true) is not supported")
+    hidden = _count(meta, "bert.embedding_length", source)
+    n_heads = _count(meta, "bert.attention.head_count", source)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = _count(meta, "bert.vocab_size", source, len(tokens) if isinstance(tokens, list) else 0)
+    return ModelConfig(
+        architecture="bert",
+        num_layers=_count(meta, "bert.block_count", source),
+        hidden_size=hidden,
+        intermediate_size=_count(meta, "bert.feed_forward_length", source),
+        num_heads=n_heads,
+        num_kv_heads=n_heads,
+        head_dim=max(1, hidden // n_heads),
+        vocab_size=vocab,
+        context_length=_count(meta, "bert.context_length", source, 512),
+        rms_norm_eps=0.0,
+        rope_theta=0.0,
+        tie_word_embeddings=False,
+        attention_bias=True,
+        name=str(meta.get("general.name", "")),
+        pooling=pooling,
+        normalize=True,
+        layer_norm_eps=_number(meta, "bert.attention.layer_norm_epsilon", source, 1e-12),
+        type_vocab_size=_count(meta, "tokenizer.ggml.token_type_count", source, 2),
     )
 
 

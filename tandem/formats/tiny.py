@@ -77,6 +77,7 @@ class TinySpec:
     rope_theta: float = 10000.0
     weight_scale: float = 0.08
     chat_template: str = CHATML_TEMPLATE  # what the file's tokenizer.chat_template says
+    pooling_type: int | None = None  # `{arch}.pooling_type` (llama.cpp's enum); None writes none
 
 
 def _quantize(data: np.ndarray, qtype: GGMLQuantizationType, rng: np.random.Generator) -> np.ndarray:
@@ -143,6 +144,8 @@ def write_tiny_gguf(path: str | Path, spec: TinySpec | None = None) -> Path:
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(f"tiny-{arch}-{spec.qtype.name.lower()}")
     add_llama_metadata(w, spec, (tokens, types, merges))
+    if spec.pooling_type is not None:
+        w.add_uint32(gguf.Keys.LLM.POOLING_TYPE.format(arch=arch), spec.pooling_type)
 
     def matrix(name: str, rows: int, cols: int) -> None:
         data = (rng.standard_normal((rows, cols)) * spec.weight_scale).astype(np.float32)

@@ -2,10 +2,10 @@
 
 `decode` refuses a whole frame for one bad field: a string that is not UTF-8 (checked while
 unpacking), a value of the wrong type, or a nested message of the wrong shape. The protocol still
-owes such a GenerateRequest exactly one terminal frame under its own id, so a second, lenient pass
-unpacks the raw array (invalid UTF-8 kept as surrogate escapes), takes the request id by position
-and names the field at fault: for a value of the wrong type, with the words request validation
-uses for it. Nothing of the client's data is echoed back but the request id itself.
+owes such a GenerateRequest (or EmbedInputRequest) exactly one terminal frame under its own id, so
+a second, lenient pass unpacks the raw array (invalid UTF-8 kept as surrogate escapes), takes the
+request id by position and names the field at fault: for a value of the wrong type, with the words
+request validation uses for it. Nothing of the client's data is echoed back but the request id itself.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import msgpack
 
 from tandem.messages import (
     ChatMessage,
+    EmbedInputRequest,
     GenerateRequest,
     MessageError,
     SamplingParams,
@@ -69,6 +70,9 @@ def _explain(payload: bytes, err: MessageError) -> UnreadableFrame:
     tag = arr[0] if isinstance(arr, list) and arr and type(arr[0]) is int else None
     if tag == GenerateRequest.TAG and len(arr) > 1:
         return _explain_request(arr[1:], err)
+    if tag == EmbedInputRequest.TAG and len(arr) > 1 and readable_id(arr[1]) is not None:
+        # Its fields are flat: decode's error names the one at fault; the request id takes it.
+        return UnreadableFrame(arr[1], _named(err))
     if tag is not None and _not_utf8(arr[1:], "") is not None:
         return UnreadableFrame("", f"a string in the frame (message tag {tag}) is not valid UTF-8")
     return UnreadableFrame("", _named(err))

@@ -41,6 +41,7 @@ from tandem.actors.sockets import (
 )
 from tandem.engine.aio import AsyncEngine
 from tandem.engine.router import EngineError
+from tandem.gateway.embed_limit import cut_input, max_embed_tokens
 from tandem.gateway.zmq_frames import UnreadableFrame, read_frame, readable_id
 from tandem.gateway.zmq_peers import Client, ClientRequest, Peers
 from tandem.messages import (
@@ -50,6 +51,7 @@ from tandem.messages import (
     Cancel,
     ChatMessage,
     ClientHello,
+    EmbedInputRequest,
     ErrorCode,
     Finished,
     FinishReason,
@@ -69,6 +71,7 @@ from tandem.tools.request import prompt_messages, read_tools
 from tandem.validation import (
     ContextError,
     InvalidParameterError,
+    check_prompt_ids,
     fit_context,
     validate_request,
 )
@@ -87,6 +90,7 @@ CAPABILITIES = [
     "tools",  # GenerateRequest.tools / tool_choice, Finished.tool_calls (1.1)
     "prompt_logprobs",  # SamplingParams.prompt_logprobs, TokenDelta.prompt_logprobs (1.2)
 ]
+EMBEDDINGS = "embeddings"  # EmbedInputRequest (1.3): listed where the model embeds
 TERMINAL_LINGER_MS = 500  # time at close for terminal frames still queued to reach their clients
 MAX_ERROR_CHARS = 300  # error messages quote client values: never send back more than this
 
@@ -258,7 +262,7 @@ class ZmqFrontend:
             else:
                 self._refuse(client, e.request_id, ErrorCode.INVALID_REQUEST, e.message)
             return
-        if isinstance(msg, GenerateRequest):
+        if isinstance(msg, GenerateRequest | EmbedInputRequest):
             self._submit(client, msg)
         elif isinstance(msg, Cancel):
             self._cancel(client, msg)
@@ -289,7 +293,7 @@ class ZmqFrontend:
                 PROTOCOL_VERSION,
                 self.model_name,
                 e.context_length,
-                list(CAPABILITIES),
+                [*CAPABILITIES, *([EMBEDDINGS] if self._embeds else [])],
                 e.tokenizer.vocab_size,
                 self.max_inflight,
                 self.max_msg_size,
@@ -314,19 +318,26 @@ class ZmqFrontend:
                 ),
             )
 
-    def _submit(self, client: Client, msg: GenerateRequest) -> None:
+    @property
+    def _embeds(self) -> bool:
+        return bool((self.engine.ready_info.get("model") or {}).get("embeds"))
+
+    def _submit(self, client: Client, msg: GenerateRequest | EmbedInputRequest) -> None:
         rid = readable_id(msg.request_id) or ""
         if rid in client.requests:
             # Not this request's terminal frame: the one in flight under this id still gets its own.
             self._refuse(client, rid, ErrorCode.INVALID_REQUEST, _in_flight(rid))
             return
         # Before validating, which walks every token id: a prompt far over the context costs nothing.
-        too_long = self._over_context(msg)
+        too_long = self._over_context(msg) if isinstance(msg, GenerateRequest) else None
         if too_long:
             self._refuse(client, rid, ErrorCode.CONTEXT_LENGTH, too_long)
             return
         try:
-            validate_request(msg, self.engine.tokenizer.vocab_size)
+            if isinstance(msg, GenerateRequest):
+                validate_request(msg, self.engine.tokenizer.vocab_size)
+            else:
+                self._check_embed(msg)
         except ValueError as e:
             self._refuse(client, rid, ErrorCode.INVALID_REQUEST, str(e))
             return
@@ -336,7 +347,10 @@ class ZmqFrontend:
         req = ClientRequest(rid)
         client.requests[rid] = req
         self._clients[client.identity] = client
-        req.task = self._spawn(self._run(client, req, msg))
+        run = (
+            self._run(client, req, msg) if isinstance(msg, GenerateRequest) else self._embed(client, req, msg)
+        )
+        req.task = self._spawn(run)
         req.task.add_done_callback(lambda t: self._finish(client, req, t))
 
     def _over_context(self, msg: GenerateRequest) -> str | None:
@@ -404,6 +418,47 @@ class ZmqFrontend:
                                 ]
         except EngineError as e:
             req.terminal = RequestError(req.rid, e.code, str(e))
+
+    def _check_embed(self, msg: EmbedInputRequest) -> None:
+        if not 0 < len(msg.request_id) <= 256:
+            raise InvalidParameterError("request_id", "must be a string of 1..256 chars")
+        if (msg.prompt is None) == (msg.prompt_token_ids is None):
+            raise InvalidParameterError("prompt", "give exactly one of prompt, prompt_token_ids")
+        if msg.prompt_token_ids is not None:
+            if not msg.prompt_token_ids:
+                raise InvalidParameterError("prompt_token_ids", "must be a non-empty list of token ids")
+            check_prompt_ids(msg.prompt_token_ids, self.engine.tokenizer.vocab_size)
+        if not self._embeds:
+            raise InvalidParameterError("model", f"model '{self.model_name}' does not support embeddings")
+
+    async def _embed(self, client: Client, req: ClientRequest, msg: EmbedInputRequest) -> None:
+        """Accepted, the Embedding, then Finished (as terminal); an input past the limit is cut, or
+        with ``truncate`` false refused as context_length."""
+        tok = self.engine.tokenizer
+        if msg.prompt_token_ids is not None:
+            ids = list(msg.prompt_token_ids)
+        else:
+            ids = await asyncio.to_thread(tok.encode, msg.prompt, parse_special=False)
+        limit = max_embed_tokens(self.engine)
+        if len(ids) > limit and not msg.truncate:
+            text = f"input is {len(ids)} tokens, longer than the {limit} tokens the model embeds"
+            text += " (truncate is false)"
+            req.terminal = RequestError(req.rid, ErrorCode.CONTEXT_LENGTH, text)
+            return
+        ids = cut_input(ids, limit, tok)
+        req.prompt_tokens = len(ids)
+        if not await self._peers.send(client, Accepted(req.rid, len(ids), ids)):
+            return
+        req.accepted = True
+        if req.cancel_reason:  # cancelled while being tokenized
+            return
+        try:
+            vec, fin = await self.engine.embed(ids, request_id=f"z{uuid.uuid4().hex}")
+        except EngineError as e:
+            req.terminal = RequestError(req.rid, e.code, str(e))
+            return
+        if await self._peers.send(client, msgspec.structs.replace(vec, request_id=req.rid)):
+            req.terminal = msgspec.structs.replace(fin, request_id=req.rid)
 
     def _check_grammar(self, msg: GenerateRequest) -> None:
         """A grammar the worker could not compile is this request's invalid_request, now."""

@@ -127,8 +127,9 @@ class ModelRunner:
         self.weights_bytes = self.model.weights_bytes
         self.encoder = self.config.is_encoder
         self.pooling, self.normalize = self.config.embedding_pooling
-        # Generative modules embed through their hidden_states (llama family); one without cannot.
-        self.embeds = self.encoder or hasattr(self.model, "hidden_states")
+        # Generative modules embed through their hidden_states (every model class has them), unless
+        # the file declares a pooling without one vector an input (ModelConfig.embeds).
+        self.embeds = self.config.embeds and (self.encoder or hasattr(self.model, "hidden_states"))
         if self.encoder:  # attention within each whole input: no cache; one nominal block for the plan
             self.kv = KVCache.allocate(self.config, 1, eng.block_size, self.dtype, self.device)
         else:

@@ -89,10 +89,13 @@ class EngineCore:
         kv_blocks: int,
         clock: Callable[[], float] = time.monotonic,
         encoder: bool = False,
+        embeds: bool = True,
     ) -> None:
-        """``encoder``: the model only embeds (BERT), and its embeddings need no KV blocks."""
+        """``encoder``: the model only embeds (BERT), and its embeddings need no KV blocks;
+        ``embeds``: false when it does not embed at all (ModelConfig.embeds)."""
         self.cfg = cfg
         self.encoder = encoder
+        self.embeds = embeds
         self.context_length = context_length
         self.ring = ring
         self.clock = clock
@@ -125,7 +128,9 @@ class EngineCore:
 
     def _new_scheduler(self, kv_blocks: int) -> Scheduler:
         cfg = self.cfg
-        limits = SchedulerLimits.from_engine(cfg, self.context_length, encoder=self.encoder)
+        limits = SchedulerLimits.from_engine(
+            cfg, self.context_length, encoder=self.encoder, embeds=self.embeds
+        )
         return Scheduler(limits, BlockManager(kv_blocks, cfg.block_size, cfg.enable_prefix_caching))
 
     @property

@@ -94,6 +94,7 @@ class SchedulerProcess:
             self.ring,
             int(self.memory_plan["kv_blocks"]),
             encoder=model_cfg.is_encoder,
+            embeds=model_cfg.embeds,
         )
         self.draining = False
         self.tracer = StepTracer(cfg.trace_steps) if cfg.trace_steps else None  # serve --trace-steps

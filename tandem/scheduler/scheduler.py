@@ -32,10 +32,15 @@ class SchedulerLimits:
     max_queue: int
     context_length: int  # resolved: the engine's, capped at the model's
     encoder: bool = False  # the model is an encoder: embeddings only, and they need no KV blocks
+    embeds: bool = True  # ModelConfig.embeds: false for a file that declares no one-vector pooling
 
     @classmethod
-    def from_engine(cls, cfg: EngineConfig, context_length: int, encoder: bool = False) -> SchedulerLimits:
-        return cls(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_queue, context_length, encoder)
+    def from_engine(
+        cls, cfg: EngineConfig, context_length: int, encoder: bool = False, embeds: bool = True
+    ) -> SchedulerLimits:
+        return cls(
+            cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_queue, context_length, encoder, embeds
+        )
 
 
 class AdmissionError(Exception):
@@ -95,6 +100,8 @@ class Scheduler:
         return min(self.limits.context_length, self.limits.max_num_batched_tokens)
 
     def check_embed_feasible(self, prompt_len: int) -> None:
+        if not self.limits.embeds:
+            raise AdmissionError(ErrorCode.INVALID_REQUEST, "this model does not support embeddings")
         if prompt_len < 1:
             raise AdmissionError(ErrorCode.INVALID_REQUEST, "the input is empty (0 tokens)")
         limit = self.max_embed_tokens

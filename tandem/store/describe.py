@@ -70,6 +70,7 @@ def _describe_gguf(path: Path) -> dict[str, Any]:
         kv_heads=get(f"{arch}.attention.head_count_kv"),
         vocab_size=get(f"{arch}.vocab_size") or (len(tokens) if tokens is not None else None),
         chat_template=get("tokenizer.chat_template"),
+        pooling_type=get(f"{arch}.pooling_type"),  # what /api/show's capabilities read before loading
     )
 
 

@@ -163,3 +163,32 @@ def _register_added(backend: HFTokenizer, tokens: list[str], types: list[int]) -
     if backend.get_vocab_size(with_added_tokens=True) != before:
         # An added token whose text is not a vocab key got a fresh id past the vocab: a broken file.
         raise TokenizerError("special tokens do not map onto the vocabulary (duplicate token texts?)")
+
+
+def _build_wordpiece(
+    tokens: list[str], types: list[int], unk_id: int | None
+) -> tuple[HFTokenizer, list[bytes]]:
+    """A WordPiece backend from llama.cpp's BERT vocab, whose converter rewrites Hugging Face's
+    spelling to "phantom spaces": a word-initial piece gets a leading U+2581, a continuation
+    loses its "##", bracketed specials stay as they are. Undone here, then encoded the way an
+    uncased BERT folder is (BERT's normalizer: lower case, accents stripped, Chinese characters
+    split; split at whitespace and punctuation), which is what llama.cpp's WPM tokenizer does."""
+    if unk_id is None:
+        raise TokenizerError("bert tokenizer without tokenizer.ggml.unknown_token_id")
+    keys, pieces = [], []
+    for text, ttype in zip(tokens, types, strict=True):
+        if ttype in _SPECIAL_TYPES or (text.startswith("[") and text.endswith("]")):
+            keys.append(text)
+            pieces.append(text.encode("utf-8"))
+        elif text.startswith(SPM_SPACE):
+            keys.append(text[1:])
+            pieces.append(b" " + text[1:].encode("utf-8"))
+        else:
+            keys.append("##" + text)
+            pieces.append(text.encode("utf-8"))
+    backend = HFTokenizer(models.WordPiece(vocab=_vocab_dict(keys), unk_token=keys[unk_id]))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    _register_added(backend, keys, types)
+    return backend, pieces

@@ -35,7 +35,7 @@ from gguf import TokenType
 from tokenizers import Tokenizer as HFTokenizer
 
 from tandem.formats.gguf_metadata import read_gguf_metadata
-from tandem.tokenizer.build import TokenizerError, _build_byte_level, _build_sentencepiece
+from tandem.tokenizer.build import TokenizerError, _build_byte_level, _build_sentencepiece, _build_wordpiece
 from tandem.tokenizer.hf import tokenizer_from_hf_dir
 from tandem.tokenizer.pretokenizers import PRE_TOKENIZERS
 from tandem.tokenizer.special_tokens import _HIDDEN_TYPES, _detect_eog
@@ -134,15 +134,23 @@ class Tokenizer:
             if pre not in PRE_TOKENIZERS:
                 logger.warning("unknown pre-tokenizer %r; using llama.cpp's 'default' regexes", pre)
             add_bos_default = PRE_TOKENIZERS.get(pre, PRE_TOKENIZERS["default"]).add_bos
+        elif model == "bert":
+            # WordPiece: every input is framed [CLS] ... [SEP], which play BOS and EOS (as for a
+            # Hugging Face BERT folder). llama.cpp's converter writes them as cls/seperator ids.
+            bos_id = special_id("cls_token_id", special_id("bos_token_id", None))
+            eos_id = special_id("seperator_token_id", special_id("eos_token_id", None))
+            unk_id = special_id("unknown_token_id", None)
+            add_bos_default = True
+            pre = "bert"
         else:
             raise TokenizerError(
                 f"tokenizer model {model!r} is not supported "
-                "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece)"
+                "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece, 'bert' WordPiece)"
             )
         pad_id = special_id("padding_token_id", None)
         eos_ids = _detect_eog(fields, tokens, types, eos_id)
         add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", add_bos_default))
-        add_eos = bool(fields.get("tokenizer.ggml.add_eos_token", False))
+        add_eos = bool(fields.get("tokenizer.ggml.add_eos_token", model == "bert"))
         if add_bos and bos_id is None:
             raise TokenizerError("tokenizer.ggml.add_bos_token is true but there is no bos token")
         if add_eos and eos_id is None:
@@ -156,6 +164,9 @@ class Tokenizer:
             spec = PRE_TOKENIZERS.get(pre, PRE_TOKENIZERS["default"])
             backend, pieces = _build_byte_level(tokens, types, merges, spec)
             strip = False
+        elif model == "bert":
+            backend, pieces = _build_wordpiece(tokens, types, unk_id)
+            strip = True
         else:
             scores = fields.get("tokenizer.ggml.scores") or [0.0] * n
             add_space_prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", True))

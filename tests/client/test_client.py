@@ -31,6 +31,7 @@ from tandem.actors.sockets import ipc_path
 from tandem.cli import main as cli
 from tandem.client import (
     AsyncTandemClient,
+    ContextLengthError,
     InvalidRequestError,
     ProtocolVersionError,
     ShuttingDownError,
@@ -195,6 +196,42 @@ def test_invalid_parameters_name_the_parameter(server: Server) -> None:
         with pytest.raises(TypeError):
             c.generate("hi", no_such_param=1)
         assert c.generate("still fine", max_tokens=2).finish_reason in ("length", "stop")
+
+
+def test_embeddings_over_zeromq(server: Server, model: Path) -> None:
+    """EmbedInputRequest (1.3): the last token's final hidden state, normalized, as transformers
+    computes it for the same GGUF; text and ids alike, sync and async; cut past the limit (512
+    tokens, --max-num-batched-tokens), or refused with truncate=False."""
+    import numpy as np
+    import torch
+    import transformers
+
+    with TandemClient(server.ipc, timeout=30) as c:
+        assert c.server is not None and c.server.revision == "1.3" and "embeddings" in c.server.capabilities
+        text = c.embed("Once upon a time")
+        ids = c.embed(prompt_token_ids=text.prompt_token_ids)
+        long = c.embed(prompt_token_ids=[7] * 600)
+        with pytest.raises(ContextLengthError, match="600 tokens"):
+            c.embed(prompt_token_ids=[7] * 600, truncate=False)
+        with pytest.raises(InvalidRequestError, match="exactly one of"):
+            c.embed()
+    assert text.finished.prompt_tokens == len(text.prompt_token_ids) and text.finished.completion_tokens == 0
+    assert long.prompt_token_ids == [7] * 512 and long.finished.prompt_tokens == 512
+    np.testing.assert_allclose(ids.vector, text.vector, atol=1e-6)
+
+    async def together() -> list[Any]:
+        async with AsyncTandemClient(server.tcp, timeout=30) as ac:
+            return await asyncio.gather(*(ac.embed(t) for t in ("Once upon a time", "the end")))
+
+    first, second = asyncio.run(together())
+    np.testing.assert_allclose(first.vector, text.vector, atol=1e-5)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(model.parent), gguf_file=model.name, dtype=torch.float32
+    ).eval()
+    for got in (text, second):
+        with torch.no_grad():
+            h = ref(torch.tensor([got.prompt_token_ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+        np.testing.assert_allclose(got.vector, (h / h.norm()).numpy(), atol=1e-4)
 
 
 def test_structured_output_over_zeromq(server: Server) -> None:

@@ -37,6 +37,8 @@ from tandem.messages import (
     Cancel,
     ChatMessage,
     ClientHello,
+    Embedding,
+    EmbedInputRequest,
     Finished,
     GenerateRequest,
     Health,
@@ -197,6 +199,7 @@ def test_hello_and_health(server: ServerThread, raw: Raw) -> None:
     hello = raw.recv()
     assert isinstance(hello, ServerHello) and hello.version == PROTOCOL_VERSION
     assert hello.model == "tiny" and hello.context_length == CONTEXT and "stream" in hello.capabilities
+    assert "embeddings" in hello.capabilities and hello.revision == "1.3"
     assert hello.vocab_size == server.engine.tokenizer.vocab_size and hello.max_msg_size == MAX_MSG
     raw.send(HealthRequest(7))
     h = raw.recv()
@@ -276,6 +279,38 @@ def test_every_request_gets_exactly_one_terminal(server: ServerThread, raw: Raw)
         assert err.code == "invalid_request" and f"'{param}'" in err.message, err
     assert frames["ctx"][-1].code == "context_length"
     assert frames["cancel"][-1].finish_reason == "cancelled"
+
+
+def test_every_embed_request_gets_exactly_one_terminal(server: ServerThread, raw: Raw) -> None:
+    """EmbedInputRequest (1.3) frames, good and bad: Accepted, Embedding, Finished, or one
+    RequestError under the request id, malformed fields included."""
+    vocab = server.engine.tokenizer.vocab_size
+    for r in [
+        EmbedInputRequest("text", "the sky is blue"),
+        EmbedInputRequest("ids", None, [5, 6, 7]),
+        EmbedInputRequest("none"),
+        EmbedInputRequest("both", "x", [5]),
+        EmbedInputRequest("bad-ids", None, [1, vocab]),
+        EmbedInputRequest("long", None, [5] * (CONTEXT + 1), False),
+    ]:
+        raw.send(r)
+    raw.send_bytes(msgpack.packb([EmbedInputRequest.TAG, "typed", 5]))
+    frames = raw.until_terminals({"text", "ids", "none", "both", "bad-ids", "long", "typed"})
+    for rid in ("text", "ids"):
+        accepted, vec, fin = frames[rid]
+        assert isinstance(accepted, Accepted) and isinstance(vec, Embedding) and isinstance(fin, Finished)
+        assert vec.dims == 64 and len(vec.vector) == 4 * 64 and fin.prompt_tokens == accepted.prompt_tokens
+    assert frames["ids"][0].prompt_token_ids == [5, 6, 7]
+    for rid, words in [
+        ("none", "exactly one of"),
+        ("both", "exactly one of"),
+        ("bad-ids", "prompt_token_ids"),
+        ("long", "truncate is false"),
+        ("typed", "invalid parameter 'prompt'"),
+    ]:
+        (err,) = frames[rid]
+        assert isinstance(err, RequestError) and words in err.message, (rid, err)
+    assert frames["long"][0].code == "context_length"
 
 
 def test_cancel_frees_slot_and_blocks_within_a_second(server: ServerThread) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from live_server import TINY_CONTEXT, Server, tiny_home
+from live_server import TINY_CONTEXT, Server, register, tiny_home
 
 from tandem.formats.tiny import TinySpec, write_tiny_gguf
 
@@ -29,5 +29,15 @@ def tiny_tokenizer(tiny_gguf: Path):
 def tiny_server(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Iterator[Server]:
     """One server for the tests that leave it as they found it (ollama, OpenAI, metrics)."""
     server = Server(tiny_home(tmp_path_factory, tiny_gguf), args=("--allowed-host", "tandem.example")).start()
+    yield server
+    assert server.stop() == 0, server.log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="session")
+def bert_server(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Iterator[Server]:
+    """A server whose default model is the tiny random BERT (tests/tiny_bert.py), an encoder."""
+    home = tmp_path_factory.mktemp("home")
+    register(home, tiny_bert, "tiny-bert")
+    server = Server(home, model="tiny-bert").start()
     yield server
     assert server.stop() == 0, server.log.read_text()[-3000:]

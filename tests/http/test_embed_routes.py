@@ -4,7 +4,6 @@ encoder: embeddings only) checked against transformers, and the tiny llama (embe
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,15 +14,6 @@ from live_server import Server, register
 from tandem.tokenizer.tokenizer import Tokenizer
 
 TEXTS = ["the quick brown fox", "hello world, this is tandem serving embeddings", "vectors"]
-
-
-@pytest.fixture(scope="module")
-def bert_server(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Iterator[Server]:
-    home = tmp_path_factory.mktemp("home")
-    register(home, tiny_bert, "tiny-bert")
-    server = Server(home, model="tiny-bert").start()
-    yield server
-    assert server.stop() == 0, server.log.read_text()[-3000:]
 
 
 def reference(folder: Path, texts: list[str]) -> np.ndarray:
@@ -129,3 +119,41 @@ def test_generative_model_embeds_and_generates(tiny_server: Server) -> None:
     np.testing.assert_allclose(b.data[0].embedding, a["embeddings"][0], atol=1e-5)
     with pytest.raises(openai.NotFoundError):  # another model is a 404, as for generation
         client.embeddings.create(model="other", input="x")
+
+
+def test_a_model_that_does_not_embed_is_a_400(bert_server: Server, tmp_path: Path) -> None:
+    """A reranker GGUF (pooling_type 4, rank) generates but gives no embedding: the 400 on every
+    embedding route and through both clients, and /api/show leaves "embedding" out."""
+    import ollama
+    import openai
+
+    from tandem.formats.tiny import TinySpec, write_tiny_gguf
+
+    register(bert_server.home, write_tiny_gguf(tmp_path / "rank.gguf", TinySpec(pooling_type=4)), "tiny-rank")
+    with bert_server.client() as c:
+        assert c.post("/api/show", json={"model": "tiny-rank"}).json()["capabilities"] == [
+            "completion",
+            "tools",
+        ]
+        for path, body in [
+            ("/api/embed", {"input": "x"}),
+            ("/api/embeddings", {"prompt": "x"}),
+            ("/v1/embeddings", {"input": "x"}),
+        ]:
+            r = c.post(path, json={"model": "tiny-rank", **body})
+            assert r.status_code == 400, (path, r.text)
+            err = r.json()["error"]
+            assert (
+                err if path.startswith("/api") else err["message"]
+            ) == "model 'tiny-rank' does not support embeddings"
+        gen = c.post(
+            "/api/generate",
+            json={"model": "tiny-rank", "prompt": "hi", "stream": False, "options": {"num_predict": 2}},
+        )
+        assert gen.status_code == 200
+    with pytest.raises(ollama.ResponseError, match="does not support embeddings") as e:
+        ollama.Client(host=bert_server.url).embed(model="tiny-rank", input="x")
+    assert e.value.status_code == 400
+    client = openai.OpenAI(base_url=bert_server.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="does not support embeddings"):
+        client.embeddings.create(model="tiny-rank", input="x")

@@ -1,10 +1,12 @@
-"""langchain-ollama and langchain-openai against a live server (tiny random-weight model):
-with_structured_output (JSON schema and function calling) and bind_tools."""
+"""langchain-ollama and langchain-openai against a live server (tiny random-weight models):
+with_structured_output (JSON schema and function calling), bind_tools, and the embedding
+classes (OllamaEmbeddings, OpenAIEmbeddings) on an encoder and on a generative model."""
 
 from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import pydantic
 import pytest
 from live_server import Server
@@ -45,3 +47,33 @@ def test_openai_structured_output_and_forced_tool(tiny_server: Server) -> None:
     (call,) = msg.tool_calls
     assert call["name"] == "Pet"
     Pet.model_validate(call["args"])
+
+
+DOCS = ["the quick brown fox", "embeddings map text to vectors", "hello world"]
+QUERY = "a lazy dog"
+
+
+@pytest.mark.parametrize(("server_fixture", "model"), [("bert_server", "tiny-bert"), ("tiny_server", "tiny")])
+def test_embedding_classes_equal_api_embed(
+    request: pytest.FixtureRequest, server_fixture: str, model: str
+) -> None:
+    server: Server = request.getfixturevalue(server_fixture)
+    with server.client() as c:
+        want = np.array(
+            c.post("/api/embed", json={"model": model, "input": [*DOCS, QUERY]}).json()["embeddings"]
+        )
+    ollama = langchain_ollama.OllamaEmbeddings(model=model, base_url=server.url)
+    np.testing.assert_allclose(ollama.embed_documents(DOCS), want[:3], atol=1e-5)
+    np.testing.assert_allclose(ollama.embed_query(QUERY), want[3], atol=1e-5)
+    # check_embedding_ctx_length=False sends the text: by default the class encodes it with
+    # tiktoken's cl100k_base (downloaded on first use) and sends those ids, which are not this
+    # model's vocabulary (README, "Embeddings").
+    openai = langchain_openai.OpenAIEmbeddings(
+        model=model,
+        base_url=server.url + "/v1",
+        api_key="unused",
+        check_embedding_ctx_length=False,
+        max_retries=0,
+    )
+    np.testing.assert_allclose(openai.embed_documents(DOCS), want[:3], atol=1e-5)
+    np.testing.assert_allclose(openai.embed_query(QUERY), want[3], atol=1e-5)

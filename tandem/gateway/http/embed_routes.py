@@ -22,6 +22,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from tandem.engine.router import EngineError
+from tandem.gateway.embed_limit import cut_input, max_embed_tokens
 from tandem.gateway.http.errors import ApiError
 from tandem.gateway.http.formats import JSONResponse
 from tandem.gateway.http.params import bad, get_bool, read_json
@@ -38,10 +39,6 @@ def check_embeds(gw: Gateway, model: str) -> None:
         raise ApiError(400, f"model '{model}' does not support embeddings", param="model")
 
 
-def max_embed_tokens(gw: Gateway) -> int:
-    return min(gw.engine.context_length, gw.engine.cfg.max_num_batched_tokens)
-
-
 async def _tokenize(gw: Gateway, texts: list[str]) -> list[list[int]]:
     tok = gw.engine.tokenizer
     encode = lambda: [tok.encode(t, parse_special=False) for t in texts]  # noqa: E731
@@ -51,8 +48,7 @@ async def _tokenize(gw: Gateway, texts: list[str]) -> list[list[int]]:
 
 
 def _fit(gw: Gateway, inputs: list[list[int]], truncate: bool) -> list[list[int]]:
-    limit = max_embed_tokens(gw)
-    eos = gw.engine.tokenizer.eos_id if gw.engine.tokenizer.add_eos else None
+    limit = max_embed_tokens(gw.engine)
     out = []
     for i, ids in enumerate(inputs):
         if len(ids) > limit:
@@ -64,8 +60,7 @@ def _fit(gw: Gateway, inputs: list[list[int]], truncate: bool) -> list[list[int]
                     param="input",
                     code="context_length_exceeded",
                 )
-            ids = [*ids[: limit - 1], ids[-1]] if eos is not None and ids[-1] == eos else ids[:limit]
-        out.append(ids)
+        out.append(cut_input(ids, limit, gw.engine.tokenizer))
     return out
 
 

@@ -30,11 +30,12 @@ from tandem.errors import (
     ModelStoreError,
     PullError,
 )
+from tandem.formats.model_config import pooling_type_embeds
 from tandem.gateway.http.errors import ApiError
 from tandem.gateway.http.formats import JSONResponse, ndjson, rfc3339
 from tandem.gateway.http.model_pool import Loaded
 from tandem.gateway.http.params import get_bool, read_json
-from tandem.gateway.http.state import Gateway, check_name, gateway_of
+from tandem.gateway.http.state import Gateway, check_name, gateway_of, model_capabilities
 from tandem.gateway.http.store_calls import StoreTimeout
 from tandem.gateway.http.streaming import CancellableStream
 from tandem.store import model_store as store
@@ -195,7 +196,9 @@ async def show(request: Request) -> Response:
             "capabilities": _with_tools(
                 m.gw.capabilities
                 if m
-                else (["embedding"] if info.get("architecture") == "bert" else ["completion", "embedding"])
+                else model_capabilities(
+                    info.get("architecture") == "bert", pooling_type_embeds(info.get("pooling_type"))
+                )
             ),
             "modified_at": rfc3339(ref.modified),
         }

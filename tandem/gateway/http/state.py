@@ -82,6 +82,12 @@ def check_name(name: str, param: str = "model") -> None:
         raise bad(param, str(e)) from None
 
 
+def model_capabilities(encoder: bool, embeds: bool) -> list[str]:
+    """ollama's capability names ("tools" aside: ollama_models adds it to every generative model):
+    "completion" unless the model is an encoder, "embedding" where it embeds (ModelConfig.embeds)."""
+    return ([] if encoder else ["completion"]) + (["embedding"] if embeds else [])
+
+
 class Gateway:
     """One loaded model's view: its engine and tokenizer rules. The server's own model's Gateway
     is the app's; the others (``shared`` set) share its settings, metrics, store lanes and pool."""
@@ -117,8 +123,7 @@ class Gateway:
         """ollama's capability names for the served model: "completion" unless it is an encoder,
         "embedding" where it embeds (the worker says which)."""
         model = self.engine.ready_info.get("model") or {}
-        caps = [] if model.get("encoder") else ["completion"]
-        return caps + (["embedding"] if model.get("embeds") else [])
+        return model_capabilities(bool(model.get("encoder")), bool(model.get("embeds")))
 
     @property
     def embedding_dims(self) -> int:

@@ -4,7 +4,9 @@
 /tokenize takes `prompt` (raw text: no chat template; `add_special_tokens`, default true, adds
 the model's BOS where generation would) or `messages` (rendered through the chat template with the
 generation prompt, as /v1/chat/completions does), and returns `tokens`, `count` and
-`max_model_len`. /detokenize takes `tokens` and returns `prompt`.
+`max_model_len`. /detokenize takes `tokens` and returns `prompt`. GET /tokenizer_info gives the
+special tokens' text and the chat template: lm-eval needs it (with `eos_token`) before it picks
+the server's tokenizer (`tokenizer_backend=remote`), which then encodes the EOS text to find its id.
 """
 
 from __future__ import annotations
@@ -43,6 +45,32 @@ async def tokenize(request: Request) -> Response:
         tok = gw.engine.tokenizer
         ids = await asyncio.to_thread(tok.encode, prompt, add_bos=None if bos else False, parse_special=True)
     return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": gw.engine.context_length})
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request) -> Response:
+    gw = gateway_of(request)
+    if request.query_params.get("model"):
+        gw, _ = await gw.open_model(request, {"model": request.query_params["model"]})
+    tok = gw.engine.tokenizer
+
+    def text(token_id: int | None) -> str | None:
+        return None if token_id is None else tok.id_to_piece(token_id)
+
+    return JSONResponse(
+        {
+            "tokenizer_class": tok.model,
+            "bos_token": text(tok.bos_id),
+            "eos_token": text(tok.eos_id),
+            "pad_token": text(tok.pad_id),
+            "unk_token": text(tok.unk_id),
+            "add_bos_token": tok.add_bos,
+            "add_eos_token": tok.add_eos,
+            "chat_template": tok.chat_template,
+            "model_max_length": gw.engine.context_length,
+            "vocab_size": tok.vocab_size,
+        }
+    )
 
 
 @router.post("/detokenize")
