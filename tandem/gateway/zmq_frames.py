@@ -28,6 +28,7 @@ _SAMPLING_FIELDS = SamplingParams.__struct_fields__
 _CHAT_FIELDS = ChatMessage.__struct_fields__
 # [role, content] at least: the fields after them have defaults
 _CHAT_REQUIRED = len(_CHAT_FIELDS) - len(ChatMessage.__struct_defaults__)
+_TOO_DEEP = "frame nests arrays or maps too deeply"
 
 
 class UnreadableFrame(Exception):
@@ -69,8 +70,11 @@ def _explain(payload: bytes, err: MessageError) -> UnreadableFrame:
     tag = arr[0] if isinstance(arr, list) and arr and type(arr[0]) is int else None
     if tag == GenerateRequest.TAG and len(arr) > 1:
         return _explain_request(arr[1:], err)
-    if tag is not None and _not_utf8(arr[1:], "") is not None:
-        return UnreadableFrame("", f"a string in the frame (message tag {tag}) is not valid UTF-8")
+    try:
+        if tag is not None and _not_utf8(arr[1:], "") is not None:
+            return UnreadableFrame("", f"a string in the frame (message tag {tag}) is not valid UTF-8")
+    except RecursionError:
+        return UnreadableFrame("", _TOO_DEEP)
     return UnreadableFrame("", _named(err))
 
 
@@ -86,7 +90,10 @@ def _explain_request(values: list[Any], err: MessageError) -> UnreadableFrame:
         reason = "not valid UTF-8" if isinstance(values[0], str) else "must be a string"
         return UnreadableFrame("", str(InvalidParameterError("request_id", reason)))
     for name, value in zip(_FIELDS, values, strict=False):
-        where = _not_utf8_in_field(name, value)
+        try:
+            where = _not_utf8_in_field(name, value)
+        except RecursionError:
+            return UnreadableFrame(rid, str(InvalidParameterError(name, "nests arrays or maps too deeply")))
         if where is not None:
             return UnreadableFrame(rid, str(InvalidParameterError(where[0], f"not valid UTF-8{where[1]}")))
     fields = dict(zip(_FIELDS, values, strict=False))

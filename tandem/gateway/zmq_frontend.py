@@ -235,8 +235,11 @@ class ZmqFrontend:
             frames = await self._sock.recv_multipart()
             try:
                 self._handle(frames)
-            except Exception:  # one bad frame must never stop the server
+            except Exception as e:  # one bad frame must never stop the server, nor go unanswered
                 log.exception("error handling a client frame")
+                client = Client(frames[0])
+                client.envelope = len(frames) == 3 and frames[1] == b""
+                self._refuse(client, "", ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
 
     def _handle(self, frames: list[bytes]) -> None:
         identity, rest = frames[0], frames[1:]
