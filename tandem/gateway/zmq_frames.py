@@ -65,8 +65,8 @@ def _explain(payload: bytes, err: MessageError) -> UnreadableFrame:
     why = str(err)
     try:
         arr = msgpack.unpackb(payload, raw=False, unicode_errors="surrogateescape", strict_map_key=False)
-    except Exception:  # not msgpack at all (msgpack raises several unrelated types)
-        return UnreadableFrame("", why)
+    except Exception:  # not msgpack, or nested deeper than msgpack goes (it raises several types)
+        return _explain_by_position(payload, why)
     tag = arr[0] if isinstance(arr, list) and arr and type(arr[0]) is int else None
     if tag == GenerateRequest.TAG and len(arr) > 1:
         return _explain_request(arr[1:], err)
@@ -76,6 +76,29 @@ def _explain(payload: bytes, err: MessageError) -> UnreadableFrame:
     except RecursionError:
         return UnreadableFrame("", _TOO_DEEP)
     return UnreadableFrame("", _named(err))
+
+
+def _explain_by_position(payload: bytes, why: str) -> UnreadableFrame:
+    """A frame msgpack cannot unpack whole: a GenerateRequest's id read by position, one value at a
+    time, and the field where unpacking fails (a truncated frame, or one nested too deeply)."""
+    u = msgpack.Unpacker(raw=False, unicode_errors="surrogateescape", strict_map_key=False)
+    u.feed(payload)
+    try:
+        n = u.read_array_header()
+        tag = u.unpack() if n > 1 else None
+        rid = readable_id(u.unpack()) if type(tag) is int and tag == GenerateRequest.TAG else None
+    except Exception:  # not even the first values unpack
+        return UnreadableFrame("", why)
+    if rid is None:
+        return UnreadableFrame("", why)
+    for name in _FIELDS[1 : n - 1]:
+        try:
+            u.unpack()
+        except msgpack.StackError:
+            return UnreadableFrame(rid, str(InvalidParameterError(name, "nests arrays or maps too deeply")))
+        except Exception:
+            return UnreadableFrame(rid, str(InvalidParameterError(name, "is not valid msgpack")))
+    return UnreadableFrame(rid, why)
 
 
 def _named(err: MessageError) -> str:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -433,6 +434,7 @@ class ZmqFuzzer:
             self._oversized(frames)
             return
         earlier = set(self.open_requests)
+        self.terminals.discard(_sent_id(frames))  # an id used again, after its request ended
         msg = _decoded(frames)
         if isinstance(msg, GenerateRequest) and msg.request_id and msg.request_id not in earlier:
             self.open_requests.add(msg.request_id)  # its terminal may come after the sentinel's Health
@@ -478,7 +480,7 @@ class ZmqFuzzer:
                 rid = reply.request_id
                 if isinstance(reply, RequestError):
                     rep.error_replies += 1
-                    rep.undecodable_replies += rid == ""
+                    rep.undecodable_replies += rid == "" and reply.code == ErrorCode.INVALID_REQUEST
                     if reply.code == ErrorCode.INTERNAL:
                         rep.internal_errors += 1
                         rep.fail(f"internal error {reply.message!r} for {_show(frames)}")
@@ -543,6 +545,19 @@ def _decoded(frames: list[bytes]) -> Any:
         return decode(frames[-1])
     except (MessageError, RecursionError):
         return None
+
+
+def _sent_id(frames: list[bytes]) -> str | None:
+    """The request id a GenerateRequest frame carries by position, however broken the rest is."""
+    u = msgpack.Unpacker(raw=False, unicode_errors="surrogateescape", strict_map_key=False)
+    u.feed(frames[-1])
+    try:
+        if u.read_array_header() > 1 and u.unpack() == GenerateRequest.TAG:
+            rid = u.unpack()
+            return rid if isinstance(rid, str) else None
+    except Exception:  # msgpack raises several types for frames it cannot read
+        pass
+    return None
 
 
 def _refused_as_in_flight(reply: Any) -> bool:
