@@ -142,7 +142,12 @@ class ZmqFrontend:
                 if ep.startswith("tcp://["):
                     sock.setsockopt(zmq.IPV6, 1)
                 sock.bind(self._prepare(ep))
-                self.endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+                bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+                if (path := ipc_path(bound)) is not None:
+                    # Connecting takes write permission on the file: an explicit path outside our
+                    # 0700 runtime dir must not let the umask's group or others in.
+                    os.chmod(path, 0o600)
+                self.endpoints.append(bound)
             self._peers.watch()
         except BaseException:
             self._release()
