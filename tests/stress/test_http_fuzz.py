@@ -43,7 +43,18 @@ def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server.env |= {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(empty), "HF_HUB_OFFLINE": "1"}
     server.start()
     yield server
+    print(f"http fuzz: {served(server)} requests by status")  # the reliability figures (pytest -s)
     assert server.stop() == 0, server.log.read_text()[-3000:]
+
+
+def served(server: Server) -> dict[str, float]:
+    """tandem_http_requests_total summed by status, from the server's /metrics."""
+    by_status: dict[str, float] = {}
+    for line in httpx.get(server.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("tandem_http_requests_total{"):
+            status = line.split('status="', 1)[1].split('"', 1)[0]
+            by_status[status] = by_status.get(status, 0) + float(line.rsplit(" ", 1)[1])
+    return dict(sorted(by_status.items()))
 
 
 CHAT = [{"role": "user", "content": "hi"}]
