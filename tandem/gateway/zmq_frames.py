@@ -98,7 +98,7 @@ def _explain_by_position(payload: bytes, why: str) -> UnreadableFrame:
             return UnreadableFrame(rid, str(InvalidParameterError(name, "nests arrays or maps too deeply")))
         except Exception:
             return UnreadableFrame(rid, str(InvalidParameterError(name, "is not valid msgpack")))
-    return UnreadableFrame(rid, why)
+    return UnreadableFrame("", why)  # every field reads: the frame is something else (trailing bytes)
 
 
 def _named(err: MessageError) -> str:

@@ -219,6 +219,7 @@ def test_no_prompt_the_size_rule_refuses_could_fit(server: ServerThread, parts: 
             id="prompt-deep",
         ),
         pytest.param(generate_frame("cut")[:-3], "cut", "params", id="cut-short-in-params"),
+        pytest.param(generate_frame("tr") + b"\xff", "", None, id="trailing-bytes"),  # not one msgpack value
         pytest.param(NEST * 100_000 + b"\xc0", "", None, id="nested-100000-deep"),
         pytest.param(
             raw_pack([HealthRequest.TAG, Spliced(NEST * 2000 + b"\xc0")]), "", None, id="health-deep"
