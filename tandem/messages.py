@@ -105,6 +105,13 @@ def encode(msg: Message) -> bytes:
 def decode(data: bytes) -> Any:
     """The message in ``data``; MessageError when it is none. Fields past those this version knows
     are ignored, fields a shorter frame lacks take their defaults."""
+    try:
+        return _decode(data)
+    except RecursionError:  # msgspec's own guard: values nested about a thousand deep
+        raise MessageError("frame nests arrays or maps too deeply") from None
+
+
+def _decode(data: bytes) -> Any:
     b0 = data[0] if len(data) > 3 else -1
     # Nearly every frame: a tag under 128, and under 16 fields or exactly 16 (then 15 after the tag).
     if 0x91 <= b0 <= 0x9F and data[1] < 0x80:

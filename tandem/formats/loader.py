@@ -19,7 +19,13 @@ from tandem.errors import UnsupportedModelError
 from tandem.formats.dequant import SUPPORTED_TYPES, dequantize
 from tandem.formats.gguf_file import GGUFFile
 from tandem.formats.gguf_packed import PACKABLE_TYPES, AffineCodes, read_affine
-from tandem.formats.model_check import check_tensor_shapes, gguf_config, hf_folder_config, hf_to_gguf_name
+from tandem.formats.model_check import (
+    check_shard_index,
+    check_tensor_shapes,
+    gguf_config,
+    hf_folder_config,
+    hf_to_gguf_name,
+)
 from tandem.formats.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -86,6 +92,7 @@ def load_safetensors_dir(path: str | Path, dtype: torch.dtype = torch.float32) -
     if not (folder / "config.json").exists():
         raise UnsupportedModelError(f"{folder} has no config.json")
     config = hf_folder_config(folder)
+    check_shard_index(folder)  # a shard deleted since the pull: name it, not the tensor it held
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UnsupportedModelError(f"{folder} has no *.safetensors files")

@@ -106,9 +106,34 @@ def check_safetensors_folder(folder: Path) -> list[Path]:
     for name in HF_REQUIRED:
         stat_regular(folder / name)
     read_hf_config_json(folder)
+    check_shard_index(folder)
     for shard in shards:
         safetensors_header(shard)
     return shards
+
+
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def check_shard_index(folder: Path) -> None:
+    """A sharded checkpoint's index names every shard: one that is missing (a download cut short)
+    would otherwise load as a model that lacks some tensor, and say only that."""
+    index = folder / SHARD_INDEX
+    if not index.exists():
+        return
+    try:
+        body = json.loads(read_regular_text(index))
+    except ValueError:
+        raise ModelFileError(index, "is not valid JSON") from None
+    weight_map = body.get("weight_map") if isinstance(body, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelFileError(index, "has no weight_map of tensor names to shard files")
+    for shard in sorted(set(weight_map.values())):
+        # A bare file name in this folder: an index must not point the loader anywhere else.
+        if Path(shard).name != shard or not shard.endswith(".safetensors"):
+            raise ModelFileError(index, f"names the shard {quoted(shard)}, which is not a file in the folder")
+        if not (folder / shard).is_file():
+            raise ModelFileError(index, f"names the shard {quoted(shard)}, which is missing")
 
 
 def read_hf_config_json(folder: Path) -> dict[str, Any]:
@@ -193,6 +218,7 @@ def _read_optional_json(path: Path) -> Any:
 
 def safetensors_config(folder: Path) -> ModelConfig:
     config = hf_folder_config(folder)
+    check_shard_index(folder)  # a shard deleted since the pull: name it, not a tensor it held
     shapes: dict[str, Shape] = {}
     for shard in sorted(folder.glob("*.safetensors")):
         for hf_name, meta in safetensors_header(shard).items():

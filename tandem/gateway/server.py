@@ -128,6 +128,8 @@ class Server:
             self.frontend.bind()
         except zmq.ZMQError as e:
             raise bind_error("ZeroMQ", cfg.zmq_host, cfg.zmq_tcp_port or 0, e) from None
+        except ValueError as e:  # the runtime dir ($XDG_RUNTIME_DIR) is too long for a socket path
+            raise ServeError(f"cannot serve the ZeroMQ protocol: {e}") from None
         self.zmq_endpoints = list(self.frontend.endpoints)
         self._warn_if_exposed()
 
@@ -189,7 +191,7 @@ class Server:
 
     def _write_info(self) -> None:
         path = server_info_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = {
             "pid": os.getpid(),
             "http": self._http_url(),
@@ -197,7 +199,11 @@ class Server:
             "model": self.cfg.engine.model_name,
         }
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info))
+        # Owner-only: `tandem stop` signals the pid written here, `tandem run` connects where it says.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(info))
+        os.chmod(tmp, 0o600)  # O_CREAT's mode only applies to a new file
         os.replace(tmp, path)
 
     def _remove_info(self) -> None:

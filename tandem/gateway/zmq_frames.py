@@ -25,10 +25,13 @@ from tandem.messages import (
 from tandem.validation import InvalidParameterError, validate_request
 
 _FIELDS = GenerateRequest.__struct_fields__
+# The requests a client waits on by id: a frame of theirs cut short is answered under that id.
+_ID_FIRST = {GenerateRequest.TAG: _FIELDS, EmbedInputRequest.TAG: EmbedInputRequest.__struct_fields__}
 _SAMPLING_FIELDS = SamplingParams.__struct_fields__
 _CHAT_FIELDS = ChatMessage.__struct_fields__
 # [role, content] at least: the fields after them have defaults
 _CHAT_REQUIRED = len(_CHAT_FIELDS) - len(ChatMessage.__struct_defaults__)
+_TOO_DEEP = "frame nests arrays or maps too deeply"
 
 
 class UnreadableFrame(Exception):
@@ -65,17 +68,44 @@ def _explain(payload: bytes, err: MessageError) -> UnreadableFrame:
     why = str(err)
     try:
         arr = msgpack.unpackb(payload, raw=False, unicode_errors="surrogateescape", strict_map_key=False)
-    except Exception:  # not msgpack at all (msgpack raises several unrelated types)
-        return UnreadableFrame("", why)
+    except Exception:  # not msgpack, or nested deeper than msgpack goes (it raises several types)
+        return _explain_by_position(payload, why)
     tag = arr[0] if isinstance(arr, list) and arr and type(arr[0]) is int else None
     if tag == GenerateRequest.TAG and len(arr) > 1:
         return _explain_request(arr[1:], err)
     if tag == EmbedInputRequest.TAG and len(arr) > 1 and readable_id(arr[1]) is not None:
         # Its fields are flat: decode's error names the one at fault; the request id takes it.
         return UnreadableFrame(arr[1], _named(err))
-    if tag is not None and _not_utf8(arr[1:], "") is not None:
-        return UnreadableFrame("", f"a string in the frame (message tag {tag}) is not valid UTF-8")
+    try:
+        if tag is not None and _not_utf8(arr[1:], "") is not None:
+            return UnreadableFrame("", f"a string in the frame (message tag {tag}) is not valid UTF-8")
+    except RecursionError:
+        return UnreadableFrame("", _TOO_DEEP)
     return UnreadableFrame("", _named(err))
+
+
+def _explain_by_position(payload: bytes, why: str) -> UnreadableFrame:
+    """A frame msgpack cannot unpack whole: a request's id read by position, one value at a
+    time, and the field where unpacking fails (a truncated frame, or one nested too deeply)."""
+    u = msgpack.Unpacker(raw=False, unicode_errors="surrogateescape", strict_map_key=False)
+    u.feed(payload)
+    try:
+        n = u.read_array_header()
+        tag = u.unpack() if n > 1 else None
+        fields = _ID_FIRST.get(tag) if type(tag) is int else None
+        rid = readable_id(u.unpack()) if fields else None
+    except Exception:  # not even the first values unpack
+        return UnreadableFrame("", why)
+    if rid is None or fields is None:
+        return UnreadableFrame("", why)
+    for name in fields[1 : n - 1]:
+        try:
+            u.unpack()
+        except msgpack.StackError:
+            return UnreadableFrame(rid, str(InvalidParameterError(name, "nests arrays or maps too deeply")))
+        except Exception:
+            return UnreadableFrame(rid, str(InvalidParameterError(name, "is not valid msgpack")))
+    return UnreadableFrame("", why)  # every field reads: the frame is something else (trailing bytes)
 
 
 def _named(err: MessageError) -> str:
@@ -90,7 +120,10 @@ def _explain_request(values: list[Any], err: MessageError) -> UnreadableFrame:
         reason = "not valid UTF-8" if isinstance(values[0], str) else "must be a string"
         return UnreadableFrame("", str(InvalidParameterError("request_id", reason)))
     for name, value in zip(_FIELDS, values, strict=False):
-        where = _not_utf8_in_field(name, value)
+        try:
+            where = _not_utf8_in_field(name, value)
+        except RecursionError:
+            return UnreadableFrame(rid, str(InvalidParameterError(name, "nests arrays or maps too deeply")))
         if where is not None:
             return UnreadableFrame(rid, str(InvalidParameterError(where[0], f"not valid UTF-8{where[1]}")))
     fields = dict(zip(_FIELDS, values, strict=False))

@@ -146,7 +146,12 @@ class ZmqFrontend:
                 if ep.startswith("tcp://["):
                     sock.setsockopt(zmq.IPV6, 1)
                 sock.bind(self._prepare(ep))
-                self.endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+                bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+                if (path := ipc_path(bound)) is not None:
+                    # Connecting takes write permission on the file: an explicit path outside our
+                    # 0700 runtime dir must not let the umask's group or others in.
+                    os.chmod(path, 0o600)
+                self.endpoints.append(bound)
             self._peers.watch()
         except BaseException:
             self._release()
@@ -239,8 +244,11 @@ class ZmqFrontend:
             frames = await self._sock.recv_multipart()
             try:
                 self._handle(frames)
-            except Exception:  # one bad frame must never stop the server
+            except Exception as e:  # one bad frame must never stop the server, nor go unanswered
                 log.exception("error handling a client frame")
+                client = Client(frames[0])
+                client.envelope = len(frames) == 3 and frames[1] == b""
+                self._refuse(client, "", ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
 
     def _handle(self, frames: list[bytes]) -> None:
         identity, rest = frames[0], frames[1:]

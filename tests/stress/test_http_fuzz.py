@@ -1,16 +1,61 @@
-"""Input a hostile or careless client sends: every string checked where the body is parsed, a 400
-that names the field, and never a 500 or a hang on any route (hypothesis, over a real server)."""
+"""Input a hostile or careless HTTP client sends, against a throwaway `tandem serve` on the tiny
+model: every string checked where the body is parsed, a 400 that names the field, and never a 500
+or a hang on any route, for bodies hypothesis draws (every route, ollama, OpenAI, /v1/responses,
+/tokenize, /api/embed...) and for requests schemathesis generates from the server's own
+/openapi.json. Each request has a bounded timeout: running past it is the hang.
+
+CI-bounded: 15 hypothesis bodies per route and 12 schemathesis cases per operation, times
+TANDEM_STRESS_SCALE. The server may delete or overwrite its own models meanwhile (/api/delete,
+/api/create, /api/copy): it is this module's alone, offline (no pip index, no Hugging Face).
+
+Run: python -m pytest tests/stress/test_http_fuzz.py -q
+"""
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
 from urllib.parse import quote
 
 import httpx
 import pytest
+import schemathesis
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from live_server import Server
+from live_server import TINY_CONTEXT, Server, tiny_home
+from schemathesis.checks import not_a_server_error
+
+from tandem.formats.tiny import TinySpec, write_tiny_gguf
+
+SCALE = float(os.environ.get("TANDEM_STRESS_SCALE", "1"))
+ROUTE_EXAMPLES = max(1, int(15 * SCALE))  # hypothesis bodies per route
+SCHEMA_EXAMPLES = max(1, int(12 * SCALE))  # schemathesis cases per operation
+TIMEOUT_S = 30  # a refusal or a 3-token generation takes well under a second
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    gguf = write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf", TinySpec(context=TINY_CONTEXT))
+    empty = tmp_path_factory.mktemp("no-index")
+    server = Server(tiny_home(tmp_path_factory, gguf), args=("--allowed-host", "tandem.example"))
+    # Offline: a fuzzed name must never start a download.
+    server.env |= {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(empty), "HF_HUB_OFFLINE": "1"}
+    server.start()
+    yield server
+    print(f"http fuzz: {served(server)} requests by status")  # the reliability figures (pytest -s)
+    assert server.stop() == 0, server.log.read_text()[-3000:]
+
+
+def served(server: Server) -> dict[str, float]:
+    """tandem_http_requests_total summed by status, from the server's /metrics."""
+    by_status: dict[str, float] = {}
+    for line in httpx.get(server.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("tandem_http_requests_total{"):
+            status = line.split('status="', 1)[1].split('"', 1)[0]
+            by_status[status] = by_status.get(status, 0) + float(line.rsplit(" ", 1)[1])
+    return dict(sorted(by_status.items()))
+
 
 CHAT = [{"role": "user", "content": "hi"}]
 SURROGATE_CASES = [
@@ -93,13 +138,22 @@ ROUTES: list[tuple[str, str]] = [
     ("POST", "/api/show"),
     ("POST", "/api/pull"),
     ("DELETE", "/api/delete"),
+    ("POST", "/api/copy"),
+    ("POST", "/api/create"),
+    ("POST", "/api/embed"),
+    ("POST", "/api/embeddings"),
     ("GET", "/api/tags"),
     ("GET", "/api/ps"),
     ("GET", "/api/version"),
+    ("GET", "/api/trace"),
     ("POST", "/v1/completions"),
     ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/embeddings"),
+    ("POST", "/v1/responses"),
     ("GET", "/v1/models"),
     ("GET", "/v1/models/{id}"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
 ]
 # Strings that found bugs before, mixed into arbitrary text (lone surrogates included).
 NASTY = ["tiny", "\ud800", "a\udfffb", "\u2028", "\x85", "\x00", "a" * 300, "../../etc", "~x", "", " "]
@@ -149,6 +203,17 @@ FIELDS = {
     "top_logprobs": json_values,
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | json_values,
     "keep_alive": json_values,
+    "input": text | st.lists(text, max_size=3) | json_values,
+    "instructions": text | json_values,
+    "max_output_tokens": json_values,
+    "tokens": st.lists(st.integers(-5, 300), max_size=4) | json_values,
+    "from": text | json_values,
+    "modelfile": text | json_values,
+    "source": text | json_values,
+    "destination": text | json_values,
+    "dimensions": json_values,
+    "truncate": json_values,
+    "encoding_format": st.sampled_from(["float", "base64"]) | json_values,
 }
 # Mostly valid requests with odd text in them: these get as far as the model and the response.
 PLAUSIBLE = {
@@ -191,6 +256,7 @@ def _bounded(body: object) -> object:
         return body
     body = dict(body)
     body["max_tokens"] = 3
+    body["max_output_tokens"] = 3
     opts = body.get("options")
     if opts is None or isinstance(opts, dict):
         body["options"] = {**(opts or {}), "num_predict": 3}
@@ -199,7 +265,7 @@ def _bounded(body: object) -> object:
 
 @pytest.mark.parametrize(("method", "route"), ROUTES, ids=[r for _, r in ROUTES])
 @settings(
-    max_examples=40,
+    max_examples=ROUTE_EXAMPLES,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
@@ -211,10 +277,43 @@ def test_no_route_answers_500_or_hangs(
     path = route.replace("{id}", quote(model_id, safe="", errors="surrogatepass"))
     content = json.dumps(_bounded(body)).encode()
     # The timeout is the hang check: a short generation or a refusal takes well under a second.
-    r = httpx.request(method, tiny_server.url + path, content=content, timeout=20)
+    r = httpx.request(method, tiny_server.url + path, content=content, timeout=TIMEOUT_S)
     event(f"status {r.status_code}")
     assert r.status_code < 500, (r.status_code, r.text[:500])
     assert "internal error" not in r.text, r.text[:500]
     if r.headers.get("content-type", "").startswith(("application/json", "application/x-ndjson")):
         for line in r.text.splitlines():  # what ollama-python does with a stream
             json.loads(line)
+
+
+# -- schemathesis: the server's own OpenAPI document ---------------------------------------------
+@pytest.fixture(scope="module")
+def openapi(tiny_server: Server) -> schemathesis.BaseSchema:
+    r = httpx.get(tiny_server.url + "/openapi.json", timeout=10)
+    assert r.status_code == 200
+    doc = r.json()
+    # The bodies are described, not just the paths: otherwise the fuzzing would send none.
+    for path in ("/api/generate", "/api/chat", "/v1/chat/completions", "/v1/responses", "/tokenize"):
+        assert doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"][
+            "properties"
+        ]
+    assert doc["paths"]["/api/delete"]["delete"]["requestBody"]
+    return schemathesis.openapi.from_dict(doc)
+
+
+schema = schemathesis.pytest.from_fixture("openapi")
+
+
+@schema.parametrize()
+@settings(
+    max_examples=SCHEMA_EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+def test_schemathesis_finds_no_500_and_no_hang(case: schemathesis.Case, tiny_server: Server) -> None:
+    if isinstance(case.body, dict):
+        case.body = _bounded(case.body)
+    response = case.call(base_url=tiny_server.url, timeout=TIMEOUT_S)
+    case.validate_response(response, checks=[not_a_server_error])
+    assert "internal error" not in response.text, response.text[:500]

@@ -2,7 +2,7 @@
 file's bytes), nothing ever blocks on a FIFO or device, and `tandem generate` / `tandem serve` on a
 broken file exit non-zero with one line on stderr (the real CLI, as a subprocess).
 
-Run: python -m pytest tests/formats/test_model_files.py -v
+Run: python -m pytest tests/stress/test_bad_model_files.py -v
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Stress and fault tools that drive a running tandem server (`tandem stress`)."""
