@@ -42,7 +42,7 @@ from tandem.actors.sockets import (
 from tandem.engine.aio import AsyncEngine
 from tandem.engine.router import EngineError
 from tandem.gateway.zmq_frames import UnreadableFrame, read_frame, readable_id
-from tandem.gateway.zmq_peers import Client, ClientRequest, Peers
+from tandem.gateway.zmq_peers import SEND_TIMEOUT_S, Client, ClientRequest, Peers
 from tandem.messages import (
     PROTOCOL_REVISION,
     PROTOCOL_VERSION,
@@ -101,6 +101,7 @@ class ZmqFrontend:
         max_inflight_per_client: int = 256,
         runtime_dir: Path | None = None,
         special_in_messages: bool = False,
+        send_timeout: float = SEND_TIMEOUT_S,
     ) -> None:
         """``endpoints``: ``ipc://PATH``, ``ipc://`` (a fresh path in a 0700 runtime dir) or
         ``tcp://HOST:PORT`` (port 0 picks a free one). ``.endpoints`` holds what was bound."""
@@ -117,7 +118,7 @@ class ZmqFrontend:
         self._own_dir = False
         self._sock: zmq.asyncio.Socket | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._peers = Peers(self._spawn)
+        self._peers = Peers(self._spawn, send_timeout)
         self._clients = self._peers.clients  # the clients with requests in flight, by identity
         self._loops: list[asyncio.Task[None]] = []
         self._closing = False
@@ -403,7 +404,8 @@ class ZmqFrontend:
                                     {"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls
                                 ]
         except EngineError as e:
-            req.terminal = RequestError(req.rid, e.code, str(e))
+            # busy carries the scheduler's estimate of the wait, as HTTP's Retry-After does
+            req.terminal = RequestError(req.rid, e.code, str(e), e.retry_after_s)
 
     def _check_grammar(self, msg: GenerateRequest) -> None:
         """A grammar the worker could not compile is this request's invalid_request, now."""

@@ -27,23 +27,17 @@ def process_tree(pid: int) -> set[int]:
     return tree
 
 
-def command_name(pid: int) -> str:
-    """The process's role, from its command line (tandem serve, its scheduler, its worker)."""
+def is_resource_tracker(pid: int) -> bool:
+    """multiprocessing's helper process: the interpreter's, not one of the server's roles."""
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return b"resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return "?"
-    text = " ".join(a.decode(errors="replace") for a in argv if a)
-    for role in ("resource_tracker", "scheduler", "worker", "serve"):
-        if role in text:
-            return role
-    return text[:40]
+        return False
 
 
 @dataclass(frozen=True)
 class ProcStat:
     pid: int
-    role: str
     rss_kb: int
     fds: int
     threads: int
@@ -57,11 +51,12 @@ def proc_stat(pid: int) -> ProcStat | None:
     except OSError:
         return None
     rss = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-    return ProcStat(pid, command_name(pid), rss, fds, threads)
+    return ProcStat(pid, rss, fds, threads)
 
 
 def tree_stats(pid: int) -> dict[int, ProcStat]:
-    found = {p: proc_stat(p) for p in process_tree(pid)}
+    """Every process of the tree but multiprocessing's resource tracker."""
+    found = {p: proc_stat(p) for p in process_tree(pid) if not is_resource_tracker(p)}
     return {p: s for p, s in found.items() if s is not None}
 
 

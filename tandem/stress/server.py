@@ -80,11 +80,42 @@ class StressServer:
         models = httpx.get(self.http_url + "/api/ps", timeout=10, trust_env=False).json()["models"]
         return [m["name"].split(":")[0] for m in models]
 
-    def stats(self) -> dict[int, ProcStat]:
-        return tree_stats(self.pid)
+    def stats(self) -> dict[str, ProcStat]:
+        """The server's processes by role: "gateway", "MODEL scheduler", "MODEL worker" (each
+        model's scheduler starts its worker)."""
+        models = httpx.get(self.http_url + "/api/ps", timeout=10, trust_env=False).json()["models"]
+        workers = {int(m["tandem"]["memory_plan"]["worker_pid"]): m["name"].split(":")[0] for m in models}
+        schedulers = {_parent(pid): name for pid, name in workers.items()}
+        out: dict[str, ProcStat] = {}
+        for pid, st in tree_stats(self.pid).items():
+            if pid == self.pid:
+                out["gateway"] = st
+            elif pid in workers:
+                out[f"{workers[pid]} worker"] = st
+            elif pid in schedulers:
+                out[f"{schedulers[pid]} scheduler"] = st
+            else:
+                out[f"pid {pid}"] = st
+        return out
+
+    def metric(self, name: str, model: str = "tiny") -> float:
+        """One series of /metrics: ``name`` (with its ``_total`` for a counter) for ``model``."""
+        text = httpx.get(self.http_url + "/metrics", timeout=10, trust_env=False).text
+        for line in text.splitlines():
+            series, _, value = line.rpartition(" ")
+            if series.split("{")[0] == name and f'model="{model}' in series:
+                return float(value)
+        raise KeyError(f"/metrics has no {name} for {model}")
 
     def shm(self) -> set[str]:
         return shm_segments(process_tree(self.pid))
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 @contextlib.contextmanager
