@@ -278,6 +278,8 @@ class AsyncStream:
             finally:
                 if self.state.done:
                     self._client._queues.pop(self.request_id, None)
+                    # frames already routed here behind the terminal one are strays too
+                    self._client.stray_frames += self._queue.qsize()
             if delta is not None:
                 return delta
         raise StopAsyncIteration

@@ -144,5 +144,18 @@ def stress_server(
         try:
             proc.wait_ready(server.http_url + "/", 180)
             yield server
+        except BaseException:
+            _keep_log(home / "serve.log")
+            raise
         finally:
             proc.stop()
+
+
+def _keep_log(log_file: Path) -> None:
+    """A failed scenario's server log outlives its temporary home, for the one who reads the failure."""
+    kept = (
+        Path(tempfile.gettempdir()) / f"tandem-stress-serve-{os.getpid()}-{log_file.stat().st_mtime_ns}.log"
+    )
+    with contextlib.suppress(OSError):
+        kept.write_bytes(log_file.read_bytes())
+        log.warning("the server's log is kept in %s", kept)

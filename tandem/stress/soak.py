@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import httpx
 import zmq.asyncio
 
-from tandem.client import AsyncTandemClient
+from tandem.client import AsyncTandemClient, TandemError
 from tandem.stress.procstat import ProcStat
 from tandem.stress.result import ScenarioResult
 from tandem.stress.server import StressServer, stress_server
@@ -162,10 +162,13 @@ async def _one(
 async def _zmq_cancelled(zc: AsyncTandemClient, prompt: str) -> StreamOutcome:
     out = StreamOutcome("zmq cancel")
     t0 = time.perf_counter()
-    async with zc.stream(prompt, raw=True, max_tokens=200, ignore_eos=True) as s:
-        async for _ in s:
-            break  # leaving the block cancels the request on the server
-    out.status, out.terminals = 200, 1
+    try:
+        async with zc.stream(prompt, raw=True, max_tokens=200, ignore_eos=True) as s:
+            async for _ in s:
+                break  # leaving the block cancels the request on the server
+        out.status, out.terminals = 200, 1
+    except TandemError as e:
+        out.error, out.transport_error = e.code, str(e)
     out.total_s = time.perf_counter() - t0
     return out
 
