@@ -13,8 +13,9 @@ class Figure:
     unit: str = ""
 
     def shown(self) -> str:
-        v = f"{self.value:.0f}" if float(self.value).is_integer() else f"{self.value:.3g}"
-        return f"{v} {self.unit}".strip()
+        v = self.value
+        text = f"{v:.0f}" if v.is_integer() or abs(v) >= 100 else f"{v:.3g}"
+        return f"{text} {self.unit}".strip()
 
 
 @dataclass

@@ -35,6 +35,9 @@ MODELS = ("tiny", "tiny2")
 BASE_REQUESTS = 400
 CONCURRENCY = 16
 RSS_GROWTH = 0.10
+# Thread pools grow lazily to their caps (asyncio's default executor, the store lanes): over 31,000
+# requests the gateway gained one thread after the warm-up. A leak grows with the requests.
+THREAD_SLACK = 2
 PET = {
     "type": "object",
     "properties": {"kind": {"enum": ["cat", "dog"]}, "legs": {"type": "integer", "minimum": 0, "maximum": 8}},
@@ -130,7 +133,9 @@ async def _drive(
             model = rng.choice(MODELS)
             outcomes.append((kind, await _one(kind, model, i, http, zc, rng)))
 
-    limits = httpx.Limits(max_connections=CONCURRENCY * 2)
+    # Idle connections expire before the server's own keep-alive timeout (uvicorn's 5 s): a client
+    # that reuses one the server is closing at that moment gets a reset, which is the client's race.
+    limits = httpx.Limits(max_connections=CONCURRENCY * 2, keepalive_expiry=2.0)
     async with httpx.AsyncClient(
         base_url=server.http_url, timeout=120, limits=limits, trust_env=False
     ) as http:
@@ -293,6 +298,8 @@ def _judge(
             growth < RSS_GROWTH, f"{role}: RSS grew {100 * growth:.1f}% ({st.rss_kb} -> {now.rss_kb} kB)"
         )
         result.check(now.fds <= st.fds, f"{role}: open fds grew {st.fds} -> {now.fds}")
-        result.check(now.threads <= st.threads, f"{role}: threads grew {st.threads} -> {now.threads}")
+        result.check(
+            now.threads <= st.threads + THREAD_SLACK, f"{role}: threads grew {st.threads} -> {now.threads}"
+        )
     result.add("shm segment growth", len(end.shm) - len(warm.shm))
     result.check(end.shm <= warm.shm, f"new shm segments: {sorted(end.shm - warm.shm)}")
