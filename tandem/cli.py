@@ -57,6 +57,7 @@ def _register_commands() -> None:
     from tandem.commands.serve import serve
     from tandem.commands.stop import stop
     from tandem.commands.store import cp, create, list_, pull, rm, show
+    from tandem.commands.stress import stress
     from tandem.commands.tokenize import tokenize
 
     main.add_command(bench)
@@ -71,6 +72,7 @@ def _register_commands() -> None:
     main.add_command(run)
     main.add_command(serve)
     main.add_command(stop)
+    main.add_command(stress)
     main.add_command(tokenize)
 
 

@@ -83,6 +83,9 @@ class AsyncTandemClient:
         self._lock = asyncio.Lock()
         self._qids = itertools.count(1)
         self.server: ServerHello | None = None
+        # Frames for a request id this client does not track (any more): a request it cancelled
+        # still gets its last frames; otherwise each is a frame past a request's terminal one.
+        self.stray_frames = 0
 
     # -- connection ----------------------------------------------------------------------
     async def connect(self) -> ServerHello:
@@ -243,6 +246,8 @@ class AsyncTandemClient:
                     q.put_nowait(msg)
                 elif isinstance(msg, RequestError) and msg.request_id == "":
                     log.warning("server error on %s: %s: %s", self.url, msg.code, msg.message)
+                else:
+                    self.stray_frames += 1
             elif isinstance(msg, ServerHello):
                 if self._hello is not None and not self._hello.done():
                     self._hello.set_result(msg)
@@ -311,6 +316,8 @@ class AsyncStream:
             finally:
                 if self.state.done:
                     self._client._queues.pop(self.request_id, None)
+                    # frames already routed here behind the terminal one are strays too
+                    self._client.stray_frames += self._queue.qsize()
             if delta is not None:
                 return delta
         raise StopAsyncIteration

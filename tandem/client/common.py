@@ -40,11 +40,13 @@ CONNECT_TIMEOUT = 10.0
 class TandemError(Exception):
     """An error frame from the server (or a client-side failure with the same shape)."""
 
-    def __init__(self, code: str, message: str, request_id: str = "") -> None:
+    def __init__(self, code: str, message: str, request_id: str = "", retry_after_s: float = 0.0) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.request_id = request_id
+        # busy: the server's estimate of the seconds until its queue has room (0 when it gave none)
+        self.retry_after_s = retry_after_s
 
 
 class InvalidRequestError(TandemError, ValueError):
@@ -96,7 +98,9 @@ _BY_CODE: dict[str, type[TandemError]] = {
 
 
 def error_from(frame: RequestError) -> TandemError:
-    return _BY_CODE.get(frame.code, TandemError)(frame.code, frame.message, frame.request_id)
+    return _BY_CODE.get(frame.code, TandemError)(
+        frame.code, frame.message, frame.request_id, frame.retry_after_s
+    )
 
 
 def check_hello(hello: ServerHello, url: str) -> ServerHello:

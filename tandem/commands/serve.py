@@ -103,8 +103,8 @@ def _allowed_hosts(ctx: click.Context, param: click.Parameter, value: tuple[str,
     type=click.FloatRange(0, min_open=True),
     default=10.0,
     show_default=True,
-    help="Seconds a streamed reply may wait on a client that stopped reading before its request "
-    "is cancelled (its KV blocks freed).",
+    help="Seconds a streamed reply (HTTP or ZeroMQ) may wait on a client that stopped reading before "
+    "its request is cancelled (its KV blocks freed).",
 )
 @click.option(
     "--special-tokens-in-messages",

@@ -122,7 +122,10 @@ class Server:
         if cfg.zmq_tcp_port is not None:
             endpoints.append(f"tcp://{_url_host(cfg.zmq_host)}:{cfg.zmq_tcp_port}")
         self.frontend = ZmqFrontend(
-            self.engine, endpoints, special_in_messages=cfg.http_settings.special_in_messages
+            self.engine,
+            endpoints,
+            special_in_messages=cfg.http_settings.special_in_messages,
+            send_timeout=cfg.http_settings.send_timeout,
         )
         try:
             self.frontend.bind()

@@ -43,7 +43,7 @@ from tandem.engine.aio import AsyncEngine
 from tandem.engine.router import EngineError
 from tandem.gateway.embed_limit import cut_input, max_embed_tokens
 from tandem.gateway.zmq_frames import UnreadableFrame, read_frame, readable_id
-from tandem.gateway.zmq_peers import Client, ClientRequest, Peers
+from tandem.gateway.zmq_peers import SEND_TIMEOUT_S, Client, ClientRequest, Peers
 from tandem.messages import (
     PROTOCOL_REVISION,
     PROTOCOL_VERSION,
@@ -105,6 +105,7 @@ class ZmqFrontend:
         max_inflight_per_client: int = 256,
         runtime_dir: Path | None = None,
         special_in_messages: bool = False,
+        send_timeout: float = SEND_TIMEOUT_S,
     ) -> None:
         """``endpoints``: ``ipc://PATH``, ``ipc://`` (a fresh path in a 0700 runtime dir) or
         ``tcp://HOST:PORT`` (port 0 picks a free one). ``.endpoints`` holds what was bound."""
@@ -121,7 +122,7 @@ class ZmqFrontend:
         self._own_dir = False
         self._sock: zmq.asyncio.Socket | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._peers = Peers(self._spawn)
+        self._peers = Peers(self._spawn, send_timeout)
         self._clients = self._peers.clients  # the clients with requests in flight, by identity
         self._loops: list[asyncio.Task[None]] = []
         self._closing = False
@@ -425,7 +426,8 @@ class ZmqFrontend:
                                     {"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls
                                 ]
         except EngineError as e:
-            req.terminal = RequestError(req.rid, e.code, str(e))
+            # busy carries the scheduler's estimate of the wait, as HTTP's Retry-After does
+            req.terminal = RequestError(req.rid, e.code, str(e), e.retry_after_s)
 
     def _check_embed(self, msg: EmbedInputRequest) -> None:
         if not 0 < len(msg.request_id) <= 256:

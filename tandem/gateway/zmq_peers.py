@@ -24,7 +24,7 @@ from tandem.messages import Finished, KeepAlive, RequestError, encode
 
 log = logging.getLogger(__name__)
 
-SEND_TIMEOUT_S = 10.0  # a client this far behind (its queue full for so long) counts as gone
+SEND_TIMEOUT_S = 10.0  # default: a client this far behind (its queue full for so long) counts as gone
 PROBE_INTERVAL_S = 1.0  # how often silent clients with requests in flight are checked for
 
 
@@ -64,9 +64,14 @@ class Peers:
     cancels) the sends still under way.
     """
 
-    def __init__(self, spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]) -> None:
+    def __init__(
+        self,
+        spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
+        send_timeout: float = SEND_TIMEOUT_S,
+    ) -> None:
         self.clients: dict[bytes, Client] = {}
         self._spawn = spawn
+        self.send_timeout = send_timeout  # serve --send-timeout, the same budget HTTP streams get
         self._sock: zmq.asyncio.Socket | None = None
         self._monitor: zmq.asyncio.Socket | None = None
 
@@ -98,7 +103,7 @@ class Peers:
         if client.gone or self._sock is None:
             return False
         frames = [client.identity, b"", encode(msg)] if client.envelope else [client.identity, encode(msg)]
-        delay, deadline = 0.001, time.monotonic() + SEND_TIMEOUT_S
+        delay, deadline = 0.001, time.monotonic() + self.send_timeout
         while True:
             try:
                 # NOBLOCK: a full client queue must not stall the other clients' sends
@@ -107,7 +112,14 @@ class Peers:
                 return True
             except zmq.Again:
                 if time.monotonic() > deadline:
-                    self._gone(client, f"queue full for {SEND_TIMEOUT_S:.0f} s")
+                    # a warning, as HTTP's: the client is there but its requests are cut off
+                    log.warning(
+                        "client %s stopped reading for %g s: %d request(s) cancelled",
+                        client.identity.hex(),
+                        self.send_timeout,
+                        len(client.requests),
+                    )
+                    self._gone(client, "stopped reading")
                     return False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.1)
