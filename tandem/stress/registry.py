@@ -44,6 +44,12 @@ def _slow_reader(p: StressParams) -> ScenarioResult:
     return slow_reader.run(p.scale)
 
 
+def _zmq_fuzz(p: StressParams) -> ScenarioResult:
+    from tandem.stress import zmq_fuzz_scenario
+
+    return zmq_fuzz_scenario.run(p.scale)
+
+
 def _soak(p: StressParams) -> ScenarioResult:
     from tandem.stress import soak
 
@@ -67,6 +73,12 @@ SCENARIOS: dict[str, Scenario] = {
             "readers that stop: bounded memory, cancelled after --send-timeout",
             _slow_reader,
             2,
+        ),
+        Scenario(
+            "zmq_fuzz",
+            "seeded ZeroMQ protocol fuzzing: every case answered or its peer dropped, no internal errors",
+            _zmq_fuzz,
+            5,
         ),
         Scenario(
             "soak", "10,000 short requests of every kind on two models: no growth, KV all free", _soak, 25

@@ -75,4 +75,4 @@ def test_bad_options_are_named(args: list[str], names: str) -> None:
 
 
 def test_every_builtin_scenario_is_registered() -> None:
-    assert {"load", "overflow", "slow_reader", "soak"} <= set(registry.SCENARIOS)
+    assert {"load", "overflow", "slow_reader", "soak", "zmq_fuzz"} <= set(registry.SCENARIOS)

@@ -174,3 +174,13 @@ def test_hypothesis_frames_are_each_answered(server: Server, stress_scale: float
         fuzzer.close()
     assert_clean(fuzzer.report)
     assert server.proc.poll() is None
+
+
+def test_the_stress_command_runs_the_fuzzer_as_a_scenario() -> None:
+    """`tandem stress` runs the same fuzzer against its own serve and reports the counts."""
+    from tandem.stress import zmq_fuzz_scenario
+
+    result = zmq_fuzz_scenario.run(scale=0.1)
+    assert result.passed, result.failures
+    assert result.figure("cases") == 200
+    assert result.figure("internal_errors") == 0 and result.figure("error_replies") > 0
