@@ -32,6 +32,8 @@ from tandem.paths import tandem_home
 
 log = logging.getLogger(__name__)
 
+IDLE_CONNECTION_S = 75  # as nginx's keepalive_timeout
+
 DEAD_ENGINE_GRACE_S = 1.0  # how long the front ends keep answering after the engine died
 HTTP_SEND_BUFFER = 64 * 2**10  # bytes; the kernel doubles it for its bookkeeping
 
@@ -178,6 +180,10 @@ class Server:
                 log_level="warning",
                 lifespan="off",
                 access_log=False,
+                # uvicorn closes an idle keep-alive connection after 5 s by default, the very
+                # expiry of httpx's pool: a client reusing one at that moment saw a reset (found
+                # by the soak). Held longer than common clients keep them, the close never races.
+                timeout_keep_alive=IDLE_CONNECTION_S,
             )
             self.http_server = uvicorn.Server(config)
             self.http_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

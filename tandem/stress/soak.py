@@ -133,9 +133,9 @@ async def _drive(
             model = rng.choice(MODELS)
             outcomes.append((kind, await _one(kind, model, i, http, zc, rng)))
 
-    # Idle connections expire before the server's own keep-alive timeout (uvicorn's 5 s): a client
-    # that reuses one the server is closing at that moment gets a reset, which is the client's race.
-    limits = httpx.Limits(max_connections=CONCURRENCY * 2, keepalive_expiry=2.0)
+    # httpx's default 5 s idle expiry: the server holds idle connections longer (gateway/server.py),
+    # so a reuse never races its close.
+    limits = httpx.Limits(max_connections=CONCURRENCY * 2)
     async with httpx.AsyncClient(
         base_url=server.http_url, timeout=120, limits=limits, trust_env=False
     ) as http:

@@ -345,3 +345,22 @@ def test_dead_worker_503_for_new_and_error_line_for_running(dead_engine_server: 
         err = openai_error(c.post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT}), 503)
         assert err["type"] == "server_error"
         assert 'tandem_worker_alive{model="tiny:latest"} 0.0' in c.get("/metrics").text
+
+
+def test_an_idle_keep_alive_connection_outlives_common_client_pools(server: Server) -> None:
+    """httpx drops pooled connections after 5 s idle, uvicorn's default close: a reuse at that
+    instant was reset. The server holds idle connections well past that."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        for pause in (6, 0):
+            conn.request("GET", "/api/version")
+            reply = conn.getresponse()
+            assert reply.status == 200 and b"version" in reply.read()
+            sock = conn.sock
+            time.sleep(pause)
+        conn.request("GET", "/api/version")  # http.client reconnects silently: check it did not
+        assert conn.getresponse().status == 200 and conn.sock is sock
+    finally:
+        conn.close()
