@@ -2,7 +2,11 @@
 
 Why each option matters:
 - LINGER: the default (-1) makes ``ctx.term()`` hang forever on a message queued to an absent peer.
-- ZMTP heartbeats: without them a hung (SIGSTOPped) peer over tcp is never noticed.
+- ZMTP heartbeats: without them a hung (SIGSTOPped) peer over tcp is never noticed. Links between
+  a server's own processes (ipc) carry none (`INTERNAL_HEARTBEAT`): a heartbeat timeout drops the
+  connection and silently loses the messages queued on it (a request the gateway had handed to a
+  scheduler that stalled 3-5 s was never answered), while the actor heartbeats already catch a hung
+  peer, and fail its requests, and a dead one's socket closes with it.
 - MAXMSGSIZE: bounds what an untrusted peer can make us allocate before msgpack sees it.
 - ROUTER_MANDATORY: a ROUTER otherwise drops replies to unknown or slow peers silently.
 - IMMEDIATE: queue only to completed connections, so a send to a peer that is gone fails (Again)
@@ -30,6 +34,7 @@ CONTROL_LINGER_MS = 1000  # long enough to deliver a final ActorFailed, short en
 DATA_LINGER_MS = 0  # data left unsent at shutdown has nobody to go to
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
+INTERNAL_HEARTBEAT = None  # heartbeat_ivl_ms for the data links between a server's own processes
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_IPC_PATH = 107
 

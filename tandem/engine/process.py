@@ -13,7 +13,13 @@ from pathlib import Path
 import zmq
 
 from tandem.actors import ActorHandle, ActorSpec
-from tandem.actors.sockets import ipc_address, make_runtime_dir, make_socket, remove_runtime_dir
+from tandem.actors.sockets import (
+    INTERNAL_HEARTBEAT,
+    ipc_address,
+    make_runtime_dir,
+    make_socket,
+    remove_runtime_dir,
+)
 from tandem.config import EngineConfig
 from tandem.scheduler.process import SchedulerBoot
 from tandem.tokenizer.model_files import read_config_and_tokenizer
@@ -48,9 +54,13 @@ class EngineProcess:
         try:
             self._req_addr = ipc_address(self.runtime_dir, "requests")
             self._out_addr = ipc_address(self.runtime_dir, "outputs")
-            self.to_sched = make_socket(self.zmq_ctx, zmq.PUSH, linger_ms=0)
+            self.to_sched = make_socket(
+                self.zmq_ctx, zmq.PUSH, linger_ms=0, heartbeat_ivl_ms=INTERNAL_HEARTBEAT
+            )
             self.to_sched.bind(self._req_addr)
-            self.from_sched = make_socket(self.zmq_ctx, zmq.PULL, linger_ms=0)
+            self.from_sched = make_socket(
+                self.zmq_ctx, zmq.PULL, linger_ms=0, heartbeat_ivl_ms=INTERNAL_HEARTBEAT
+            )
             self.from_sched.bind(self._out_addr)
         except BaseException:
             self.close()

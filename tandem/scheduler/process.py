@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import zmq
 
 from tandem.actors import ActorContext, ActorHandle, ActorSpec, ActorStartError
-from tandem.actors.sockets import drain, ipc_address, make_socket, remove_ipc_file
+from tandem.actors.sockets import INTERNAL_HEARTBEAT, drain, ipc_address, make_socket, remove_ipc_file
 from tandem.config import EngineConfig, WorkerConfig
 from tandem.messages import (
     CancelRequest,
@@ -72,13 +72,13 @@ class SchedulerProcess:
         assert rt is not None
         self.bell_addr = ipc_address(rt, "doorbell")
         self.results_addr = ipc_address(rt, "results")
-        self.bells = make_socket(z, zmq.PUSH, linger_ms=0)
+        self.bells = make_socket(z, zmq.PUSH, linger_ms=0, heartbeat_ivl_ms=INTERNAL_HEARTBEAT)
         self.bells.bind(self.bell_addr)
-        self.results = make_socket(z, zmq.PULL, linger_ms=0)
+        self.results = make_socket(z, zmq.PULL, linger_ms=0, heartbeat_ivl_ms=INTERNAL_HEARTBEAT)
         self.results.bind(self.results_addr)
-        self.inbox = make_socket(z, zmq.PULL, linger_ms=0)
+        self.inbox = make_socket(z, zmq.PULL, linger_ms=0, heartbeat_ivl_ms=INTERNAL_HEARTBEAT)
         self.inbox.connect(boot.request_endpoint)
-        self.outbox = make_socket(z, zmq.PUSH, linger_ms=2000)
+        self.outbox = make_socket(z, zmq.PUSH, linger_ms=2000, heartbeat_ivl_ms=INTERNAL_HEARTBEAT)
         self.outbox.connect(boot.output_endpoint)
         ctx.add_cleanup(self._close_sockets)
 
