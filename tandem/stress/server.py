@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,17 @@ def stress_server(
             raise
         finally:
             proc.stop()
+
+
+def keep_log_text(text: str, scenario: str) -> Path | None:
+    """A failed scenario's server log (read before its home went away), kept where `_keep_log`
+    keeps them; None if it could not be written."""
+    kept = Path(tempfile.gettempdir()) / f"tandem-stress-{scenario}-{os.getpid()}-{time.time_ns()}.log"
+    try:
+        kept.write_text(text)
+    except OSError:
+        return None
+    return kept
 
 
 def _keep_log(log_file: Path) -> None:

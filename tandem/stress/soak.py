@@ -18,15 +18,18 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import zmq.asyncio
 
 from tandem.client import AsyncTandemClient, TandemError
+from tandem.client.common import new_request_id
 from tandem.stress.procstat import ProcStat
 from tandem.stress.result import ScenarioResult
-from tandem.stress.server import StressServer, stress_server
+from tandem.stress.server import StressServer, keep_log_text, stress_server
 from tandem.stress.streams import StreamOutcome, ollama_stream, percentile, zmq_stream
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 MODELS = ("tiny", "tiny2")
 BASE_REQUESTS = 400
 CONCURRENCY = 16
+SILENT_S = 30.0  # far past any soak request's time: one still open then is logged with the server's view
 RSS_GROWTH = 0.10
 # Thread pools grow lazily to their caps (asyncio's default executor, the store lanes): over 31,000
 # requests the gateway gained one thread after the warm-up. A leak grows with the requests.
@@ -91,6 +95,8 @@ async def _run(count: int, duration_s: float | None, seed: int) -> ScenarioResul
             ctx.term()
         log_text = server.log_text()
     _judge(result, warmup, outcomes, after_warmup, end, kv_used, loaded_during)
+    if not result.passed:  # the request ids in the failures are found in it
+        log.warning("the server's log is kept in %s", keep_log_text(log_text, "soak"))
     result.add("requests per second", len(outcomes) / main_s if main_s else 0.0)
     result.check("Traceback" not in log_text, "the server logged a traceback")
     result.seconds = time.monotonic() - t0
@@ -154,9 +160,12 @@ async def _one(
     if kind == "generate":
         return await ollama_stream(http, model, prompt, {"num_predict": tokens, "temperature": rng.random()})
     if kind == "zmq":
-        return await zmq_stream(zc, prompt, max_tokens=tokens, temperature=rng.random())
+        rid = new_request_id()
+        run = zmq_stream(zc, prompt, max_tokens=tokens, temperature=rng.random(), request_id=rid)
+        return await _watched(zc, rid, run)
     if kind == "cancel":
-        return await _zmq_cancelled(zc, prompt)
+        rid = new_request_id()
+        return await _watched(zc, rid, _zmq_cancelled(zc, prompt, rid))
     if kind == "disconnect":
         return await _http_disconnect(http, model, prompt)
     if kind == "grammar":
@@ -164,18 +173,47 @@ async def _one(
     return await _embed(http, model, prompt)
 
 
-async def _zmq_cancelled(zc: AsyncTandemClient, prompt: str) -> StreamOutcome:
-    out = StreamOutcome("zmq cancel")
+async def _zmq_cancelled(zc: AsyncTandemClient, prompt: str, rid: str) -> StreamOutcome:
+    out = StreamOutcome("zmq cancel", request_id=rid)
     t0 = time.perf_counter()
+    s = zc.stream(prompt, raw=True, max_tokens=200, ignore_eos=True, request_id=rid)
     try:
-        async with zc.stream(prompt, raw=True, max_tokens=200, ignore_eos=True) as s:
+        async with s:
             async for _ in s:
                 break  # leaving the block cancels the request on the server
         out.status, out.terminals = 200, 1
     except TandemError as e:
         out.error, out.transport_error = e.code, str(e)
+    out.accepted = s.state.accepted is not None
     out.total_s = time.perf_counter() - t0
     return out
+
+
+async def _watched(zc: AsyncTandemClient, rid: str, run: Coroutine[Any, Any, StreamOutcome]) -> StreamOutcome:
+    """A ZeroMQ request still open after SILENT_S is logged with what the server holds then, while
+    it is still in flight: the front end's requests and the scheduler's queue tell a request lost
+    on its way in from one stuck inside (the stream reader adds whether it was accepted)."""
+    task = asyncio.ensure_future(run)
+    done, _ = await asyncio.wait({task}, timeout=SILENT_S)
+    if done:
+        return task.result()
+    view = await _server_view(zc)
+    log.error("ZeroMQ request %s silent for %g s; %s", rid, SILENT_S, view)
+    out = await task
+    if out.transport_error:
+        out.transport_error += f"; after {SILENT_S:g} s {view}"
+    return out
+
+
+async def _server_view(zc: AsyncTandemClient) -> str:
+    try:
+        h = await zc.health(timeout=10)
+    except TandemError as e:
+        return f"the server did not answer health: {e}"
+    view = f"server {h.status}, {h.inflight} ZeroMQ requests in flight"
+    if h.stats is not None:
+        view += f", scheduler running {h.stats.running} waiting {h.stats.waiting}"
+    return f"{view}; {h.error}" if h.error else view
 
 
 async def _http_disconnect(http: httpx.AsyncClient, model: str, prompt: str) -> StreamOutcome:

@@ -27,6 +27,8 @@ class StreamOutcome:
     retry_after: float | None = None
     ttft_s: float | None = None
     total_s: float = 0.0
+    request_id: str = ""  # ZeroMQ: the client's request id, to find the request in a server log
+    accepted: bool | None = None  # ZeroMQ: whether its Accepted frame came (None over HTTP)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -39,8 +41,10 @@ def percentile(values: list[float], q: float) -> float:
 async def zmq_stream(client: AsyncTandemClient, prompt: str, **sampling: Any) -> StreamOutcome:
     out = StreamOutcome("zmq")
     t0 = time.perf_counter()
+    s = client.stream(prompt, raw=True, **sampling)
+    out.request_id = s.request_id
     try:
-        async with client.stream(prompt, raw=True, **sampling) as s:
+        async with s:
             async for delta in s:
                 if out.ttft_s is None and delta.token_ids:
                     out.ttft_s = time.perf_counter() - t0
@@ -55,7 +59,10 @@ async def zmq_stream(client: AsyncTandemClient, prompt: str, **sampling: Any) ->
         out.error = e.code
         out.retry_after = e.retry_after_s
         if e.code in ("disconnected", "timeout"):
-            out.transport_error = str(e)
+            # how far it got tells a request lost on its way in from one lost inside the server
+            accepted = "accepted" if s.state.accepted is not None else "never accepted"
+            out.transport_error = f"{e} ({accepted}, {len(out.token_ids)} tokens before)"
+    out.accepted = s.state.accepted is not None
     out.total_s = time.perf_counter() - t0
     return out
 
