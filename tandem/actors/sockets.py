@@ -5,8 +5,9 @@ Why each option matters:
 - ZMTP heartbeats: without them a hung (SIGSTOPped) peer over tcp is never noticed. Links between
   a server's own processes (ipc) carry none (`INTERNAL_HEARTBEAT`): a heartbeat timeout drops the
   connection and silently loses the messages queued on it (a request the gateway had handed to a
-  scheduler that stalled 3-5 s was never answered), while the actor heartbeats already catch a hung
-  peer, and fail its requests, and a dead one's socket closes with it.
+  scheduler that stalled 3-5 s was never answered; a peer whose receive queue is full stops answering
+  heartbeats too), while the actor heartbeats already catch a hung peer, and fail its requests, and a
+  dead one's socket closes with it.
 - MAXMSGSIZE: bounds what an untrusted peer can make us allocate before msgpack sees it.
 - ROUTER_MANDATORY: a ROUTER otherwise drops replies to unknown or slow peers silently.
 - IMMEDIATE: queue only to completed connections, so a send to a peer that is gone fails (Again)
