@@ -38,8 +38,9 @@ STREAMS = 8
 STREAM_TOKENS = 3500
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def server() -> Iterator[StressServer]:
+    # one each: a stall past the actor heartbeat on a slow machine leaves the engine dead
     with stress_server() as s:
         yield s
 
@@ -58,7 +59,9 @@ def test_requests_sent_to_a_stalled_scheduler_are_all_answered(server: StressSer
 
             async def one(i: int) -> str:
                 try:
-                    c = await zc.generate(prompt_token_ids=ids, max_tokens=1, request_id=f"stall-{i}")
+                    c = await zc.generate(
+                        prompt_token_ids=ids, max_tokens=1, ignore_eos=True, request_id=f"stall-{i}"
+                    )
                     return str(c.finish_reason)
                 except TandemError as e:
                     return str(e.code)
@@ -66,8 +69,12 @@ def test_requests_sent_to_a_stalled_scheduler_are_all_answered(server: StressSer
             pid = _pid(server, "tiny scheduler")
             os.kill(pid, signal.SIGSTOP)
             try:
+                # Sent once the gateway's side has pinged the stopped scheduler (every second), so
+                # that its heartbeat timeout is armed: requests filling the socket first would hold
+                # the ping back.
+                await asyncio.sleep(HEARTBEAT_IVL_MS / 1000 + 0.2)
                 tasks = [asyncio.create_task(one(i)) for i in range(REQUESTS)]
-                await asyncio.sleep(STALL_S)
+                await asyncio.sleep(STALL_S - HEARTBEAT_IVL_MS / 1000 - 0.2)
             finally:
                 os.kill(pid, signal.SIGCONT)
             return await asyncio.gather(*tasks)
