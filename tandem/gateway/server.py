@@ -66,6 +66,7 @@ class Server:
         self._signals = 0
         self.zmq_endpoints: list[str] = []
         self.pool: ModelPool | None = None  # the models loaded on demand (HTTP only)
+        self.failure: str | None = None  # why an engine died, which ends the server
 
     def _on_signal(self, signame: str) -> None:
         self._signals += 1
@@ -95,15 +96,27 @@ class Server:
             while not self._stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 0.5)
-                if self.engine.dead is not None:
-                    log.error("engine died: %s", self.engine.dead)
+                self.failure = self._engine_failure()
+                if self.failure is not None:
+                    log.error("engine died: %s", self.failure)
                     # Requests that arrive meanwhile get the engine's error (503) instead of a
                     # connection closed under them, then the server exits non-zero.
                     await asyncio.sleep(DEAD_ENGINE_GRACE_S)
                     break
         finally:
             await self._shutdown()
-        return 1 if self.engine.dead is not None else 0
+        return 1 if self.failure is not None else 0
+
+    def _engine_failure(self) -> str | None:
+        """Why an engine stopped working: the --model one's, or one loaded on demand (its
+        scheduler gave up, say after 3 worker deaths in a minute); None while all work."""
+        if self.engine.dead is not None:
+            return self.engine.dead
+        if self.pool is None:
+            return None
+        if self.pool.failed is not None:
+            return self.pool.failed
+        return next((m.gw.engine.dead for m in self.pool.entries() if m.gw.engine.dead), None)
 
     def _listen(self) -> None:
         """Bind every port now; ServeError (one line, nothing started) when one cannot be had."""
@@ -249,4 +262,9 @@ def _url_host(host: str) -> str:
 
 
 def serve(cfg: ServeConfig) -> int:
-    return asyncio.run(Server(cfg).run())
+    """Serve until a signal (0 after a clean stop) or until an engine dies: ServeError naming why."""
+    server = Server(cfg)
+    code = asyncio.run(server.run())
+    if server.failure is not None:
+        raise ServeError(f"stopped: {server.failure}")
+    return code

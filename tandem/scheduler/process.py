@@ -267,7 +267,8 @@ class SchedulerProcess:
         if len(self.deaths) >= self.cfg.max_worker_deaths:
             self._send(self.core.fail_all(ErrorCode.WORKER_DIED, problem))
             raise RuntimeError(
-                f"giving up: the worker died {len(self.deaths)} times within "
+                f"giving up on model '{self.cfg.model_name or self.cfg.model_path}': the worker died "
+                f"{len(self.deaths)} times within "
                 f"{self.cfg.worker_death_window:g} s; last: {problem}"
             )
         self.restarts += 1

@@ -135,6 +135,7 @@ class ModelPool:
         self._reaper: asyncio.Task[None] | None = None
         self._unloads: set[asyncio.Task[None]] = set()
         self._closing = False
+        self.failed: str | None = None  # why a model's engine gave up (serve then stops)
 
     @property
     def default(self) -> Loaded:
@@ -260,6 +261,8 @@ class ModelPool:
         if self.loaded.get(entry.key) is not entry:
             return
         del self.loaded[entry.key]
+        if entry.gw.engine.dead is not None and self.failed is None:
+            self.failed = entry.gw.engine.dead
         log.warning("unloading %s", entry.name)
         await entry.gw.engine.close()
 
