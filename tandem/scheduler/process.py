@@ -254,12 +254,14 @@ class SchedulerProcess:
                 f"worker made no progress: a step of {tokens} tokens has run for {age:.1f} s "
                 f"(step timeout {self.cfg.step_timeout:g} s past its expected duration)"
             )
-            self.worker.kill()
         if problem is None:
             return
         log.error("%s", problem)
-        self._send(self.core.worker_lost(problem))
+        # Gone before its requests are answered: a worker that is only stopped (SIGSTOP), or
+        # slow to exit, could otherwise wake and post results next to its successor's.
+        self.worker.kill()
         self.worker.stop(timeout=1.0)
+        self._send(self.core.worker_lost(problem))
         now = time.monotonic()
         self.deaths.append(now)
         while self.deaths and self.deaths[0] < now - self.cfg.worker_death_window:

@@ -45,6 +45,7 @@ class Recorded:
     error: str = ""  # the error frame's message, when it ended with one
     status: int = 0
     after_terminal: int = 0  # frames after the terminal one (must stay 0)
+    completion_tokens: int = 0  # what the done frame counted
     first_output: threading.Event = field(default_factory=threading.Event)
     ended_at: float = 0.0
     thread: threading.Thread | None = None
@@ -101,6 +102,7 @@ def ollama_stream(server: Server, label: str, body: dict, path: str = "/api/gene
                     if "error" in obj:
                         rec.end(obj["error"])
                     elif obj.get("done"):
+                        rec.completion_tokens = obj.get("eval_count", 0)
                         rec.end()
                     else:
                         rec.output(obj.get("response") or obj.get("message", {}).get("content", ""))

@@ -188,7 +188,7 @@ def test_sigkill_with_streams_in_flight_over_http_and_zmq(home: Path, stress_sca
             for v in vectors:
                 np.testing.assert_allclose(v, vec_ref, atol=1e-5)
             other.join().check_one_terminal()
-            assert not other.error and other.tokens == 400, other.error  # tiny2 never noticed
+            assert not other.error and other.completion_tokens == 400, other.error  # tiny2 never noticed
             new = worker_pids(server)
             assert new["tiny"] != pids["tiny"] and new["bert"] != pids["bert"] and new["tiny2"] == pids["tiny2"]
             assert not running(pids["tiny"]) and not running(pids["bert"])
@@ -206,7 +206,7 @@ def test_sigkill_with_streams_in_flight_over_http_and_zmq(home: Path, stress_sca
     foot.wait_gone()
 
 
-LONG_PROMPT = " ".join(f"w{i % 50}" for i in range(2800))  # about 2800+ tokens: hundreds of prefill steps
+LONG_PROMPT = " ".join(f"w{i % 50}" for i in range(700))  # about 2700 tokens: hundreds of prefill steps
 FAULT_STEP = 150
 
 
@@ -233,7 +233,7 @@ def test_worker_fails_inside_a_step(home: Path, kind: str) -> None:
         replayed = ollama_stream(
             server,
             "prefilling",
-            {"model": "tiny", "prompt": LONG_PROMPT, "raw": True, "options": {"num_predict": 6, "temperature": 0}},
+            {"model": "tiny", "prompt": LONG_PROMPT, "raw": True, "options": {"num_predict": 6, "temperature": 0, "ignore_eos": True}},
         )
         for s in streams:
             s.join()
@@ -242,11 +242,11 @@ def test_worker_fails_inside_a_step(home: Path, kind: str) -> None:
         for s in streams:
             assert expected in s.error, (s.label, s.error)
         replayed.join(120).check_one_terminal()
-        assert not replayed.error and replayed.tokens == 6, replayed.error
+        assert not replayed.error and replayed.completion_tokens == 6, replayed.error
         # The same request on an undisturbed worker gives the same tokens.
         assert generate(server, LONG_PROMPT, 6) == replayed.text
         assert log_count(server, "replaying") >= 1
-        assert server.ps()["worker_restarts"] == 1
+        assert httpx.get(server.url + "/health", timeout=10).json()["worker_restarts"] == 1
         report(f"worker {kind}@N inside forward", replayed=log_count(server, "replaying"))
     finally:
         code = server.stop()
