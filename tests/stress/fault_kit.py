@@ -228,3 +228,15 @@ def models_home(factory: object, tiny_bert: Path | None = None) -> Path:
     if tiny_bert is not None:
         register(home, tiny_bert, "bert")
     return home
+
+
+def exit_reason(server: Server) -> str:
+    """The one line `serve` exits with when it gives up ("Error: ..."; warnings may follow it)."""
+    lines = [line for line in server.log.read_text().splitlines() if line.startswith("Error: ")]
+    assert lines, server.log.read_text()[-3000:]
+    return lines[-1]
+
+
+def worker_pids(server: Server) -> dict[str, int]:
+    models = httpx.get(server.url + "/api/ps", timeout=10).json()["models"]
+    return {m["name"].split(":")[0]: int(m["tandem"]["memory_plan"]["worker_pid"]) for m in models}

@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -23,12 +23,14 @@ import pytest
 from fault_kit import (
     Footprint,
     Recorded,
+    exit_reason,
     fault_server,
     generate,
     models_home,
     ollama_stream,
     openai_stream,
     report,
+    worker_pids,
     zmq_stream,
 )
 from live_server import LONG, Server, wait_for
@@ -47,11 +49,6 @@ ERROR_WITHIN_S = 5.0
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Path:
     return models_home(tmp_path_factory, tiny_bert)
-
-
-def worker_pids(server: Server) -> dict[str, int]:
-    models = httpx.get(server.url + "/api/ps", timeout=10).json()["models"]
-    return {m["name"].split(":")[0]: int(m["tandem"]["memory_plan"]["worker_pid"]) for m in models}
 
 
 def eight_streams(server: Server, prompt: str = "once upon") -> list[Recorded]:
@@ -149,9 +146,15 @@ def test_sigkill_with_streams_in_flight_over_http_and_zmq(home: Path, stress_sca
             # Two more wait behind the eight (--max-num-seqs 8): they have sent nothing when the
             # worker dies, so they must run on the next one as if nothing had happened.
             queued: dict[str, str] = {}
+
+            def queue(key: str, ask: Callable[[], str], queued: dict[str, str] = queued) -> None:
+                queued[key] = ask()
+
             waiters = [
-                threading.Thread(target=lambda: queued.update(plain=generate(server, "the queued one", 12))),
-                threading.Thread(target=lambda: queued.update(json=structured(server, "the queued json"))),
+                threading.Thread(
+                    target=queue, args=("plain", lambda: generate(server, "the queued one", 12))
+                ),
+                threading.Thread(target=queue, args=("json", lambda: structured(server, "the queued json"))),
             ]
             for t in waiters:
                 t.start()
@@ -190,7 +193,9 @@ def test_sigkill_with_streams_in_flight_over_http_and_zmq(home: Path, stress_sca
             other.join().check_one_terminal()
             assert not other.error and other.completion_tokens == 400, other.error  # tiny2 never noticed
             new = worker_pids(server)
-            assert new["tiny"] != pids["tiny"] and new["bert"] != pids["bert"] and new["tiny2"] == pids["tiny2"]
+            assert (
+                new["tiny"] != pids["tiny"] and new["bert"] != pids["bert"] and new["tiny2"] == pids["tiny2"]
+            )
             assert not running(pids["tiny"]) and not running(pids["bert"])
             report(
                 "worker SIGKILL, 8 streams (4 HTTP + 4 ZeroMQ)",
@@ -208,6 +213,7 @@ def test_sigkill_with_streams_in_flight_over_http_and_zmq(home: Path, stress_sca
 
 LONG_PROMPT = " ".join(f"w{i % 50}" for i in range(700))  # about 2700 tokens: hundreds of prefill steps
 FAULT_STEP = 150
+REPLAYED_OPTIONS = {"num_predict": 6, "temperature": 0, "ignore_eos": True}
 
 
 @pytest.mark.parametrize("kind", ["raise", "exit"])
@@ -233,7 +239,12 @@ def test_worker_fails_inside_a_step(home: Path, kind: str) -> None:
         replayed = ollama_stream(
             server,
             "prefilling",
-            {"model": "tiny", "prompt": LONG_PROMPT, "raw": True, "options": {"num_predict": 6, "temperature": 0, "ignore_eos": True}},
+            {
+                "model": "tiny",
+                "prompt": LONG_PROMPT,
+                "raw": True,
+                "options": {"num_predict": 6, "temperature": 0, "ignore_eos": True},
+            },
         )
         for s in streams:
             s.join()
@@ -290,7 +301,11 @@ def test_sigstopped_worker_is_caught_by_the_watchdog(home: Path) -> None:
         assert caught_s < 2 + 3 + ERROR_WITHIN_S, caught_s  # timeout, plus 3x a step and slack
         _, restart_s = health_codes_until_ok(server)
         assert generate(server, "after", 3)
-        report("worker SIGSTOP (--step-timeout 2)", error_frames_after_s=f"{caught_s:.2f}")
+        report(
+            "worker SIGSTOP (--step-timeout 2)",
+            error_frames_after_s=f"{caught_s:.2f}",
+            health_ok_after_s=f"{restart_s:.2f}",
+        )
     finally:
         code = server.stop()
     assert code == 0, server.log.read_text()[-3000:]
@@ -325,7 +340,7 @@ def test_three_deaths_in_a_minute_stop_serve(two_model_server: Server, victim: s
     exit_s = time.monotonic() - t0
     log = server.log.read_text()
     assert code != 0, log[-3000:]
-    last = log.strip().splitlines()[-1]
+    last = exit_reason(server)
     assert "3 times" in last and f"'{victim}:latest'" in last, last
     report(f"3 worker deaths in a minute ({victim})", serve_exit_code=code, exit_after_s=f"{exit_s:.2f}")
     foot.wait_gone()
