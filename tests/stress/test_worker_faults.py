@@ -335,9 +335,7 @@ def two_model_server(home: Path) -> Iterator[Server]:
     # the --model model's engine giving up is also covered by tests/pipeline: the longer run only
     [pytest.param("tiny", marks=LONGER_RUN_ONLY), "tiny2"],
 )
-def test_three_deaths_in_a_minute_stop_serve(
-    two_model_server: Server, victim: str, stress_scale: float
-) -> None:
+def test_three_deaths_in_a_minute_stop_serve(two_model_server: Server, victim: str) -> None:
     """Deaths count per model: the third of one model's worker within 60 s makes `serve` exit
     non-zero with the reason, naming the model, whether it is the --model one or one loaded on
     demand."""
