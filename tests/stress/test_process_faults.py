@@ -139,12 +139,13 @@ def test_sigterm_drains_then_ends_what_is_left(home: Path) -> None:
     assert server.proc is not None
     assert generate(server, "warm", 2, model="tiny2")
     foot = Footprint(server)
+    zmq_url = server.ps()["zmq"][0]
     gen = {"model": "tiny", "prompt": "x", "options": LONG}
     streams = [
         ollama_stream(server, "long", gen),
         ollama_stream(server, "long-tiny2", {**gen, "model": "tiny2"}),
         ollama_stream(server, "long-format", {**gen, "format": {"type": "string", "minLength": 2000}}),
-        zmq_stream(server.ps()["zmq"][0], "zmq-long", "x", ignore_eos=True),
+        zmq_stream(zmq_url, "zmq-long", "x", ignore_eos=True),
         ollama_stream(server, "short", {"model": "tiny", "prompt": "x", "options": {"num_predict": 40}}),
     ]
     for s in streams:
@@ -160,6 +161,10 @@ def test_sigterm_drains_then_ends_what_is_left(home: Path) -> None:
         timeout=10,
     )
     assert oai.status_code == 503 and oai.json()["error"]["type"] == "server_error", oai.text
+    from tandem.client import ShuttingDownError, TandemClient
+
+    with TandemClient(zmq_url, timeout=10) as c, pytest.raises(ShuttingDownError):
+        c.generate("x", max_tokens=2)
     code = server.proc.wait(60)
     exit_s = time.monotonic() - t0
     assert code == 0, server.log.read_text()[-3000:]
