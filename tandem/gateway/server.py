@@ -169,7 +169,8 @@ class Server:
         same TANDEM_HOME (another port) would overwrite the record `run`, `ps` and `stop` find
         it by. The kernel drops the lock when this process dies, however it dies."""
         run_dir = server_info_path().parent
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        run_dir.chmod(0o700)  # owner-only whatever made it: the record names a pid `stop` signals
         fd = os.open(run_dir / "serve.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
