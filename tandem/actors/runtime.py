@@ -226,7 +226,13 @@ def bootstrap(spec: ActorSpec, control_addr: str, inbox_addr: str, parent_pid: i
     except BaseException as e:
         code = _exit_code(e)
         if code:
-            log.error("%s: %s", spec.name, _one_line(e), exc_info=e)
+            # Before ready the parent raises ActorStartError carrying the traceback, and the
+            # reason is usually the user's to fix (memory, a model file): one line here, so
+            # `serve` fails with a readable error rather than a screen of tracebacks per actor.
+            started = ctx._ready_sent
+            log.error("%s: %s", spec.name, _one_line(e), exc_info=e if started else None)
+            if not started:
+                log.debug("%s: failed before ready", spec.name, exc_info=e)
             ctx._send_control(ActorFailed(spec.name, os.getpid(), _one_line(e), traceback.format_exc()))
     finally:
         ctx._entry_done.set()

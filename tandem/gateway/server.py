@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -22,10 +23,11 @@ from pathlib import Path
 
 import zmq
 
+from tandem.actors import ActorStartError
 from tandem.config import EngineConfig
 from tandem.engine.aio import AsyncEngine
-from tandem.gateway.http.model_pool import ModelPool
-from tandem.gateway.http.state import HttpSettings
+from tandem.gateway.http.model_pool import ModelPool, startup_shortfall
+from tandem.gateway.http.state import Gateway, HttpSettings
 from tandem.gateway.listen import ServeError, bind_error, is_loopback, listen_tcp
 from tandem.gateway.zmq_frontend import ZmqFrontend
 from tandem.paths import tandem_home
@@ -68,6 +70,9 @@ class Server:
         self._signals = 0
         self.zmq_endpoints: list[str] = []
         self.pool: ModelPool | None = None  # the models loaded on demand (HTTP only)
+        self.failure: str | None = None  # why an engine died, which ends the server
+        self._gateway: Gateway | None = None  # the HTTP app's (its draining flag)
+        self._run_lock: int | None = None  # fd holding run/serve.lock
 
     def _on_signal(self, signame: str) -> None:
         self._signals += 1
@@ -85,7 +90,17 @@ class Server:
             loop.add_signal_handler(sig, self._on_signal, sig.name)
         try:
             self._listen()
-            await self.engine.start()
+            self._claim_run_dir()
+            short = startup_shortfall(self.cfg.engine, self.cfg.http_settings.memory_limit)
+            if short is not None:
+                raise ServeError(f"cannot load {short}")
+            try:
+                await self.engine.start()
+            except ActorStartError as e:
+                # The innermost reason (the worker's, through the scheduler's): one line.
+                reason = e.reason.rpartition("failed to start: ")[2]
+                name = self.cfg.engine.model_name or self.cfg.engine.model_path
+                raise ServeError(f"cannot load model '{name}': {reason}") from None
             await self._start_frontends()
             self._write_info()
             log.warning(
@@ -97,15 +112,26 @@ class Server:
             while not self._stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 0.5)
-                if self.engine.dead is not None:
-                    log.error("engine died: %s", self.engine.dead)
+                self.failure = self._engine_failure()
+                if self.failure is not None:
+                    log.error("engine died: %s", self.failure)
                     # Requests that arrive meanwhile get the engine's error (503) instead of a
                     # connection closed under them, then the server exits non-zero.
                     await asyncio.sleep(DEAD_ENGINE_GRACE_S)
                     break
         finally:
             await self._shutdown()
-        return 1 if self.engine.dead is not None else 0
+        return 1 if self.failure is not None else 0
+
+    def _engine_failure(self) -> str | None:
+        """Why an engine stopped working: the --model one's, or one loaded on demand (its
+        scheduler gave up, say after 3 worker deaths in a minute); None while all work."""
+        dead = [(self.cfg.engine.model_name, self.engine.dead)]
+        if self.pool is not None:
+            dead += [(m.name, m.gw.engine.dead) for m in self.pool.entries()] + [self.pool.failed]
+        for name, why in (d for d in dead if d is not None and d[1] is not None):
+            return why if f"'{name}'" in why else f"model '{name}': {why}"
+        return None
 
     def _listen(self) -> None:
         """Bind every port now; ServeError (one line, nothing started) when one cannot be had."""
@@ -138,6 +164,24 @@ class Server:
         self.zmq_endpoints = list(self.frontend.endpoints)
         self._warn_if_exposed()
 
+    def _claim_run_dir(self) -> None:
+        """Hold the runtime directory's lock for this server's lifetime: a second serve with the
+        same TANDEM_HOME (another port) would overwrite the record `run`, `ps` and `stop` find
+        it by. The kernel drops the lock when this process dies, however it dies."""
+        run_dir = server_info_path().parent
+        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        run_dir.chmod(0o700)  # owner-only whatever made it: the record names a pid `stop` signals
+        fd = os.open(run_dir / "serve.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ServeError(
+                f"another tandem serve{_recorded_owner()} is running with the runtime directory "
+                f"{run_dir}: stop it (tandem stop) or give this one its own TANDEM_HOME"
+            ) from None
+        self._run_lock = fd
+
     def _warn_if_exposed(self) -> None:
         cfg = self.cfg
         if cfg.http and not is_loopback(cfg.host):
@@ -169,7 +213,8 @@ class Server:
                 self.cfg.http_settings, zmq_endpoints=tuple(self.zmq_endpoints), bind_host=self.cfg.host
             )
             app = build_app(self.engine, settings)
-            self.pool = app.state.gateway.pool
+            self._gateway = app.state.gateway
+            self.pool = self._gateway.pool
             undecodable = app.state.gateway.metrics.zmq_undecodable_frames
             undecodable.inc(self.frontend.undecodable_frames)
             self.frontend.on_undecodable = undecodable.inc
@@ -223,7 +268,11 @@ class Server:
 
     async def _shutdown(self) -> None:
         self._remove_info()
-        if self.http_server is not None:
+        # HTTP keeps listening while running requests drain, so a new request gets a 503 naming
+        # the shutdown instead of a refused connection; uvicorn stops after the drain.
+        if self._gateway is not None:
+            self._gateway.draining = True
+        elif self.http_server is not None:
             self.http_server.should_exit = True
         drain = not self._force.is_set() and self.engine.dead is None
         others = [m.gw.engine for m in self.pool.entries() if not m.resident] if self.pool else []
@@ -238,6 +287,8 @@ class Server:
                 drain_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await drain_task
+        if self.http_server is not None:
+            self.http_server.should_exit = True
         # Whatever is still running ends now with an error frame, before the front ends close,
         # so every stream gets its terminal line (uvicorn waits for open streams to finish).
         if self.pool is not None:
@@ -250,6 +301,8 @@ class Server:
                 await asyncio.wait_for(self._http_task, 5)
         if self._http_sock is not None:
             self._http_sock.close()
+        if self._run_lock is not None:
+            os.close(self._run_lock)  # last: the record is gone and so is everything it named
 
     async def _drain_all(self) -> None:
         timeout = self.cfg.drain_timeout
@@ -259,9 +312,23 @@ class Server:
         await asyncio.gather(*closing)
 
 
+def _recorded_owner() -> str:
+    """' (pid N, URL)' from the running server's record, or '' when it cannot be read."""
+    try:
+        info = json.loads(server_info_path().read_text())
+        return f" (pid {int(info['pid'])}, {info.get('http') or ' '.join(info.get('zmq', []))})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def serve(cfg: ServeConfig) -> int:
-    return asyncio.run(Server(cfg).run())
+    """Serve until a signal (0 after a clean stop) or until an engine dies: ServeError naming why."""
+    server = Server(cfg)
+    code = asyncio.run(server.run())
+    if server.failure is not None:
+        raise ServeError(f"stopped: {server.failure}")
+    return code

@@ -4,6 +4,9 @@
 
 - ``hang@N``: the compute thread blocks forever when step N arrives, while the heartbeat
   thread keeps beating: what a stuck kernel or a deadlocked library looks like from outside.
+- ``raise@N``: step N's forward raises `InjectedFault`, as a failing kernel or an out-of-memory
+  in the middle of a step would; the worker reports it and exits (loop.py).
+- ``exit@N``: the process exits with code 3 at step N, without a word (a crash in native code).
 
 Steps are numbered across worker restarts, so a restarted worker never meets step N again.
 """
@@ -11,11 +14,17 @@ Steps are numbered across worker restarts, so a restarted worker never meets ste
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 log = logging.getLogger(__name__)
 
-_KINDS = ("hang",)
+_KINDS = ("hang", "raise", "exit")
+EXIT_CODE = 3
+
+
+class InjectedFault(RuntimeError):
+    """What ``raise@N`` raises inside the step."""
 
 
 class FaultPlan:
@@ -35,3 +44,7 @@ class FaultPlan:
         log.warning("injected fault: %s at step %d", self.kind, step)
         if self.kind == "hang":
             threading.Event().wait()
+        elif self.kind == "raise":
+            raise InjectedFault(f"injected fault in the forward of step {step}")
+        elif self.kind == "exit":
+            os._exit(EXIT_CODE)

@@ -14,11 +14,25 @@ keys and values there, so padding never touches a block the scheduler hands out.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 from tandem.formats.model_config import ModelConfig
+
+
+class KVCacheMemoryError(MemoryError):
+    """The KV pool asked for (--kv-cache-memory) cannot be had on its device."""
+
+
+def available_host_memory() -> int:
+    """Bytes the kernel says can be had without swapping (MemAvailable)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 @dataclass
@@ -45,9 +59,21 @@ class KVCache:
         if num_blocks < 1:
             raise ValueError(f"KV cache needs at least one block, got {num_blocks}")
         shape = (2, config.num_kv_heads, (num_blocks + 1) * block_size, config.head_dim)
-        # zeros, not empty: padded gathers read unwritten slots, and NaN garbage there would
-        # poison masked attention rows through 0 * NaN.
-        layers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        need = (num_blocks + 1) * cls.bytes_per_block(config, block_size, dtype)
+        # Zeroing touches every page: on the CPU a pool past what the kernel can give would get
+        # this process (or another) OOM-killed rather than fail its allocation.
+        if torch.device(device).type == "cpu" and need > (free := available_host_memory()):
+            raise KVCacheMemoryError(
+                f"the KV cache (--kv-cache-memory) needs {need} bytes, {free} bytes of memory are available"
+            )
+        try:
+            # zeros, not empty: padded gathers read unwritten slots, and NaN garbage there would
+            # poison masked attention rows through 0 * NaN.
+            layers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = f"cannot allocate the KV cache (--kv-cache-memory) of {need} bytes on {device}: {first}"
+            raise KVCacheMemoryError(msg) from e
         return cls(layers, num_blocks, block_size)
 
     @classmethod

@@ -17,7 +17,7 @@ from tandem.actors import ActorContext
 from tandem.config import WorkerConfig
 from tandem.gpu_worker.faults import FaultPlan
 from tandem.gpu_worker.runner import ModelRunner, PendingResult
-from tandem.messages import Doorbell, GrammarRelease, GrammarSpec, StepResult, decode, encode
+from tandem.messages import Doorbell, GrammarRelease, GrammarSpec, decode, encode
 from tandem.shm import RingSegment
 
 log = logging.getLogger(__name__)
@@ -89,19 +89,20 @@ def worker_main(ctx: ActorContext) -> None:
             continue
         assert isinstance(bell, Doorbell), bell
         idle_ms = 0.0 if pending is not None else (time.perf_counter() - last_done) * 1000
-        faults.before_step(bell.step)
         started[bell.step] = time.monotonic_ns()
         try:
+            faults.before_step(bell.step)
             launched = runner.launch(ring.slot(bell.slot), bell, idle_ms)
-        except Exception as exc:  # one bad step fails its requests, not the server
-            log.exception("step %d failed", bell.step)
+        except Exception:
+            # A forward that raised may have left the KV pool half written (and, on a GPU, the
+            # context unusable): this worker is done. The step before it is complete, so its
+            # results still go out; the exception itself reaches the scheduler as ActorFailed
+            # (actors/runtime.py), which handles it as a death: streams that had output fail
+            # naming it, the others are replayed on the next worker.
+            log.exception("step %d failed; the worker exits", bell.step)
             if pending is not None:
                 post(pending)
-                pending = None
-            msg = StepResult(bell.step, bell.slot, 0, b"", b"", error=f"{type(exc).__name__}: {exc}")
-            started.pop(bell.step, None)
-            results.send(encode(msg))
-            continue
+            raise
         if pending is not None:
             post(pending)
             pending = None

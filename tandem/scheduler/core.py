@@ -477,7 +477,7 @@ class EngineCore:
             if len(seq.token_ids) == seq.prompt_len and seq.replays == 0:
                 seq.replays += 1
                 self.sched.requeue(seq)
-                log.info("replaying %s on the next worker (%s)", seq.request_id, reason)
+                log.warning("replaying %s on the next worker (%s)", seq.request_id, reason)
             else:
                 self.fail(seq, ErrorCode.WORKER_DIED, reason, out)
         self.inflight.clear()

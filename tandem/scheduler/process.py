@@ -255,12 +255,14 @@ class SchedulerProcess:
                 f"worker made no progress: a step of {tokens} tokens has run for {age:.1f} s "
                 f"(step timeout {self.cfg.step_timeout:g} s past its expected duration)"
             )
-            self.worker.kill()
         if problem is None:
             return
         log.error("%s", problem)
-        self._send(self.core.worker_lost(problem))
+        # Gone before its requests are answered: a worker that is only stopped (SIGSTOP), or
+        # slow to exit, could otherwise wake and post results next to its successor's.
+        self.worker.kill()
         self.worker.stop(timeout=1.0)
+        self._send(self.core.worker_lost(problem))
         now = time.monotonic()
         self.deaths.append(now)
         while self.deaths and self.deaths[0] < now - self.cfg.worker_death_window:
@@ -268,7 +270,8 @@ class SchedulerProcess:
         if len(self.deaths) >= self.cfg.max_worker_deaths:
             self._send(self.core.fail_all(ErrorCode.WORKER_DIED, problem))
             raise RuntimeError(
-                f"giving up: the worker died {len(self.deaths)} times within "
+                f"giving up on model '{self.cfg.model_name or self.cfg.model_path}': the worker died "
+                f"{len(self.deaths)} times within "
                 f"{self.cfg.worker_death_window:g} s; last: {problem}"
             )
         self.restarts += 1

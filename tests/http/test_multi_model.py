@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -41,6 +42,14 @@ def _server(home: Path, *args: str) -> Server:
     server = Server(home, args=("--kv-cache-memory", "16M", *args))
     server.env["XDG_RUNTIME_DIR"] = str(_run_dir(home))  # its ipc directories, where a test can see them
     return server.start()
+
+
+def _sibling(home: Path) -> Path:
+    """A TANDEM_HOME of its own (one serve runs per home) over the same model store, for a second
+    server while the module's runs."""
+    sib = Path(tempfile.mkdtemp(prefix="sib", dir=home.parent))  # short: ipc paths have a limit
+    (sib / "models").symlink_to(home / "models")
+    return sib
 
 
 def _run_dir(home: Path) -> Path:
@@ -220,7 +229,7 @@ def test_an_unknown_model_is_a_404(server: Server) -> None:
 def test_eviction_under_a_memory_cap(home: Path) -> None:
     one = _one_size(home)
     # Room for the server's own model and one more, not two more.
-    s = _server(home, "--memory-limit", str(2 * one + one // 2))
+    s = _server(_sibling(home), "--memory-limit", str(2 * one + one // 2))
     try:
         assert generate(s, "tiny2").status_code == 200
         assert set(loaded(s)) == {"tiny", "tiny2"}
@@ -257,7 +266,7 @@ def test_eviction_under_a_memory_cap(home: Path) -> None:
 
 def test_a_model_larger_than_the_budget_is_refused(home: Path) -> None:
     one = _one_size(home)
-    s = _server(home, "--memory-limit", str(one + one // 2))
+    s = _server(_sibling(home), "--memory-limit", str(one + one // 2))
     try:
         r = generate(s, "tiny2")
         assert r.status_code == 503
@@ -269,7 +278,7 @@ def test_a_model_larger_than_the_budget_is_refused(home: Path) -> None:
 
 
 def test_max_loaded_models(home: Path) -> None:
-    s = _server(home, "--max-loaded-models", "2")
+    s = _server(_sibling(home), "--max-loaded-models", "2")
     try:
         assert generate(s, "tiny2").status_code == 200
         assert generate(s, "tiny3").status_code == 200

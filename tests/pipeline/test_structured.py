@@ -179,7 +179,7 @@ def test_default_model_follows_nested_schema(default_model_path: Path) -> None:
     tok = Tokenizer.from_gguf(default_model_path)
     ask = "Give me a JSON record of a person called Ana who lives in Lyon and has two pets."
     ids = chat_ids(tok, [{"role": "user", "content": ask}])
-    eng = make_engine(default_model_path, dtype="auto")
+    eng = make_engine(default_model_path, dtype="auto", kv_cache_memory=64 * 2**20)
     try:
         outs = run_all(
             eng,

@@ -25,3 +25,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def stress_scale() -> float:
     """How much longer than the CI-bounded run to go: counts and durations are multiplied by it."""
     return float(os.environ.get("TANDEM_STRESS_SCALE", "1"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random llama the HTTP tests serve (tests/http/conftest.py has its twin)."""
+    from live_server import TINY_CONTEXT
+
+    from tandem.formats.tiny import TinySpec, write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf", TinySpec(context=TINY_CONTEXT))

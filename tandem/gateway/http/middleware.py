@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tandem.gateway.http.errors import BodyTooLarge, is_openai_path
+from tandem.gateway.http.errors import BodyTooLarge, is_openai_path, openai_type
 from tandem.gateway.http.formats import json_text
 from tandem.gateway.http.metrics import Metrics
 
@@ -187,7 +187,7 @@ class GuardMiddleware:
             await send(message)
 
         try:
-            refusal = self._refusal(headers)
+            refusal = self._refusal(headers) or _draining(scope)
             if refusal is not None:
                 await self._reply(counting_send, path, *refusal)
                 return
@@ -256,11 +256,19 @@ class GuardMiddleware:
     @staticmethod
     async def _reply(send: Send, path: str, status: int, message: str, code: str) -> None:
         if is_openai_path(path):
-            kind = "permission_error" if status == 403 else "invalid_request_error"
-            body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+            body = {"error": {"message": message, "type": openai_type(status), "param": None, "code": code}}
         else:
             body = {"error": message}
         data = json_text(body).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": data})
+
+
+def _draining(scope: Scope) -> tuple[int, str, str] | None:
+    """After SIGTERM the server still answers, while running requests drain: new ones get 503."""
+    app = scope.get("app")
+    gateway = getattr(getattr(app, "state", None), "gateway", None)
+    if gateway is not None and gateway.draining:
+        return 503, "server is shutting down", "shutting_down"
+    return None

@@ -26,6 +26,7 @@ from tandem.gateway.http.errors import ApiError
 from tandem.gateway.http.params import bad
 
 if TYPE_CHECKING:
+    from tandem.config import EngineConfig
     from tandem.gateway.http.state import Gateway
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,22 @@ class Loaded:
         self.expires_at = None if keep_alive is None else time.time() + keep_alive
 
 
+def startup_shortfall(cfg: EngineConfig, memory_limit: int) -> str | None:
+    """Why the server's own model cannot fit (weights and KV cache past --memory-limit, or past
+    the memory there is), before anything is started; None when it can."""
+    need = estimate_bytes(cfg.model_path, cfg.kv_cache_memory)
+    name = cfg.model_name or cfg.model_path
+    if memory_limit:
+        if need > memory_limit:
+            why = f"needs {need} bytes (weights and KV cache), past --memory-limit {memory_limit}"
+            return f"model '{name}' {why}"
+        return None
+    free = gpu_free_memory(cfg.device) if cfg.device.startswith("cuda") else available_memory()
+    if free is not None and need > free:
+        return f"model '{name}' needs {need} bytes (weights and KV cache) and {free} bytes are available"
+    return None
+
+
 class ModelPool:
     def __init__(
         self,
@@ -135,6 +152,8 @@ class ModelPool:
         self._reaper: asyncio.Task[None] | None = None
         self._unloads: set[asyncio.Task[None]] = set()
         self._closing = False
+        # (name, why) of a model whose engine gave up, unloaded since (serve then stops)
+        self.failed: tuple[str, str] | None = None
 
     @property
     def default(self) -> Loaded:
@@ -260,6 +279,8 @@ class ModelPool:
         if self.loaded.get(entry.key) is not entry:
             return
         del self.loaded[entry.key]
+        if entry.gw.engine.dead is not None and self.failed is None:
+            self.failed = (entry.name, entry.gw.engine.dead)
         log.warning("unloading %s", entry.name)
         await entry.gw.engine.close()
 

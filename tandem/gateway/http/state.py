@@ -95,6 +95,7 @@ class Gateway:
     def __init__(self, engine: AsyncEngine, settings: HttpSettings, shared: Gateway | None = None) -> None:
         self.engine = engine
         self.settings = settings
+        self.draining = False  # set by serve's shutdown: every new HTTP request is refused (503)
         if shared is None:
             self.metrics = Metrics()
             # Separate lanes: pulls (minutes long, and waiting on each other's locks) never hold up
