@@ -100,7 +100,8 @@ def serve_tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThrea
     assert ipc_dir.stat().st_mode & 0o777 == 0o700
     yield srv
     srv.stop()
-    wait_until(lambda: not (kids & descendants(os.getpid())), 5.0)
+    # a clean stop ends them at once; the margin is for a starved machine, not for the server
+    wait_until(lambda: not (kids & descendants(os.getpid())), 20.0)
     assert not ours(), "shared-memory segments left behind"
     assert not ipc_dir.exists() and engine_dir is not None and not engine_dir.exists()
 
