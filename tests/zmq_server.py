@@ -89,8 +89,9 @@ def serve_tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThrea
     model = write_tiny_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf", TinySpec(context=CONTEXT))
     # float32: outputs are compared across batchings token for token (bf16 is not batch-invariant).
     cfg = EngineConfig(model_path=str(model), kv_cache_memory=64 * 2**20, model_name="tiny", dtype="float32")
+    others = descendants(os.getpid())  # servers of session-scoped fixtures elsewhere in the run
     srv = ServerThread(cfg, ["ipc://", "tcp://127.0.0.1:0"]).start()
-    kids = descendants(os.getpid())
+    kids = descendants(os.getpid()) - others
     assert kids, "the engine's processes should be running"
     # Other test runs may share /dev/shm: look only at segments named after our processes.
     ours = lambda: {s for p in kids | {os.getpid()} for s in list_segments(pid=p)}  # noqa: E731
@@ -100,8 +101,7 @@ def serve_tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThrea
     assert ipc_dir.stat().st_mode & 0o777 == 0o700
     yield srv
     srv.stop()
-    # a clean stop ends them at once; the margin is for a starved machine, not for the server
-    wait_until(lambda: not (kids & descendants(os.getpid())), 20.0)
+    wait_until(lambda: not (kids & descendants(os.getpid())), 5.0)
     assert not ours(), "shared-memory segments left behind"
     assert not ipc_dir.exists() and engine_dir is not None and not engine_dir.exists()
 
