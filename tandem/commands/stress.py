@@ -1,5 +1,6 @@
-"""`tandem stress`: the long version of the load, overflow, slow-reader and soak scenarios
-(tandem/stress), each against a `tandem serve` of its own on tiny random models, loopback only."""
+"""`tandem stress`: the long version of the load, overflow, slow-reader, ZeroMQ-fuzz and soak
+scenarios (tandem/stress), each against a `tandem serve` of its own on tiny random models,
+loopback only."""
 
 from __future__ import annotations
 

@@ -88,7 +88,7 @@ async def _run(count: int, duration_s: float | None, seed: int) -> ScenarioResul
             t_main = time.monotonic()
             outcomes = await _drive(server, zc, rng, kinds, count - warm, duration_s)
             main_s = time.monotonic() - t_main
-            end = Snapshot(server.stats(), server.shm())
+            end = await _settled(server, after_warmup)
             kv_used = {m: server.ps(m)["kv_blocks_used"] for m in MODELS}
         finally:
             await zc.close()
@@ -101,6 +101,18 @@ async def _run(count: int, duration_s: float | None, seed: int) -> ScenarioResul
     result.check("Traceback" not in log_text, "the server logged a traceback")
     result.seconds = time.monotonic() - t0
     return result
+
+
+async def _settled(server: StressServer, warm: Snapshot, timeout: float = 5.0) -> Snapshot:
+    """The end snapshot, retaken for up to ``timeout`` while some process holds more fds than after
+    the warm-up: a socket whose client has just closed is released moments later, a leak stays."""
+    deadline = time.monotonic() + timeout
+    while True:
+        end = Snapshot(server.stats(), server.shm())
+        grown = any(role in end.procs and end.procs[role].fds > st.fds for role, st in warm.procs.items())
+        if not grown or time.monotonic() > deadline:
+            return end
+        await asyncio.sleep(0.2)
 
 
 async def _idle(server: StressServer, timeout: float = 60) -> None:
