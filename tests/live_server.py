@@ -16,12 +16,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 from procs import descendants, running
+
+from tandem.stress.server import home_env
 
 TINY_CONTEXT = 4096
 LONG = {"num_predict": 3000, "ignore_eos": True}  # a generation that runs for seconds
@@ -33,23 +35,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def tandem_home_env(home: Path) -> Iterator[None]:
-    old = os.environ.get("TANDEM_HOME")
-    os.environ["TANDEM_HOME"] = str(home)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TANDEM_HOME", None)
-        else:
-            os.environ["TANDEM_HOME"] = old
-
-
 def register(home: Path, path: Path, name: str) -> None:
     from tandem.store.model_store import pull_model
 
-    with tandem_home_env(home):
+    with home_env(home):
         pull_model(str(path), progress=False, name=name)
 
 

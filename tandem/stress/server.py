@@ -25,7 +25,8 @@ TINY_CONTEXT = 4096
 
 
 @contextlib.contextmanager
-def _home_env(home: Path) -> Iterator[None]:
+def home_env(home: Path) -> Iterator[None]:
+    """TANDEM_HOME set to ``home`` for the block (the store and run files of a server of its own)."""
     old = os.environ.get("TANDEM_HOME")
     os.environ["TANDEM_HOME"] = str(home)
     try:
@@ -46,7 +47,7 @@ def write_models(home: Path, names: tuple[str, ...]) -> None:
     files.mkdir(parents=True, exist_ok=True)
     for seed, name in enumerate(names):
         path = write_tiny_gguf(files / f"{name}.gguf", TinySpec(context=TINY_CONTEXT, seed=seed + 1))
-        with _home_env(home):
+        with home_env(home):
             pull_model(str(path), progress=False, name=name)
 
 

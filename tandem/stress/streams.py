@@ -67,6 +67,14 @@ async def zmq_stream(client: AsyncTandemClient, prompt: str, **sampling: Any) ->
     return out
 
 
+async def _refused(out: StreamOutcome, r: httpx.Response) -> None:
+    """A non-200 answer: its error and Retry-After, counted as the request's one terminal."""
+    await r.aread()
+    out.error = _error_text(r)
+    out.retry_after = _retry_after(r)
+    out.terminals = 1
+
+
 async def ollama_stream(
     http: httpx.AsyncClient, model: str, prompt: str, options: dict[str, Any], **body: Any
 ) -> StreamOutcome:
@@ -77,10 +85,7 @@ async def ollama_stream(
         async with http.stream("POST", "/api/generate", json=payload) as r:
             out.status = r.status_code
             if r.status_code != 200:
-                await r.aread()
-                out.error = _error_text(r)
-                out.retry_after = _retry_after(r)
-                out.terminals = 1
+                await _refused(out, r)
             else:
                 async for line in r.aiter_lines():
                     if not line.strip():
@@ -111,10 +116,7 @@ async def chat_stream(http: httpx.AsyncClient, model: str, prompt: str, **body: 
         async with http.stream("POST", "/v1/chat/completions", json=payload) as r:
             out.status = r.status_code
             if r.status_code != 200:
-                await r.aread()
-                out.error = _error_text(r)
-                out.retry_after = _retry_after(r)
-                out.terminals = 1
+                await _refused(out, r)
             else:
                 async for line in r.aiter_lines():
                     if not line.startswith("data: "):

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_server import Server, tandem_home_env, tiny_home
+from live_server import Server, tiny_home
+
+from tandem.stress.server import home_env
 
 STORE_TIMEOUT = 2.0
 
@@ -202,7 +204,7 @@ def holding_model_lock(home: Path, name: str) -> Iterator[None]:
     """Hold a model's store lock from this process, as a `tandem pull` of it in progress does."""
     from tandem.store.registry import lock_path
 
-    with tandem_home_env(home):
+    with home_env(home):
         path = lock_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:

@@ -216,12 +216,11 @@ def test_out_of_memory_at_load_is_one_line_before_any_work(home: Path, tmp_path:
 
 def _one_size(home: Path) -> int:
     """What one tiny model plans for (weights and the 16M KV cache _serve gives it)."""
-    from live_server import tandem_home_env
-
     from tandem.gateway.http.model_pool import estimate_bytes
     from tandem.store.model_store import ensure_model
+    from tandem.stress.server import home_env
 
-    with tandem_home_env(home):
+    with home_env(home):
         return estimate_bytes(str(ensure_model("tiny", progress=False).path), 16 * 2**20)
 
 
