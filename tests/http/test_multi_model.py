@@ -77,7 +77,12 @@ def loaded(server: Server) -> dict[str, dict]:
 
 
 def generate(server: Server, model: str, **body: object) -> httpx.Response:
-    payload = {"model": model, "prompt": "hello", "stream": False, "options": {"num_predict": 4}} | body
+    payload = {
+        "model": model,
+        "prompt": "hello",
+        "stream": False,
+        "options": {"num_predict": 4, "ignore_eos": True},
+    } | body
     return httpx.post(server.url + "/api/generate", json=payload, timeout=60)
 
 
