@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from tandem.gpu_worker.kv_cache import KVCache
-from tandem.gpu_worker.model.attention import AttentionMetadata, DecodeChunk, PagedDecode
+from tandem.gpu_worker.model.attention import AttentionMetadata, DecodeChunk, PagedDecode, PagedKernel
 from tandem.gpu_worker.model.llama import LlamaModel
 from tandem.gpu_worker.sampler import SamplingTensors, sample
 from tandem.gpu_worker.staging import fill, pack_offsets, views
@@ -141,7 +141,7 @@ class DecodeGraphs:
         tables, lens = st["block_tables"][:b], st["context_lens"][:b]
         paged = chunks = None
         if self.paged_kernel:
-            paged = PagedDecode(rows=None, block_tables=tables, context_lens=lens, n=b)
+            paged = PagedDecode(None, tables, lens, b, PagedKernel.TRITON)
         else:  # the dense fallback: every row reads `width` blocks, masked past its length
             hidden = (self.key_pos[None, :] >= lens[:, None])[:, None, :]
             chunks = [DecodeChunk(None, tables.reshape(-1), hidden, b, self.width)]

@@ -105,6 +105,10 @@ class KVCache:
         return [t[1] for t in self.layers]
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].dtype
+
+    @property
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.layers)
 

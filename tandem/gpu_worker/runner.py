@@ -20,7 +20,9 @@ from tandem.formats.loader import load_model_weights
 from tandem.gpu_worker.cuda_graphs import DecodeGraphs
 from tandem.gpu_worker.grammar_state import GrammarRows, apply_bitmask
 from tandem.gpu_worker.kv_cache import KVCache
+from tandem.gpu_worker.model import cpu_attention
 from tandem.gpu_worker.model.architectures import make_model
+from tandem.gpu_worker.model.attention import PagedKernel
 from tandem.gpu_worker.model.bert import BertModel
 from tandem.gpu_worker.model.llama import LlamaModel
 from tandem.gpu_worker.model.quant_linear import cpu_has_bf16, int4_kernel_available
@@ -65,6 +67,16 @@ def default_threads() -> int:
     never falls off the cliff; --threads takes it back on a machine known to be idle.
     """
     return max(1, (os.cpu_count() or 2) - 1)
+
+
+def paged_kernel_for(device: torch.device, cache_dtype: torch.dtype) -> PagedKernel | None:
+    """The kernel through which decode attention reads the block table (Triton on CUDA, numba on
+    the CPU), or None: gather blocks for batched matmuls (model/attention.py)."""
+    if device.type == "cuda":
+        return PagedKernel.TRITON if triton_available() else None
+    if device.type == "cpu" and cpu_attention.supports(cache_dtype):
+        return PagedKernel.NUMBA
+    return None
 
 
 def build_model(model_path: str, dtype_name: str, device: torch.device) -> LlamaModel | BertModel:
@@ -178,18 +190,20 @@ class ModelRunner:
     # Set up after __init__ by prepare_launch(); a runner used without it plans eagerly.
     _staging: StepStaging | None = None
     _graphs: DecodeGraphs | None = None
-    _paged_kernel: bool = False
+    _paged_kernel: PagedKernel | None = None
 
     def prepare_launch(self, enforce_eager: bool = False) -> None:
         """Staging buffers, the decode kernel choice and, on a GPU, the captured decode graphs."""
         self._staging = StepStaging(self.device)
-        self._paged_kernel = self.device.type == "cuda" and triton_available()
-        if self.device.type == "cuda" and not self._paged_kernel:
+        self._paged_kernel = None if self.encoder else paged_kernel_for(self.device, self.kv.dtype)
+        if self._paged_kernel is PagedKernel.NUMBA:
+            cpu_attention.warm_up(self.kv.dtype, torch.get_num_threads())
+        if self.device.type == "cuda" and self._paged_kernel is None:
             log.warning("triton is not installed: GPU decode attention runs the portable matmul path")
         if self.device.type == "cuda" and self.config.sliding_window is not None:
             # Sliding layers read through the chunk path, whose shapes change step to step.
             log.info("model has sliding-window layers: decode runs eagerly (no CUDA graphs)")
-        elif self.device.type == "cuda" and not enforce_eager and self._paged_kernel and not self.encoder:
+        elif self.device.type == "cuda" and not enforce_eager and self._paged_kernel is PagedKernel.TRITON:
             self._graphs = DecodeGraphs.capture(self, self.cfg.engine.max_num_seqs, self.cfg.context_length)
 
     @property

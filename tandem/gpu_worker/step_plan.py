@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tandem.gpu_worker.model.attention import DEFAULT_MAX_CHUNK_KEYS, AttentionPlan
+from tandem.gpu_worker.model.attention import DEFAULT_MAX_CHUNK_KEYS, AttentionPlan, PagedKernel
 from tandem.gpu_worker.model.bert import bert_batch_arrays
 from tandem.messages import Doorbell
 from tandem.shm.layout import SAMPLING_COLUMNS
@@ -77,7 +77,7 @@ def plan_step(
     a: dict[str, np.ndarray],
     bell: Doorbell,
     block_size: int,
-    paged_kernel: bool = False,
+    paged_kernel: PagedKernel | None = None,
     max_chunk_keys: int = DEFAULT_MAX_CHUNK_KEYS,
     sliding_window: int | None = None,
     pooling: str = "last",

@@ -17,7 +17,7 @@ import torch
 from tandem.gpu_worker.kv_cache import KVCache
 from tandem.gpu_worker.model.attention import AttentionMetadata
 from tandem.gpu_worker.model.llama import LlamaModel
-from tandem.gpu_worker.runner import build_model
+from tandem.gpu_worker.runner import build_model, paged_kernel_for
 from tandem.tokenizer.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -66,12 +66,14 @@ def perplexity(model: LlamaModel, ids: list[int]) -> float:
 
 
 def greedy(model: LlamaModel, ids: list[int], n: int) -> list[int]:
-    """n greedy tokens: a prefill, then one-token decode steps (the small-M kernels)."""
+    """n greedy tokens: a prefill, then one-token decode steps (the small-M kernels, and the decode
+    attention kernel the worker picks for this cache)."""
     kv, table = _kv(model, len(ids) + n)
+    kernel = paged_kernel_for(torch.device("cpu"), kv.dtype)
     seq, done, out = list(ids), 0, []
     for _ in range(n):
         pos = torch.arange(done, len(seq))
-        meta = AttentionMetadata.build(pos, [len(seq) - done], [len(seq)], table, BLOCK)
+        meta = AttentionMetadata.build(pos, [len(seq) - done], [len(seq)], table, BLOCK, paged_kernel=kernel)
         logits = model(torch.tensor(seq[done:]), pos, kv, meta, torch.tensor([len(seq) - done - 1]))
         done = len(seq)
         seq.append(int(logits[0].argmax()))

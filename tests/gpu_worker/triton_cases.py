@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from tandem.formats.model_config import ModelConfig
 from tandem.gpu_worker.kv_cache import KVCache
-from tandem.gpu_worker.model.attention import AttentionMetadata, paged_attention
+from tandem.gpu_worker.model.attention import AttentionMetadata, PagedKernel, paged_attention
 from tandem.gpu_worker.model.triton_attention import paged_decode_attention
 
 BLOCK = 4
@@ -105,7 +105,9 @@ def check_model_decode_path(device: str = "cpu") -> None:
     positions = np.concatenate([np.arange(c - q, c) for q, c in zip(qlens, ctx, strict=True)])
     q = torch.randn(int(qlens.sum()), 4, 16, generator=torch.Generator().manual_seed(3)).to(device)
     chunked = AttentionMetadata.build(positions, qlens, ctx, tables, BLOCK, device)
-    paged = AttentionMetadata.build(positions, qlens, ctx, tables, BLOCK, device, paged_kernel=True)
+    paged = AttentionMetadata.build(
+        positions, qlens, ctx, tables, BLOCK, device, paged_kernel=PagedKernel.TRITON
+    )
     assert paged.paged is not None and paged.paged.n == 3 and not paged.decode_chunks
     want = paged_attention(q, kv, 0, chunked, 0.25)
     err = (paged_attention(q, kv, 0, paged, 0.25) - want).abs().max().item()
@@ -125,7 +127,7 @@ def check_worker_paths_with_kernel(tmp: Path) -> None:
     (ref, ring), (paged, other) = make_runner(model), make_runner(model)
     other.unlink()
     try:
-        paged._paged_kernel = True
+        paged._paged_kernel = PagedKernel.TRITON
         width = -(-paged.cfg.context_length // 16)
         graphs = DecodeGraphs(paged, [4], width, paged_kernel=True, capture=False)
         slot = ring.slot(0)

@@ -10,13 +10,14 @@ device in the step's single upload (see ``gpu_worker/staging.py``): ``AttentionP
 its arrays to the step's dict and ``bind`` turns the uploaded tensors into ``AttentionMetadata``.
 
 Decode rows read only the blocks they own, one of two ways:
-- chunks (CPU, and a GPU without Triton): decode sequences are grouped by block count (powers
-  of two); each group's blocks are gathered whole into a reused workspace and attended with two
-  batched matmuls, GQA-aware (each KV head against its group of query heads). A step reads at
-  most twice the visible keys, never ``batch x max_ctx``, in a number of groups that does not
-  grow with the batch.
-- paged (CUDA with Triton): one kernel reads the block table itself
-  (``model/triton_attention.py``); its shapes stay fixed, so CUDA graphs capture it.
+- chunks (sliding-window reads, and a CPU without numba or a GPU without Triton): decode
+  sequences are grouped by block count (powers of two); each group's blocks are gathered whole
+  into a reused workspace and attended with two batched matmuls, GQA-aware (each KV head against
+  its group of query heads). A step reads at most twice the visible keys, never
+  ``batch x max_ctx``, in a number of groups that does not grow with the batch.
+- paged: one kernel reads the block table itself, on CUDA with Triton
+  (``model/triton_attention.py``; its shapes stay fixed, so CUDA graphs capture it) and on the CPU
+  with numba (``model/cpu_attention.py``; no gather, and a bf16 cache read as it is stored).
 Prefill chunks are few and long: each goes through SDPA on its own gathered context.
 
 Sliding-window layers (Mistral, Gemma 3) attend to the last ``window`` keys only, the query's own
@@ -32,6 +33,7 @@ with sliding layers run decode eagerly on a GPU (no CUDA graphs).
 
 from __future__ import annotations
 
+import enum
 import logging
 from dataclasses import dataclass
 
@@ -45,6 +47,13 @@ log = logging.getLogger(__name__)
 
 # A decode group's gather is split so one chunk stays under this many keys (bounds the workspace).
 DEFAULT_MAX_CHUNK_KEYS = 1 << 16
+
+
+class PagedKernel(enum.Enum):
+    """The kernel that reads decode rows' block tables itself (None in a plan: the chunk path)."""
+
+    TRITON = "triton"  # CUDA (or Triton's interpreter)
+    NUMBA = "numba"  # the CPU
 
 
 @dataclass
@@ -74,6 +83,7 @@ class PagedDecode:
     block_tables: torch.Tensor  # (n, max_blocks) int32
     context_lens: torch.Tensor  # (n,) int32
     n: int
+    kernel: PagedKernel = PagedKernel.TRITON
 
 
 @dataclass
@@ -101,7 +111,7 @@ class AttentionMetadata:
         block_tables: torch.Tensor | np.ndarray,
         block_size: int,
         device: torch.device | str = "cpu",
-        paged_kernel: bool = False,
+        paged_kernel: PagedKernel | None = None,
         max_chunk_keys: int = DEFAULT_MAX_CHUNK_KEYS,
         sliding_window: int | None = None,
     ) -> AttentionMetadata:
@@ -148,6 +158,7 @@ class AttentionPlan:
     prefills: list[_PrefillPlan]
     paged_n: int = 0
     paged_in_order: bool = False
+    paged_kernel: PagedKernel | None = None
     prefix: str = ""  # of this plan's array names ("swa_" for the sliding reads)
     window: int | None = None
     sliding: AttentionPlan | None = None
@@ -161,7 +172,7 @@ class AttentionPlan:
         context_lens: np.ndarray,
         block_tables: np.ndarray,
         block_size: int,
-        paged_kernel: bool = False,
+        paged_kernel: PagedKernel | None = None,
         max_chunk_keys: int = DEFAULT_MAX_CHUNK_KEYS,
         sliding_window: int | None = None,
     ) -> AttentionPlan:
@@ -185,7 +196,7 @@ class AttentionPlan:
         if sliding_window is not None and bool((ctx > sliding_window).any()):
             plan.sliding = cls(len(pos), block_size, [], [], prefix="swa_", window=sliding_window)
             # The paged kernel reads whole tables from key 0: sliding reads take the chunk path.
-            plan.sliding._plan_reads(arrays, qlens, ctx, bt, starts, False, max_chunk_keys)
+            plan.sliding._plan_reads(arrays, qlens, ctx, bt, starts, None, max_chunk_keys)
         return plan
 
     def _plan_reads(
@@ -195,13 +206,14 @@ class AttentionPlan:
         ctx: np.ndarray,
         bt: np.ndarray,
         starts: np.ndarray,
-        paged_kernel: bool,
+        paged_kernel: PagedKernel | None,
         max_chunk_keys: int,
     ) -> None:
         decode = np.flatnonzero(qlens == 1)
         if len(decode):
             in_order = len(decode) == len(qlens)  # a pure decode step: token row i is sequence i
-            if paged_kernel:
+            if paged_kernel is not None:
+                self.paged_kernel = paged_kernel
                 self._plan_paged(arrays, decode, starts, ctx, bt, in_order)
             else:
                 self._plan_chunks(arrays, decode, starts, ctx, bt, in_order, max_chunk_keys)
@@ -327,11 +339,13 @@ class AttentionPlan:
         ]
         paged = None
         if self.paged_n:
+            assert self.paged_kernel is not None
             paged = PagedDecode(
                 rows=None if self.paged_in_order else dev["paged_rows"],
                 block_tables=dev["paged_block_tables"],
                 context_lens=dev["paged_context_lens"],
                 n=self.paged_n,
+                kernel=self.paged_kernel,
             )
         prefills = [
             PrefillSeq(p.start, p.end, dev[f"{p.name}_slots"], dev[f"{p.name}_mask"] if p.masked else None)
@@ -398,6 +412,13 @@ def _decode_chunk(
 def _paged_decode(
     q: torch.Tensor, kv_layer: torch.Tensor, p: PagedDecode, block_size: int, scale: float, out: torch.Tensor
 ) -> None:
+    if p.kernel is PagedKernel.NUMBA:
+        from tandem.gpu_worker.model import cpu_attention
+
+        rows = np.arange(p.n) if p.rows is None else p.rows.numpy()
+        tables, lens = p.block_tables, p.context_lens
+        cpu_attention.decode_attention(q, kv_layer, rows, tables, lens, block_size, scale, out)
+        return
     from tandem.gpu_worker.model.triton_attention import paged_decode_attention
 
     qd = q[: p.n] if p.rows is None else q.index_select(0, p.rows)

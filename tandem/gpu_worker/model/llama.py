@@ -165,11 +165,19 @@ class LlamaModel(nn.Module):
 
     @property
     def cache_dtype(self) -> torch.dtype:
-        """The KV cache's dtype: the activations'. With packed weights they are fp32 and CPU decode
-        attention runs in fp32, so a bf16 cache was converted on every read: batch-8 decode steps
-        took 303 ms at context 2048 and 79 ms at 128 with a bf16 cache, 264 and 72 ms with an fp32
-        one (default model, one thread, idle machine), for twice the cache bytes a token."""
-        return self.activation_dtype or self.dtype
+        """The KV cache's dtype: the compute dtype, bf16 with packed weights.
+
+        With packed weights the activations are fp32, but the CPU's paged decode kernel reads a
+        bf16 cache at half the bytes and converts it exactly as it reads
+        (model/cpu_attention.py). Without that kernel the chunk path would convert a bf16 cache
+        on every read (batch-8 steps 303 ms at context 2048 with bf16, 264 ms with fp32), so the
+        cache keeps the activations' fp32 there.
+        """
+        if self.activation_dtype is None:
+            return self.dtype
+        from tandem.gpu_worker.model import cpu_attention
+
+        return torch.bfloat16 if cpu_attention.available() else self.activation_dtype
 
     def check_metadata(self, meta: AttentionMetadata) -> None:
         """A step planned without this model's window would let sliding layers see every key."""

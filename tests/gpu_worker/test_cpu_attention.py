@@ -1,0 +1,85 @@
+"""The CPU's paged decode kernel (numba): against SDPA, inside mixed steps, and in the worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from triton_cases import BLOCK, pool, scattered_tables, sdpa_reference
+
+from tandem.gpu_worker.model import cpu_attention
+from tandem.gpu_worker.model.attention import AttentionMetadata, PagedKernel, paged_attention
+
+LENS = [1, 3, 4, 5, 31, 32, 33, 70]  # across block edges
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "dtype"),
+    [
+        (4, 2, 16, torch.float32),  # GQA, groups of 2
+        (9, 3, 64, torch.float32),  # groups of 3: the default model's shape
+        (4, 4, 16, torch.float32),  # MHA
+        (8, 1, 24, torch.bfloat16),  # MQA, a bf16 pool
+        (9, 3, 64, torch.bfloat16),
+    ],
+)
+def test_kernel_matches_sdpa(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    kv = pool(heads, kv_heads, head_dim, dtype, "cpu")
+    tables = scattered_tables(LENS, kv.num_blocks)  # stale ids past each row's own blocks
+    q = torch.randn(len(LENS), heads, head_dim, generator=torch.Generator().manual_seed(2))
+    out = torch.full_like(q, float("nan"))
+    scale = head_dim**-0.5
+    tab, lens = torch.from_numpy(tables.astype(np.int32)), torch.tensor(LENS, dtype=torch.int32)
+    cpu_attention.decode_attention(q, kv.layers[0], np.arange(len(LENS)), tab, lens, BLOCK, scale, out)
+    # bf16 keys and values are converted exactly: the reference reads the same values upcast.
+    err = (out - sdpa_reference(q, kv, tables, LENS, scale)).abs().max().item()
+    assert err < 1e-5, err
+
+
+def test_mixed_step_reads_decode_rows_through_the_kernel() -> None:
+    """Decode rows between prefill chunks: the kernel writes only its rows, the same as chunks."""
+    kv = pool(4, 2, 16, torch.bfloat16, "cpu")
+    tables = np.arange(40).reshape(4, 10)
+    qlens, ctx = np.array([1, 5, 1, 1]), np.array([9, 5, 2, 17])
+    positions = np.concatenate([np.arange(c - q, c) for q, c in zip(qlens, ctx, strict=True)])
+    q = torch.randn(int(qlens.sum()), 4, 16, generator=torch.Generator().manual_seed(3))
+    chunked = AttentionMetadata.build(positions, qlens, ctx, tables, BLOCK)
+    paged = AttentionMetadata.build(positions, qlens, ctx, tables, BLOCK, paged_kernel=PagedKernel.NUMBA)
+    assert paged.paged is not None and paged.paged.kernel is PagedKernel.NUMBA and not paged.decode_chunks
+    err = (paged_attention(q, kv, 0, paged, 0.25) - paged_attention(q, kv, 0, chunked, 0.25)).abs().max()
+    assert err.item() < 1e-5
+
+
+def test_the_worker_decodes_packed_models_through_it(tmp_path: Path) -> None:
+    """--dtype auto on a quantized file: a bf16 cache read by the kernel, tokens as the chunk path's."""
+    from gguf import GGMLQuantizationType
+    from step_driver import Seq, make_runner, tokens_of, write_step
+
+    from tandem.formats.tiny import TinySpec, write_tiny_gguf
+
+    model = write_tiny_gguf(tmp_path / "q.gguf", TinySpec(seed=7, qtype=GGMLQuantizationType.Q4_0))
+    (kernel, ring), (ref, other) = make_runner(model, dtype="auto"), make_runner(model, dtype="auto")
+    other.unlink()
+    try:
+        for runner in (kernel, ref):
+            runner.prepare_launch()
+        assert kernel.model.has_packed_weights and kernel.kv.dtype == torch.bfloat16
+        assert kernel._paged_kernel is PagedKernel.NUMBA
+        ref._paged_kernel = None  # the portable chunk path, on the same weights and cache dtype
+        slot = ring.slot(0)
+        blocks = [[3 * i + 1, 3 * i + 2, 3 * i + 3] for i in range(3)]
+        seqs = {r: [Seq(i, blocks[i], prompt_len=4 + 9 * i) for i in range(3)] for r in "kr"}
+        prompts = [list(range(10, 10 + s.prompt_len)) for s in seqs["k"]]
+
+        def launch(runner, r: str, step: int, inputs: list[list[int]]) -> list[int]:
+            bell = write_step(slot, step, list(zip(seqs[r], inputs, strict=True)))
+            return tokens_of(runner, runner.launch(slot, bell, 0.0))
+
+        assert launch(kernel, "k", 0, prompts) == launch(ref, "r", 0, prompts)
+        refs = [[-1 - i] for i in range(3)]
+        for step in range(1, 12):  # past a block edge for every sequence
+            assert launch(kernel, "k", step, refs) == launch(ref, "r", step, refs), step
+    finally:
+        ring.unlink()
