@@ -28,7 +28,7 @@ from tandem.bench.timing import median, ratio
 from tandem.formats.model_config import ModelConfig
 from tandem.gpu_worker.cuda_graphs import DecodeGraphs
 from tandem.gpu_worker.kv_cache import KVCache
-from tandem.gpu_worker.model import cpu_attention
+from tandem.gpu_worker.model import cpu_kernels
 from tandem.gpu_worker.model.attention import PagedKernel
 from tandem.gpu_worker.model.llama import LlamaModel
 from tandem.gpu_worker.runner import paged_kernel_for
@@ -120,8 +120,9 @@ class DecodeBatch:
         self.tables = rng.permutation(batch * self.width).reshape(batch, self.width).astype(np.int32)
         self.staging = StepStaging(device)
         self.paged_kernel = paged_kernel_for(device, self.kv.dtype)
-        if self.paged_kernel is PagedKernel.NUMBA:
-            cpu_attention.warm_up(self.kv.dtype, torch.get_num_threads())
+        if device.type == "cpu" and cpu_kernels.available():
+            cache = self.kv.dtype if self.paged_kernel is PagedKernel.NUMBA else None
+            cpu_kernels.warm_up(cache, torch.get_num_threads())
         self.host = _Host(model, self.kv, torch.zeros(max(batch, 1), dtype=torch.long, device=device), device)
         self.graphs: DecodeGraphs | None = None
 

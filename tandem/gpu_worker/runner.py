@@ -20,7 +20,7 @@ from tandem.formats.loader import load_model_weights
 from tandem.gpu_worker.cuda_graphs import DecodeGraphs
 from tandem.gpu_worker.grammar_state import GrammarRows, apply_bitmask
 from tandem.gpu_worker.kv_cache import KVCache
-from tandem.gpu_worker.model import cpu_attention
+from tandem.gpu_worker.model import cpu_kernels
 from tandem.gpu_worker.model.architectures import make_model
 from tandem.gpu_worker.model.attention import PagedKernel
 from tandem.gpu_worker.model.bert import BertModel
@@ -74,7 +74,7 @@ def paged_kernel_for(device: torch.device, cache_dtype: torch.dtype) -> PagedKer
     the CPU), or None: gather blocks for batched matmuls (model/attention.py)."""
     if device.type == "cuda":
         return PagedKernel.TRITON if triton_available() else None
-    if device.type == "cpu" and cpu_attention.supports(cache_dtype):
+    if device.type == "cpu" and cpu_kernels.supports(cache_dtype):
         return PagedKernel.NUMBA
     return None
 
@@ -196,8 +196,9 @@ class ModelRunner:
         """Staging buffers, the decode kernel choice and, on a GPU, the captured decode graphs."""
         self._staging = StepStaging(self.device)
         self._paged_kernel = None if self.encoder else paged_kernel_for(self.device, self.kv.dtype)
-        if self._paged_kernel is PagedKernel.NUMBA:
-            cpu_attention.warm_up(self.kv.dtype, torch.get_num_threads())
+        if self.device.type == "cpu" and cpu_kernels.available():
+            cache = self.kv.dtype if self._paged_kernel is PagedKernel.NUMBA else None
+            cpu_kernels.warm_up(cache, torch.get_num_threads())
         if self.device.type == "cuda" and self._paged_kernel is None:
             log.warning("triton is not installed: GPU decode attention runs the portable matmul path")
         if self.device.type == "cuda" and self.config.sliding_window is not None:

@@ -17,7 +17,7 @@ Decode rows read only the blocks they own, one of two ways:
   ``batch x max_ctx``, in a number of groups that does not grow with the batch.
 - paged: one kernel reads the block table itself, on CUDA with Triton
   (``model/triton_attention.py``; its shapes stay fixed, so CUDA graphs capture it) and on the CPU
-  with numba (``model/cpu_attention.py``; no gather, and a bf16 cache read as it is stored).
+  with numba (``model/cpu_kernels.py``; no gather, and a bf16 cache read as it is stored).
 Prefill chunks are few and long: each goes through SDPA on its own gathered context.
 
 Sliding-window layers (Mistral, Gemma 3) attend to the last ``window`` keys only, the query's own
@@ -413,11 +413,11 @@ def _paged_decode(
     q: torch.Tensor, kv_layer: torch.Tensor, p: PagedDecode, block_size: int, scale: float, out: torch.Tensor
 ) -> None:
     if p.kernel is PagedKernel.NUMBA:
-        from tandem.gpu_worker.model import cpu_attention
+        from tandem.gpu_worker.model import cpu_kernels
 
         rows = np.arange(p.n) if p.rows is None else p.rows.numpy()
         tables, lens = p.block_tables, p.context_lens
-        cpu_attention.decode_attention(q, kv_layer, rows, tables, lens, block_size, scale, out)
+        cpu_kernels.decode_attention(q, kv_layer, rows, tables, lens, block_size, scale, out)
         return
     from tandem.gpu_worker.model.triton_attention import paged_decode_attention
 

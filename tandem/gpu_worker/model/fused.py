@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tandem.gpu_worker.model import cpu_kernels
+
 
 def rotate_half_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate-half rope of `x` (T, heads, D) in place; `cos`, `sin` (T, D/2) in fp32.
@@ -30,5 +32,7 @@ def rotate_half_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 
 def add_rms_norm_(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`x += delta` in place, then RMSNorm of the sum (fp32 statistics for 16-bit inputs)."""
+    if cpu_kernels.norm_applies(x, weight) and delta.dtype == x.dtype and delta.stride(1) == 1:
+        return cpu_kernels.add_rms_norm_(x, delta, weight, eps)
     x.add_(delta)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)

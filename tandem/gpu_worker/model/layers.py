@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.formats.model_config import ModelConfig, RopeScaling
+from tandem.gpu_worker.model import cpu_kernels
 
 
 class RMSNorm(nn.Module):
@@ -18,6 +19,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels.norm_applies(x, self.weight):  # fp32 rows on the CPU: one kernel call
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         # torch's rms_norm keeps its statistics in fp32 for 16-bit inputs (bf16 variance loses
         # too much) and is one fused kernel where the backend has one.
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)

@@ -169,15 +169,15 @@ class LlamaModel(nn.Module):
 
         With packed weights the activations are fp32, but the CPU's paged decode kernel reads a
         bf16 cache at half the bytes and converts it exactly as it reads
-        (model/cpu_attention.py). Without that kernel the chunk path would convert a bf16 cache
+        (model/cpu_kernels.py). Without that kernel the chunk path would convert a bf16 cache
         on every read (batch-8 steps 303 ms at context 2048 with bf16, 264 ms with fp32), so the
         cache keeps the activations' fp32 there.
         """
         if self.activation_dtype is None:
             return self.dtype
-        from tandem.gpu_worker.model import cpu_attention
+        from tandem.gpu_worker.model import cpu_kernels
 
-        return torch.bfloat16 if cpu_attention.available() else self.activation_dtype
+        return torch.bfloat16 if cpu_kernels.available() else self.activation_dtype
 
     def check_metadata(self, meta: AttentionMetadata) -> None:
         """A step planned without this model's window would let sliding layers see every key."""

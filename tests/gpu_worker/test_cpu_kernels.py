@@ -1,4 +1,5 @@
-"""The CPU's paged decode kernel (numba): against SDPA, inside mixed steps, and in the worker."""
+"""The CPU's numba kernels: paged decode attention against SDPA, inside mixed steps and in the
+worker; RMSNorm (and its residual add) against torch's."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from triton_cases import BLOCK, pool, scattered_tables, sdpa_reference
 
-from tandem.gpu_worker.model import cpu_attention
+from tandem.gpu_worker.model import cpu_kernels
 from tandem.gpu_worker.model.attention import AttentionMetadata, PagedKernel, paged_attention
+from tandem.gpu_worker.model.fused import add_rms_norm_
+from tandem.gpu_worker.model.layers import RMSNorm
 
 LENS = [1, 3, 4, 5, 31, 32, 33, 70]  # across block edges
 
@@ -32,7 +36,7 @@ def test_kernel_matches_sdpa(heads: int, kv_heads: int, head_dim: int, dtype: to
     out = torch.full_like(q, float("nan"))
     scale = head_dim**-0.5
     tab, lens = torch.from_numpy(tables.astype(np.int32)), torch.tensor(LENS, dtype=torch.int32)
-    cpu_attention.decode_attention(q, kv.layers[0], np.arange(len(LENS)), tab, lens, BLOCK, scale, out)
+    cpu_kernels.decode_attention(q, kv.layers[0], np.arange(len(LENS)), tab, lens, BLOCK, scale, out)
     # bf16 keys and values are converted exactly: the reference reads the same values upcast.
     err = (out - sdpa_reference(q, kv, tables, LENS, scale)).abs().max().item()
     assert err < 1e-5, err
@@ -83,3 +87,29 @@ def test_the_worker_decodes_packed_models_through_it(tmp_path: Path) -> None:
             assert launch(kernel, "k", step, refs) == launch(ref, "r", step, refs), step
     finally:
         ring.unlink()
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_rms_norm_matches_torch(rows: int) -> None:
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(rows, 576, generator=g) * 3, torch.randn(576, generator=g)
+    norm = RMSNorm(w, 1e-5)
+    assert cpu_kernels.norm_applies(x, norm.weight)
+    want = F.rms_norm(x, (576,), w, 1e-5)
+    torch.testing.assert_close(norm(x), want, rtol=1e-5, atol=1e-5)
+    wide = torch.randn(rows, 2 * 576, generator=g)
+    torch.testing.assert_close(
+        norm(wide[:, 576:]), F.rms_norm(wide[:, 576:], (576,), w, 1e-5)
+    )  # strided rows
+    delta = torch.randn(rows, 576, generator=g)
+    summed = x + delta
+    got = add_rms_norm_(x, delta, w, 1e-5)
+    torch.testing.assert_close(x, summed)  # the residual is updated in place
+    torch.testing.assert_close(got, F.rms_norm(summed, (576,), w, 1e-5), rtol=1e-5, atol=1e-5)
+
+
+def test_norms_of_other_dtypes_stay_with_torch() -> None:
+    x = torch.randn(3, 64).bfloat16()
+    norm = RMSNorm(torch.ones(64, dtype=torch.bfloat16), 1e-6)
+    assert not cpu_kernels.norm_applies(x, norm.weight)
+    torch.testing.assert_close(norm(x), F.rms_norm(x, (64,), norm.weight, 1e-6))

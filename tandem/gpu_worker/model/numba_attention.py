@@ -1,7 +1,7 @@
-"""The numba code behind cpu_attention (imported only where that kernel runs: numba's import
-costs a third of a second).
+"""Paged decode attention as a numba kernel (see cpu_kernels, which wraps it).
 
-Kernels are module-level functions so numba can cache their machine code on disk.
+Module-level functions so numba caches their machine code on disk; imported only where they run
+(numba's import costs a third of a second).
 """
 
 from __future__ import annotations
@@ -104,57 +104,69 @@ def _exp_sum(row, n, top, scratch):
 def decode(q, kv, rows, tables, lens, scale, bs, out):
     """``out[rows[i]]`` = attention of ``q[rows[i]]`` over sequence i's ``lens[i]`` cached keys,
     its blocks ``tables[i]``; one task per (sequence, KV head) and its group of query heads."""
-    n = rows.shape[0]
-    heads, dim = q.shape[1], q.shape[2]
     hkv = kv.shape[1]
-    group = heads // hkv
-    for task in prange(n * hkv):
-        i = task // hkv
-        h = task % hkv
-        r = rows[i]
-        length = lens[i]
-        nblocks = (length + bs - 1) // bs
-        scores = np.empty((group, nblocks * bs), dtype=np.float32)
-        scratch = np.empty(nblocks * bs, dtype=np.float32)
-        qs = np.empty((group, dim), dtype=np.float32)
-        block = np.empty((bs, dim), dtype=np.float32)
-        acc = np.zeros((group, dim), dtype=np.float32)
+    for task in prange(rows.shape[0] * hkv):
+        _attend(q, kv, rows, tables, lens, scale, bs, out, task // hkv, task % hkv)
+
+
+@njit(fastmath=True, cache=True)
+def decode_serial(q, kv, rows, tables, lens, scale, bs, out):
+    """``decode`` on the calling thread: with one thread, numba's parallel launch is a tenth of
+    a batch-1 call."""
+    hkv = kv.shape[1]
+    for task in range(rows.shape[0] * hkv):
+        _attend(q, kv, rows, tables, lens, scale, bs, out, task // hkv, task % hkv)
+
+
+@njit(fastmath=True, inline="always")
+def _attend(q, kv, rows, tables, lens, scale, bs, out, i, h):
+    """Sequence i's KV head h and its query heads: scores block by block, softmax, values."""
+    heads, dim = q.shape[1], q.shape[2]
+    group = heads // kv.shape[1]
+    r = rows[i]
+    length = lens[i]
+    nblocks = (length + bs - 1) // bs
+    scores = np.empty((group, nblocks * bs), dtype=np.float32)
+    scratch = np.empty(nblocks * bs, dtype=np.float32)
+    qs = np.empty((group, dim), dtype=np.float32)
+    block = np.empty((bs, dim), dtype=np.float32)
+    acc = np.zeros((group, dim), dtype=np.float32)
+    for g in range(group):
+        for d in range(dim):
+            qs[g, d] = q[r, h * group + g, d] * scale
+    keys = kv[0, h]
+    values = kv[1, h]
+    _prefetch_block(keys, tables[i, 0] * bs, bs)
+    for b in range(nblocks):
+        if b + 1 < nblocks:
+            _prefetch_block(keys, tables[i, b + 1] * bs, bs)
+        load_block(keys, tables[i, b] * bs, bs, block)
         for g in range(group):
-            for d in range(dim):
-                qs[g, d] = q[r, h * group + g, d] * scale
-        keys = kv[0, h]
-        values = kv[1, h]
-        _prefetch_block(keys, tables[i, 0] * bs, bs)
-        for b in range(nblocks):
-            if b + 1 < nblocks:
-                _prefetch_block(keys, tables[i, b + 1] * bs, bs)
-            load_block(keys, tables[i, b] * bs, bs, block)
-            for g in range(group):
-                for t in range(bs):
-                    s = np.float32(0.0)
-                    for d in range(dim):
-                        s += qs[g, d] * block[t, d]
-                    scores[g, b * bs + t] = s
-        for g in range(group):
-            top = np.float32(-np.inf)
-            for t in range(length):
-                top = max(top, scores[g, t])
-            total = _exp_sum(scores[g], length, top, scratch)
-            inv = np.float32(1.0) / total
-            for t in range(length):
-                scores[g, t] *= inv
-            for t in range(length, nblocks * bs):  # the last block's slots past the context
-                scores[g, t] = 0.0
-        _prefetch_block(values, tables[i, 0] * bs, bs)
-        for b in range(nblocks):
-            if b + 1 < nblocks:
-                _prefetch_block(values, tables[i, b + 1] * bs, bs)
-            load_block(values, tables[i, b] * bs, bs, block)
             for t in range(bs):
-                for g in range(group):
-                    p = scores[g, b * bs + t]
-                    for d in range(dim):
-                        acc[g, d] += p * block[t, d]
-        for g in range(group):
-            for d in range(dim):
-                out[r, h * group + g, d] = acc[g, d]
+                s = np.float32(0.0)
+                for d in range(dim):
+                    s += qs[g, d] * block[t, d]
+                scores[g, b * bs + t] = s
+    for g in range(group):
+        top = np.float32(-np.inf)
+        for t in range(length):
+            top = max(top, scores[g, t])
+        total = _exp_sum(scores[g], length, top, scratch)
+        inv = np.float32(1.0) / total
+        for t in range(length):
+            scores[g, t] *= inv
+        for t in range(length, nblocks * bs):  # the last block's slots past the context
+            scores[g, t] = 0.0
+    _prefetch_block(values, tables[i, 0] * bs, bs)
+    for b in range(nblocks):
+        if b + 1 < nblocks:
+            _prefetch_block(values, tables[i, b + 1] * bs, bs)
+        load_block(values, tables[i, b] * bs, bs, block)
+        for t in range(bs):
+            for g in range(group):
+                p = scores[g, b * bs + t]
+                for d in range(dim):
+                    acc[g, d] += p * block[t, d]
+    for g in range(group):
+        for d in range(dim):
+            out[r, h * group + g, d] = acc[g, d]

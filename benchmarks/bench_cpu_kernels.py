@@ -1,0 +1,103 @@
+"""The CPU's numba kernels against the torch ops they replace, side by side in one run.
+
+    python benchmarks/bench_cpu_kernels.py                 # default model's shapes, one thread
+    python benchmarks/bench_cpu_kernels.py --threads 2 --cases 8x2048
+
+Attention: one decode step's attention over every layer (blocks scattered through the pool),
+the portable chunk path (gather + batched matmuls, fp32 cache) against the paged kernel with an
+fp32 and a bf16 cache. RMSNorm: one call on fp32 rows, torch's rms_norm against the kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tandem.gpu_worker.kv_cache import KVCache
+from tandem.gpu_worker.model import cpu_kernels
+from tandem.gpu_worker.model.attention import AttentionMetadata, PagedKernel, paged_attention
+
+HEADS, KV_HEADS, HEAD_DIM, LAYERS, BLOCK, HIDDEN = 9, 3, 64, 30, 16, 576  # SmolLM2-135M
+
+
+def best_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    out = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out = min(out, time.perf_counter() - t0)
+    return out * 1000
+
+
+def attention_ms(batch: int, ctx: int, repeats: int) -> dict[str, float]:
+    rng = np.random.default_rng(0)
+    width = -(-ctx // BLOCK)
+    tables = rng.permutation(batch * width).reshape(batch, width).astype(np.int32)
+    lens = np.full(batch, ctx)
+    q = torch.randn(batch, HEADS + 2 * KV_HEADS, HEAD_DIM)[:, :HEADS]  # a view, as in the fused QKV
+    out = {}
+    for name, dtype, kernel in (
+        ("chunks fp32", torch.float32, None),
+        ("kernel fp32", torch.float32, PagedKernel.NUMBA),
+        ("kernel bf16", torch.bfloat16, PagedKernel.NUMBA),
+    ):
+        shape = (2, KV_HEADS, (batch * width + 1) * BLOCK, HEAD_DIM)
+        kv = KVCache([torch.randn(shape).to(dtype) for _ in range(LAYERS)], batch * width, BLOCK)
+        meta = AttentionMetadata.build(lens - 1, np.ones(batch), lens, tables, BLOCK, paged_kernel=kernel)
+
+        def step(kv: KVCache = kv, meta: AttentionMetadata = meta) -> None:
+            for layer in range(LAYERS):
+                paged_attention(q, kv, layer, meta, HEAD_DIM**-0.5)
+
+        out[name] = best_ms(step, repeats)
+    return out
+
+
+def norm_us(rows: int, repeats: int) -> dict[str, float]:
+    x, w = torch.randn(rows, HIDDEN), torch.randn(HIDDEN)
+    calls = 1000
+
+    def loop(fn: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(calls):
+                fn()
+
+        return run
+
+    torch_us = best_ms(loop(lambda: F.rms_norm(x, (HIDDEN,), w, 1e-5)), repeats) * 1000 / calls
+    kernel_us = best_ms(loop(lambda: cpu_kernels.rms_norm(x, w, 1e-5)), repeats) * 1000 / calls
+    return {"torch": torch_us, "kernel": kernel_us}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cases", default="1x128,8x128,8x2048,32x256", help="BATCHxCONTEXT,...")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    cpu_kernels.warm_up(torch.bfloat16, args.threads)
+    cpu_kernels.warm_up(torch.float32, args.threads)
+    shape = f"{LAYERS} layers of {HEADS}/{KV_HEADS} heads x {HEAD_DIM}"
+    print(f"attention, {shape}, {args.threads} thread(s), ms a step")
+    for case in args.cases.split(","):
+        batch, ctx = (int(v) for v in case.split("x"))
+        ms = attention_ms(batch, ctx, args.repeats)
+        cells = "  ".join(f"{k} {v:7.1f}" for k, v in ms.items())
+        gain = ms["chunks fp32"] / ms["kernel bf16"]
+        print(f"  batch {batch:3d} context {ctx:5d}: {cells}  (chunks / bf16 kernel {gain:.2f}x)")
+    for rows in (1, 8):
+        us = norm_us(rows, args.repeats)
+        gain = us["torch"] / us["kernel"]
+        cells = f"torch {us['torch']:.1f} us, kernel {us['kernel']:.1f} us"
+        print(f"rms_norm of {rows} x {HIDDEN}: {cells} ({gain:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()

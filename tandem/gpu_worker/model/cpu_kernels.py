@@ -1,0 +1,148 @@
+"""numba kernels for the CPU's decode step, where a torch op's fixed cost or a copy is the step.
+
+**Paged decode attention.** The portable chunk path (attention.py) gathers each decode group's
+blocks into a workspace and runs two batched matmuls over it: at long contexts the copy is most
+of the step, and it needs the cache in the dtype the matmuls read. ``decode_attention`` walks each
+sequence's blocks in place instead, one task per (sequence, KV head), all of that head's query
+heads (GQA) against each block while it is in cache, prefetching the next block:
+
+- scores of the block's keys for every query head in fp32, the keys converted as they are read
+  (a bf16 cache is read as its upper 16 bits: half the bytes of fp32, converted exactly);
+- softmax over the visible keys in fp32;
+- the values' weighted sum, block by block again.
+
+**RMSNorm.** torch's CPU rms_norm is a composite of several ops (pow, mean, add, rsqrt, mul),
+61 calls a step on the default model; the kernel is one call, and the pre-MLP norm takes the
+residual add with it (two torch ops fewer again).
+
+``python benchmarks/bench_cpu_kernels.py`` (default model's shapes, one thread, idle machine):
+attention over the 30 layers of a decode step, chunk path with an fp32 cache -> this kernel with
+a bf16 cache: batch 1 at context 128 2.6 -> 0.7 ms, batch 8 at 128 10.7 -> 6.0, batch 8 at 2048
+182 -> 100, batch 32 at 256 92 -> 48; rms_norm of one row of 576, 10.9 -> 6.8 us a call.
+
+Compiled on first use and cached on disk by numba (seconds, once per machine); the worker warms
+them at load (``warm_up``) so no request waits on the compiler.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+# Cache dtypes the attention kernel reads (bf16 as its raw 16 bits).
+SUPPORTED_CACHE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether numba imports here (it is a dependency; a broken install falls back to torch)."""
+    try:
+        import numba  # noqa: F401
+    except Exception as e:
+        log.warning("numba is unavailable (%s): the CPU decode step runs torch ops only", e)
+        return False
+    return True
+
+
+def supports(cache_dtype: torch.dtype) -> bool:
+    """Whether ``decode_attention`` reads a cache of this dtype."""
+    return cache_dtype in SUPPORTED_CACHE_DTYPES and available()
+
+
+def _as_numpy(kv_layer: torch.Tensor) -> np.ndarray:
+    return (kv_layer.view(torch.int16) if kv_layer.dtype == torch.bfloat16 else kv_layer).numpy()
+
+
+def decode_attention(
+    q: torch.Tensor,  # (T, H, D) fp32, any row stride
+    kv_layer: torch.Tensor,  # (2, Hkv, slots, D) fp32 or bf16
+    rows: np.ndarray,  # (n,) int64 token rows of the decode sequences
+    block_tables: torch.Tensor,  # (n, max_blocks) int32
+    context_lens: torch.Tensor,  # (n,) int32
+    block_size: int,
+    scale: float,
+    out: torch.Tensor,  # (T, H, D) fp32: rows `rows` are written
+) -> None:
+    if q.dtype != torch.float32 or out.dtype != torch.float32:
+        raise TypeError(f"CPU decode attention takes fp32 queries and output, got {q.dtype}, {out.dtype}")
+    from tandem.gpu_worker.model import numba_attention as k
+
+    (k.decode if _parallel() else k.decode_serial)(
+        q.numpy(),
+        _as_numpy(kv_layer),
+        rows,
+        block_tables.numpy(),
+        context_lens.numpy(),
+        np.float32(scale),
+        block_size,
+        out.numpy(),
+    )
+
+
+@functools.cache
+def _parallel() -> bool:
+    """Whether the attention kernel spreads its tasks over numba's threads (set at warm-up)."""
+    import numba
+
+    return numba.get_num_threads() > 1
+
+
+def norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``rms_norm`` / ``add_rms_norm_`` take these: fp32 rows on the CPU."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.dim() == 2
+        and x.stride(1) == 1
+        and available()
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    from tandem.gpu_worker.model.numba_norms import rms_norm as kernel
+
+    out = torch.empty(x.shape, dtype=x.dtype)
+    kernel(x.numpy(), weight.numpy(), np.float32(eps), out.numpy())
+    return out
+
+
+def add_rms_norm_(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x += delta`` in place; returns RMSNorm of the sum."""
+    from tandem.gpu_worker.model.numba_norms import add_rms_norm as kernel
+
+    out = torch.empty(x.shape, dtype=x.dtype)
+    kernel(x.numpy(), delta.numpy(), weight.numpy(), np.float32(eps), out.numpy())
+    return out
+
+
+def warm_up(cache_dtype: torch.dtype | None, threads: int) -> None:
+    """Compile (or load from numba's disk cache) the kernels, the attention one for this cache
+    dtype (None: none), and give them the worker's thread count, before the first step.
+
+    numba compiles once per argument layout: one row is C-contiguous to it, several rows of a view
+    into a wider buffer (the queries in the fused QKV output) are strided, so both are warmed.
+    """
+    import numba
+
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    _parallel.cache_clear()
+    heads, hkv, dim, bs = 2, 1, 8, 4
+    w = torch.ones(dim)
+    for rows in (1, 2):
+        wide = torch.ones(rows, 2 * heads, dim)
+        q = wide[:, :heads]
+        x = torch.ones(rows, dim)
+        rms_norm(x, w, 1e-5)
+        add_rms_norm_(x, x.clone(), w, 1e-5)
+        rms_norm(wide.view(rows, -1)[:, :dim], w, 1e-5)
+        if cache_dtype is not None:
+            kv = torch.zeros(2, hkv, 2 * bs, dim, dtype=cache_dtype)
+            tables = torch.zeros(rows, 1, dtype=torch.int32)
+            lens = torch.ones(rows, dtype=torch.int32)
+            decode_attention(q, kv, np.arange(rows), tables, lens, bs, 1.0, torch.empty(rows, heads, dim))
