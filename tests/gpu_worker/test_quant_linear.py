@@ -189,3 +189,58 @@ def test_dense_parts_stay_a_plain_linear() -> None:
                 torch.zeros(16, 64),
             ]
         )
+
+
+def test_a_layer_dense_copy_is_its_codes_decoded(tiny_files: dict) -> None:
+    (cq, wq), (ck, wk) = (_weights(tiny_files[T.Q4_1], f"blk.0.attn_{n}.weight") for n in "qk")
+    lin = QuantLinear([cq, ck])
+    lin.make_dense_copy(torch.bfloat16)
+    assert lin.dense is not None and lin.dense.dtype == torch.bfloat16
+    torch.testing.assert_close(lin.dense.float(), torch.cat([wq, wk]), rtol=2**-8, atol=1e-6)
+    lin.dense_min_rows = 2
+    x = torch.randn(2, wq.shape[1])
+    assert torch.equal(lin(x), torch.nn.functional.linear(x.to(torch.bfloat16), lin.dense).float())
+    assert torch.equal(lin(x[:1]), lin._packed(x[:1]).float())  # below the count: the packed kernel
+    lin.drop_dense_copy()
+    assert lin.dense is None and lin.dense_min_rows == math.inf
+    lin.release_sources()
+    with pytest.raises(RuntimeError, match="released"):
+        lin.make_dense_copy(torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    ("dense_ms", "want"),
+    [
+        ((3.0, 0.7, 0.7), 2),  # wins by more than the margin from 2 rows on, twice running
+        ((3.0, 0.9, 0.9), math.inf),  # faster, but within the margin: not worth the switch
+        ((0.5, 3.0, 0.5), 4),  # a win at the last count counts once
+    ],
+)
+def test_dense_rows_need_a_margin_twice_running(
+    tiny_files: dict, monkeypatch: pytest.MonkeyPatch, dense_ms: tuple[float, ...], want: float
+) -> None:
+    codes, _ = _weights(tiny_files[T.Q4_0], "blk.0.attn_q.weight")
+    lin = QuantLinear([codes])
+    lin.make_dense_copy(torch.bfloat16)
+    times = iter(t for d in dense_ms for t in (1.0, d))  # packed, then dense, at each row count
+    monkeypatch.setattr(quant_linear, "_best_ms", lambda fn, repeats: (fn(), next(times))[1])
+    assert quant_linear.choose_dense_rows([lin], rows=(1, 2, 4)) == want
+
+
+@pytest.mark.parametrize("budget", [0, 1 << 30])
+def test_the_model_makes_layer_copies_only_within_the_budget(
+    tiny_files: dict, monkeypatch: pytest.MonkeyPatch, budget: int
+) -> None:
+    from tandem.gpu_worker.model import llama
+    from tandem.gpu_worker.runner import build_model
+
+    monkeypatch.setattr(llama, "DENSE_COPY_BUDGET", budget)
+    model = build_model(str(tiny_files[T.Q4_0]), "auto", torch.device("cpu"))
+    layer_linears = [m for m in model.layers.modules() if isinstance(m, QuantLinear)]
+    assert layer_linears and all(m._sources is None for m in model.modules() if isinstance(m, QuantLinear))
+    if budget == 0:
+        assert all(m.dense is None and m.dense_min_rows == math.inf for m in layer_linears)
+    else:  # copies kept from one shared count on, or all dropped
+        counts = {m.dense_min_rows for m in layer_linears}
+        assert len(counts) == 1
+        assert all((m.dense is None) == (counts == {math.inf}) for m in layer_linears)

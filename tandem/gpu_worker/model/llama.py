@@ -6,6 +6,7 @@ Other architectures subclass ``LlamaModel`` (gemma3.py)."""
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -14,16 +15,26 @@ from torch import nn
 from tandem.errors import UnsupportedModelError
 from tandem.formats.gguf_packed import AffineCodes
 from tandem.formats.model_config import ModelConfig
-from tandem.gpu_worker.kv_cache import KVCache
+from tandem.gpu_worker.kv_cache import KVCache, available_host_memory
 from tandem.gpu_worker.model.attention import AttentionMetadata, paged_attention, write_kv
 from tandem.gpu_worker.model.fused import add_rms_norm_, rotate_half_
 from tandem.gpu_worker.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
-from tandem.gpu_worker.model.quant_linear import QuantLinear, make_linear
+from tandem.gpu_worker.model.quant_linear import QuantLinear, choose_dense_rows, cpu_has_bf16, make_linear
 
 # A weight as the loader hands it over: dense, or packed codes (tandem.formats.gguf_packed).
 Weight = torch.Tensor | AffineCodes
 
 log = logging.getLogger(__name__)
+
+
+# Dense copies of packed layers (LlamaModel.choose_kernels) are made only if they take at most
+# this much, and a quarter of the memory available: a small model's speed at a few rows, never a
+# big model's memory.
+DENSE_COPY_BUDGET = 1 << 30
+
+
+def dense_copy_budget() -> int:
+    return min(DENSE_COPY_BUDGET, available_host_memory() // 4)
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -228,10 +239,36 @@ class LlamaModel(nn.Module):
         return any(isinstance(m, QuantLinear) for m in self.modules())
 
     def choose_kernels(self) -> None:
-        """Time the alternatives of each layer that has them (once, at load) and keep the fastest."""
+        """Time the alternatives of each layer that has them (once, at load) and keep the fastest.
+
+        The tied output head has the embedding table as its dense copy. The layers' packed
+        kernels lose to a GEMM over a dense copy once a step has a few rows (the int4 kernel's
+        cost grows with them: at 32 rows it took 4x a bf16 GEMM's time on the default model's
+        shapes, 2.3x at 256), so where copies of every layer fit ``DENSE_COPY_BUDGET`` they are
+        decoded, and kept if a pass over the whole model finds a row count from which they win.
+        """
         for name, m in self.named_modules():
             if isinstance(m, QuantLinear) and m.dense is not None:
                 log.info("%s: dense GEMM from %s rows on", name, m.calibrate())
+        linears = [m for m in self.layers.modules() if isinstance(m, QuantLinear)]
+        dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
+        need = sum(ql.num_weights for ql in linears) * torch.empty((), dtype=dtype).element_size()
+        if linears and need <= dense_copy_budget():
+            for ql in linears:
+                ql.make_dense_copy(dtype)
+            rows = choose_dense_rows(linears)
+            for ql in linears:
+                if rows == math.inf:
+                    ql.drop_dense_copy()
+                else:
+                    ql.dense_min_rows = rows
+            kept = "kept" if rows != math.inf else "dropped: the packed kernels won at every row count"
+            log.info("layers' dense %s copies (%.0f MB): from %s rows on, %s", dtype, need / 1e6, rows, kept)
+        elif linears:
+            log.info("layers' dense copies (%.0f MB) exceed the budget: packed kernels only", need / 1e6)
+        for m in self.modules():
+            if isinstance(m, QuantLinear):
+                m.release_sources()
 
     @property
     def weights_bytes(self) -> int:

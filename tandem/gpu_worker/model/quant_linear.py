@@ -20,9 +20,12 @@ rounded off (``exact_scales``) for inputs of up to 64 rows (decode): KL 3.5e-3 -
 5% of a decode step. Prefill chunks skip it: compute-bound, it would cost a quarter of the step.
 Around the kernels the model keeps its activations in fp32 (see LlamaModel).
 
-The kernel's cost grows with the rows of ``x`` faster than a bf16 GEMM's does, so a layer that
-also holds a dense copy of its weight (the tied output head, which shares the embedding table)
-switches to the GEMM above a row count measured once at load (``QuantLinear.calibrate``).
+The kernel's cost grows with the rows of ``x`` faster than a bf16 GEMM's does, so a linear that
+also holds a dense copy of its weight switches to the GEMM from a row count measured once at
+load: the tied output head shares the embedding table (``QuantLinear.calibrate``); the layers get
+copies of their own where the model can afford them (``make_dense_copy``, ``choose_dense_rows``;
+the policy is LlamaModel.choose_kernels'). Small steps keep reading the packed codes, big
+batches and prefill chunks run GEMMs.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ _PACK_ROWS = 1024  # rows packed at a time: a multiple of the packer's row block
 # a decode step here; a prefill chunk is compute-bound, where it would cost a quarter of the step.
 _EXACT_SCALES_MAX_ROWS = 64
 _CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64)
+# The layers' dense copies must beat the packed kernels by this much in the calibration pass: near
+# the break-even (8-16 rows on the default model) a pass with nothing between the matmuls favoured
+# the copies, while whole decode steps at 8 rows ran 25% slower with them.
+_DENSE_MARGIN = 0.8
 
 Part = torch.Tensor | AffineCodes
 
@@ -206,33 +213,51 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.dense: nn.Parameter | None = None
         self.dense_min_rows = math.inf  # inputs with at least this many rows use ``dense``
-        self._single = self._only_int4_segment()
-
-    def _only_int4_segment(self) -> Int4Planes | None:
-        """The one kernel call this linear is, when it is one and has no dense alternative."""
         only = self.segments[0] if len(self.segments) == 1 else None
-        return only if isinstance(only, Int4Planes) and self.dense is None else None
+        self._single = only if isinstance(only, Int4Planes) else None  # the one kernel call, if one
+        # What the weight was made of, until the model has chosen its kernels (make_dense_copy).
+        self._sources: list[Part] | None = list(parts)
 
     def use_dense_copy(self, weight: nn.Parameter) -> None:
         """Offer a dense copy of the whole weight (shared, e.g. the embedding table) for large M."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"dense copy of shape {tuple(weight.shape)} does not match this linear")
         self.dense = weight
-        self._single = self._only_int4_segment()
+
+    def make_dense_copy(self, dtype: torch.dtype) -> None:
+        """Decode the weight into a dense copy of its own in ``dtype`` (from the codes it was made of)."""
+        if self._sources is None:
+            raise RuntimeError("the packed sources of this linear were already released")
+        parts = [p.dequantize(dtype) if isinstance(p, AffineCodes) else p.to(dtype) for p in self._sources]
+        self.dense = nn.Parameter(torch.cat(parts) if len(parts) > 1 else parts[0], requires_grad=False)
+
+    def drop_dense_copy(self) -> None:
+        self.dense, self.dense_min_rows = None, math.inf
+
+    def release_sources(self) -> None:
+        self._sources = None
+
+    @property
+    def num_weights(self) -> int:
+        return self.out_features * self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._single is not None and x.dim() == 2:
+        if self._single is not None and x.dim() == 2 and x.shape[0] < self.dense_min_rows:
             # The decode step's common case, one packed segment: each op here costs a microsecond
             # or more a call, 120 calls a step.
             y = self._single(x.to(torch.bfloat16).contiguous()).to(x.dtype)
             return y if self.bias is None else y + self.bias
         flat = x.reshape(-1, self.in_features)
         if self.dense is not None and flat.shape[0] >= self.dense_min_rows:
-            y = F.linear(flat.to(self.dense.dtype), self.dense)
+            y = self._dense(flat)
         else:
             y = self._packed(flat)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def _dense(self, flat: torch.Tensor) -> torch.Tensor:
+        assert self.dense is not None
+        return F.linear(flat.to(self.dense.dtype), self.dense)
 
     def _packed(self, flat: torch.Tensor) -> torch.Tensor:
         xb = flat.to(torch.bfloat16).contiguous()
@@ -259,6 +284,30 @@ class QuantLinear(nn.Module):
                 self.dense_min_rows = rows[i - wins + 1]
                 break
         return self.dense_min_rows
+
+
+@torch.inference_mode()
+def choose_dense_rows(
+    linears: Sequence[QuantLinear], rows: Sequence[int] = _CALIBRATION_ROWS, repeats: int = 2
+) -> float:
+    """One row count from which every linear of ``linears`` (each with a dense copy) uses its copy:
+    the first where a pass over all of them through the dense copies beats one through the packed
+    kernels by ``_DENSE_MARGIN`` twice running (inf: never).
+
+    The passes time what a step does: every weight of the model read once, cold from memory,
+    where the packed kernel reads 0.56-1.1 bytes a weight and a bf16 copy 2. Timing one linear
+    on its own would time a warm cache, where the dense GEMM wins from one row on.
+    """
+    inputs = {n: {m: torch.randn(m, n) for m in rows} for n in {ql.in_features for ql in linears}}
+    wins = 0
+    for i, m in enumerate(rows):
+        packed = _best_ms(lambda m=m: [ql._packed(inputs[ql.in_features][m]) for ql in linears], repeats)
+        dense = _best_ms(lambda m=m: [ql._dense(inputs[ql.in_features][m]) for ql in linears], repeats)
+        log.debug("%d rows over %d linears: packed %.2f ms, dense %.2f ms", m, len(linears), packed, dense)
+        wins = wins + 1 if dense < _DENSE_MARGIN * packed else 0
+        if wins == 2 or (wins == 1 and i == len(rows) - 1):
+            return rows[i - wins + 1]
+    return math.inf
 
 
 def _best_ms(fn: Callable[[], object], repeats: int) -> float:
