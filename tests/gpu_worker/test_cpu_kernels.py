@@ -29,7 +29,16 @@ LENS = [1, 3, 4, 5, 31, 32, 33, 70]  # across block edges
         (9, 3, 64, torch.bfloat16),
     ],
 )
-def test_kernel_matches_sdpa(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("parallel", [True, False], ids=["prange", "serial"])
+def test_kernel_matches_sdpa(
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    parallel: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cpu_kernels, "_parallel", lambda: parallel)
     kv = pool(heads, kv_heads, head_dim, dtype, "cpu")
     tables = scattered_tables(LENS, kv.num_blocks)  # stale ids past each row's own blocks
     q = torch.randn(len(LENS), heads, head_dim, generator=torch.Generator().manual_seed(2))

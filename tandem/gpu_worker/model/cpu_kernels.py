@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import numpy as np
 import torch
@@ -130,6 +131,10 @@ def warm_up(cache_dtype: torch.dtype | None, threads: int) -> None:
     """
     import numba
 
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        # numba's own pool: its OpenMP layer would be a second OpenMP runtime beside torch's, each
+        # spinning while the other works; the kernels are called from the worker's one thread.
+        numba.config.THREADING_LAYER = "workqueue"
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     _parallel.cache_clear()
     heads, hkv, dim, bs = 2, 1, 8, 4
