@@ -24,6 +24,7 @@ from tandem.gpu_worker.model import cpu_kernels
 from tandem.gpu_worker.model.architectures import make_model
 from tandem.gpu_worker.model.attention import PagedKernel
 from tandem.gpu_worker.model.bert import BertModel
+from tandem.gpu_worker.model.layers import RMSNorm
 from tandem.gpu_worker.model.llama import LlamaModel
 from tandem.gpu_worker.model.quant_linear import cpu_has_bf16, int4_kernel_available
 from tandem.gpu_worker.model.triton_attention import triton_available
@@ -196,9 +197,11 @@ class ModelRunner:
         """Staging buffers, the decode kernel choice and, on a GPU, the captured decode graphs."""
         self._staging = StepStaging(self.device)
         self._paged_kernel = None if self.encoder else paged_kernel_for(self.device, self.kv.dtype)
-        if self.device.type == "cpu" and cpu_kernels.available():
-            cache = self.kv.dtype if self._paged_kernel is PagedKernel.NUMBA else None
-            cpu_kernels.warm_up(cache, torch.get_num_threads())
+        norms = any(isinstance(m, RMSNorm) for m in self.model.modules())  # an encoder has none
+        if self.device.type == "cpu" and (norms or self._paged_kernel is PagedKernel.NUMBA):
+            if cpu_kernels.available():
+                cache = self.kv.dtype if self._paged_kernel is PagedKernel.NUMBA else None
+                cpu_kernels.warm_up(cache, torch.get_num_threads())
         if self.device.type == "cuda" and self._paged_kernel is None:
             log.warning("triton is not installed: GPU decode attention runs the portable matmul path")
         if self.device.type == "cuda" and self.config.sliding_window is not None:

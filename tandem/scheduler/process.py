@@ -42,6 +42,7 @@ from tandem.validation import InvalidParameterError
 log = logging.getLogger(__name__)
 
 _CHECK_INTERVAL_S = 0.05  # how often the worker's health and progress are looked at
+_DOORBELL_WAIT_MS = 10  # between tries of a doorbell the worker's socket cannot take yet
 
 
 @dataclass
@@ -174,6 +175,22 @@ class SchedulerProcess:
             why = str(InvalidParameterError(e.field, e.reason)) if e.field else str(e)
             out.errors.append(RequestError(rid, ErrorCode.INVALID_REQUEST, why))
 
+    def _to_worker(self, data: bytes) -> bool:
+        """Send to the worker's doorbell socket; False (the worker lost and restarted) if it has
+        died or hung. A PUSH socket with no peer blocks its sender: a blocking send after the
+        worker's death, before the periodic check had seen it, hung the scheduler and every request
+        on it. It waits for a peer only until the worker connects (a fresh one) or is seen lost."""
+        assert self.worker is not None
+        while True:
+            try:
+                self.bells.send(data, zmq.NOBLOCK)
+                return True
+            except zmq.Again:
+                if self.worker.check() is not None or self.core.step_hung():
+                    self._check_worker()  # restarts it, failing or replaying what it held
+                    return False
+                self.bells.poll(_DOORBELL_WAIT_MS, zmq.POLLOUT)
+
     def _launch(self) -> bool:
         out = OutputBatch()
         t_prep = time.monotonic_ns()
@@ -181,10 +198,12 @@ class SchedulerProcess:
         t_packed = time.monotonic_ns()
         self._send(out)
         for msg in self.core.take_worker_msgs():  # grammars, ahead of the steps that use them
-            self.bells.send(encode(msg))
+            if not self._to_worker(encode(msg)):
+                return True
         if bell is None:
             return bool(out.errors)  # a dropped step: try the next one at once
-        self.bells.send(encode(bell))
+        if not self._to_worker(encode(bell)):
+            return True
         if self.tracer is not None:
             self.tracer.launched(self.core.inflight[-1].batch, t_prep, t_packed, time.monotonic_ns())
         log.debug("step %d sent: %d seqs, %d tokens", bell.step, bell.num_seqs, bell.num_tokens)

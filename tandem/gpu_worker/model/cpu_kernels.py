@@ -43,11 +43,21 @@ SUPPORTED_CACHE_DTYPES = (torch.float32, torch.bfloat16)
 def available() -> bool:
     """Whether numba imports here (it is a dependency; a broken install falls back to torch)."""
     try:
-        import numba  # noqa: F401
+        import numba
+        import numba.np.linalg
     except Exception as e:
         log.warning("numba is unavailable (%s): the CPU decode step runs torch ops only", e)
         return False
+    # numba's first compile (or cache load) checks for a BLAS by importing scipy.linalg, 0.4 s of
+    # every worker start where scipy is installed; these kernels call no BLAS, so the check is
+    # answered "none" (numba then refuses np.dot in kernels, which they never use).
+    if hasattr(numba.np.linalg, "ensure_blas"):
+        numba.np.linalg.ensure_blas = _no_blas
     return True
+
+
+def _no_blas() -> None:
+    raise ImportError("tandem's CPU kernels use no BLAS")
 
 
 def supports(cache_dtype: torch.dtype) -> bool:
