@@ -38,7 +38,7 @@ def test_kernel_matches_sdpa(
     parallel: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(cpu_kernels, "_parallel", lambda: parallel)
+    monkeypatch.setattr(cpu_kernels._Launch, "parallel", parallel)
     kv = pool(heads, kv_heads, head_dim, dtype, "cpu")
     tables = scattered_tables(LENS, kv.num_blocks)  # stale ids past each row's own blocks
     q = torch.randn(len(LENS), heads, head_dim, generator=torch.Generator().manual_seed(2))
@@ -122,3 +122,23 @@ def test_norms_of_other_dtypes_stay_with_torch() -> None:
     norm = RMSNorm(torch.ones(64, dtype=torch.bfloat16), 1e-6)
     assert not cpu_kernels.norm_applies(x, norm.weight)
     torch.testing.assert_close(norm(x), F.rms_norm(x, (64,), norm.weight, 1e-6))
+
+
+def test_warm_up_keeps_the_workers_thread_count() -> None:
+    """numba's OpenMP pool shares torch's runtime: starting it once set torch to 2 threads in a
+    one-thread worker. Checked in a fresh interpreter (the pool is per process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from tandem.gpu_worker.model import cpu_kernels\n"
+        "for n in (1, 2):\n"
+        "    torch.set_num_threads(n)\n"
+        "    torch.zeros(256, 256) @ torch.zeros(256, 256)\n"  # torch's OpenMP started, as in a worker
+        "    cpu_kernels.warm_up(torch.bfloat16, n)\n"
+        "    print(n, torch.get_num_threads(), cpu_kernels._Launch.parallel)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "1", "False", "2", "2", "True"], out.stdout

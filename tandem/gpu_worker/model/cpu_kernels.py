@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import numpy as np
 import torch
@@ -83,7 +82,7 @@ def decode_attention(
         raise TypeError(f"CPU decode attention takes fp32 queries and output, got {q.dtype}, {out.dtype}")
     from tandem.gpu_worker.model import numba_attention as k
 
-    (k.decode if _parallel() else k.decode_serial)(
+    (k.decode if _Launch.parallel else k.decode_serial)(
         q.numpy(),
         _as_numpy(kv_layer),
         rows,
@@ -95,12 +94,11 @@ def decode_attention(
     )
 
 
-@functools.cache
-def _parallel() -> bool:
-    """Whether the attention kernel spreads its tasks over numba's threads (set at warm-up)."""
-    import numba
+class _Launch:
+    """How the attention kernel runs its tasks: on the calling thread unless the worker has more
+    than one (``warm_up``); numba's thread pool is started only then."""
 
-    return numba.get_num_threads() > 1
+    parallel = False
 
 
 def norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -141,12 +139,13 @@ def warm_up(cache_dtype: torch.dtype | None, threads: int) -> None:
     """
     import numba
 
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        # numba's own pool: its OpenMP layer would be a second OpenMP runtime beside torch's, each
-        # spinning while the other works; the kernels are called from the worker's one thread.
-        numba.config.THREADING_LAYER = "workqueue"
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    _parallel.cache_clear()
+    _Launch.parallel = threads > 1
+    if _Launch.parallel:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        # numba's OpenMP layer shares torch's OpenMP runtime and sets its thread count to numba's
+        # whole pool when it starts (2 here), so a one-thread worker silently ran torch on both
+        # cores: torch's count is set again, and a one-thread worker never starts numba's pool.
+        torch.set_num_threads(threads)
     heads, hkv, dim, bs = 2, 1, 8, 4
     w = torch.ones(dim)
     for rows in (1, 2):
