@@ -17,8 +17,8 @@ residual add with it (two torch ops fewer again).
 
 ``python benchmarks/bench_cpu_kernels.py`` (default model's shapes, one thread, idle machine):
 attention over the 30 layers of a decode step, chunk path with an fp32 cache -> this kernel with
-a bf16 cache: batch 1 at context 128 2.6 -> 0.7 ms, batch 8 at 128 10.7 -> 6.0, batch 8 at 2048
-182 -> 100, batch 32 at 256 92 -> 48; rms_norm of one row of 576, 10.9 -> 6.8 us a call.
+a bf16 cache: batch 1 at context 128 1.8 -> 0.7 ms, batch 8 at 128 9.5 -> 5.8, batch 8 at 2048
+172 -> 81, batch 32 at 256 73 -> 45; rms_norm of one row of 576, 10.3 -> 6.4 us a call.
 
 Compiled on first use and cached on disk by numba (seconds, once per machine); the worker warms
 them at load (``warm_up``) so no request waits on the compiler.
