@@ -86,6 +86,13 @@ def estimate_bytes(model_path: str, kv_cache_memory: int) -> int:
     return weights + kv_cache_memory
 
 
+def resident_bytes(ready_info: dict[str, Any], estimate: int) -> int:
+    """What a loaded model holds: its worker's own plan (weights as loaded, dense copies of packed
+    layers included, and the KV pool) where that is more than the estimate made before loading."""
+    plan = ready_info.get("memory_plan") or {}
+    return max(estimate, int(plan.get("weights_bytes", 0)) + int(plan.get("kv_cache_bytes", 0)))
+
+
 @dataclass
 class Loaded:
     name: str
@@ -214,7 +221,8 @@ class ModelPool:
         return entry
 
     def _used(self) -> int:
-        return sum(m.estimate for m in self.loaded.values()) + sum(self._reserved.values())
+        held = sum(resident_bytes(m.gw.engine.ready_info, m.estimate) for m in self.loaded.values())
+        return held + sum(self._reserved.values())
 
     def _free(self) -> int:
         if self.memory_limit:
