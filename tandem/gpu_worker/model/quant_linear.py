@@ -273,16 +273,13 @@ class QuantLinear(nn.Module):
         if self.dense is None:
             return math.inf
         self.dense_min_rows = math.inf
-        wins = 0
-        for i, m in enumerate(rows):
+
+        def times(m: int) -> tuple[float, float]:
+            assert self.dense is not None
             x = torch.randn(m, self.in_features).to(self.dense.dtype)
-            packed = _best_ms(lambda x=x: self._packed(x), repeats)
-            dense = _best_ms(lambda x=x: F.linear(x, self.dense), repeats)
-            wins = wins + 1 if dense < packed else 0
-            log.debug("rows %d: packed %.2f ms, dense %.2f ms", m, packed, dense)
-            if wins == 2 or (wins == 1 and i == len(rows) - 1):
-                self.dense_min_rows = rows[i - wins + 1]
-                break
+            return _best_ms(lambda: self._packed(x), repeats), _best_ms(lambda: self._dense(x), repeats)
+
+        self.dense_min_rows = _first_dense_win(rows, times, margin=1.0)
         return self.dense_min_rows
 
 
@@ -299,12 +296,25 @@ def choose_dense_rows(
     on its own would time a warm cache, where the dense GEMM wins from one row on.
     """
     inputs = {n: {m: torch.randn(m, n) for m in rows} for n in {ql.in_features for ql in linears}}
+
+    def times(m: int) -> tuple[float, float]:
+        packed = _best_ms(lambda: [ql._packed(inputs[ql.in_features][m]) for ql in linears], repeats)
+        dense = _best_ms(lambda: [ql._dense(inputs[ql.in_features][m]) for ql in linears], repeats)
+        return packed, dense
+
+    return _first_dense_win(rows, times, margin=_DENSE_MARGIN)
+
+
+def _first_dense_win(
+    rows: Sequence[int], times: Callable[[int], tuple[float, float]], margin: float
+) -> float:
+    """The first row count from which the dense path, (packed ms, dense ms) = ``times(m)``, takes
+    less than ``margin`` times the packed one twice running (once, at the last count); inf: never."""
     wins = 0
     for i, m in enumerate(rows):
-        packed = _best_ms(lambda m=m: [ql._packed(inputs[ql.in_features][m]) for ql in linears], repeats)
-        dense = _best_ms(lambda m=m: [ql._dense(inputs[ql.in_features][m]) for ql in linears], repeats)
-        log.debug("%d rows over %d linears: packed %.2f ms, dense %.2f ms", m, len(linears), packed, dense)
-        wins = wins + 1 if dense < _DENSE_MARGIN * packed else 0
+        packed, dense = times(m)
+        log.debug("%d rows: packed %.2f ms, dense %.2f ms", m, packed, dense)
+        wins = wins + 1 if dense < margin * packed else 0
         if wins == 2 or (wins == 1 and i == len(rows) - 1):
             return rows[i - wins + 1]
     return math.inf
