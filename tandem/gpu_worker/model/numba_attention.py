@@ -100,6 +100,17 @@ def _exp_sum(row, n, top, scratch):
     return total
 
 
+@njit(fastmath=True, inline="always")
+def _next_block(src, tables, i, b, nblocks, bs, block):
+    """Block b of sequence i (keys or values) into the fp32 ``block``, the one after it hinted
+    into cache while this one is worked on."""
+    if b == 0:
+        _prefetch_block(src, tables[i, 0] * bs, bs)
+    if b + 1 < nblocks:
+        _prefetch_block(src, tables[i, b + 1] * bs, bs)
+    load_block(src, tables[i, b] * bs, bs, block)
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def decode(q, kv, rows, tables, lens, scale, bs, out):
     """``out[rows[i]]`` = attention of ``q[rows[i]]`` over sequence i's ``lens[i]`` cached keys,
@@ -136,11 +147,8 @@ def _attend(q, kv, rows, tables, lens, scale, bs, out, i, h):
             qs[g, d] = q[r, h * group + g, d] * scale
     keys = kv[0, h]
     values = kv[1, h]
-    _prefetch_block(keys, tables[i, 0] * bs, bs)
     for b in range(nblocks):
-        if b + 1 < nblocks:
-            _prefetch_block(keys, tables[i, b + 1] * bs, bs)
-        load_block(keys, tables[i, b] * bs, bs, block)
+        _next_block(keys, tables, i, b, nblocks, bs, block)
         for g in range(group):
             for t in range(bs):
                 s = np.float32(0.0)
@@ -157,11 +165,8 @@ def _attend(q, kv, rows, tables, lens, scale, bs, out, i, h):
             scores[g, t] *= inv
         for t in range(length, nblocks * bs):  # the last block's slots past the context
             scores[g, t] = 0.0
-    _prefetch_block(values, tables[i, 0] * bs, bs)
     for b in range(nblocks):
-        if b + 1 < nblocks:
-            _prefetch_block(values, tables[i, b + 1] * bs, bs)
-        load_block(values, tables[i, b] * bs, bs, block)
+        _next_block(values, tables, i, b, nblocks, bs, block)
         for t in range(bs):
             for g in range(group):
                 p = scores[g, b * bs + t]
