@@ -28,10 +28,8 @@ from tandem.bench.timing import median, ratio
 from tandem.formats.model_config import ModelConfig
 from tandem.gpu_worker.cuda_graphs import DecodeGraphs
 from tandem.gpu_worker.kv_cache import KVCache
-from tandem.gpu_worker.model import cpu_kernels
-from tandem.gpu_worker.model.attention import PagedKernel
 from tandem.gpu_worker.model.llama import LlamaModel
-from tandem.gpu_worker.runner import paged_kernel_for
+from tandem.gpu_worker.runner import paged_kernel_for, warm_cpu_kernels
 from tandem.gpu_worker.staging import StepStaging
 from tandem.gpu_worker.step_plan import plan_step, resolve_refs
 from tandem.messages import Doorbell
@@ -120,9 +118,7 @@ class DecodeBatch:
         self.tables = rng.permutation(batch * self.width).reshape(batch, self.width).astype(np.int32)
         self.staging = StepStaging(device)
         self.paged_kernel = paged_kernel_for(device, self.kv.dtype)
-        if device.type == "cpu" and cpu_kernels.available():
-            cache = self.kv.dtype if self.paged_kernel is PagedKernel.NUMBA else None
-            cpu_kernels.warm_up(cache, torch.get_num_threads())
+        warm_cpu_kernels(model, self.kv.dtype, self.paged_kernel, device)
         self.host = _Host(model, self.kv, torch.zeros(max(batch, 1), dtype=torch.long, device=device), device)
         self.graphs: DecodeGraphs | None = None
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from tandem.config import WorkerConfig
 from tandem.formats.loader import load_model_weights
@@ -78,6 +79,17 @@ def paged_kernel_for(device: torch.device, cache_dtype: torch.dtype) -> PagedKer
     if device.type == "cpu" and cpu_kernels.supports(cache_dtype):
         return PagedKernel.NUMBA
     return None
+
+
+def warm_cpu_kernels(
+    model: nn.Module, cache_dtype: torch.dtype, paged_kernel: PagedKernel | None, device: torch.device
+) -> None:
+    """Before the first step, the CPU kernels this model will call (norms, decode attention), at
+    the thread count set for it; an encoder calls none of them."""
+    attention = paged_kernel is PagedKernel.NUMBA
+    norms = any(isinstance(m, RMSNorm) for m in model.modules())
+    if device.type == "cpu" and (norms or attention) and cpu_kernels.available():
+        cpu_kernels.warm_up(cache_dtype if attention else None, torch.get_num_threads())
 
 
 def build_model(model_path: str, dtype_name: str, device: torch.device) -> LlamaModel | BertModel:
@@ -197,11 +209,7 @@ class ModelRunner:
         """Staging buffers, the decode kernel choice and, on a GPU, the captured decode graphs."""
         self._staging = StepStaging(self.device)
         self._paged_kernel = None if self.encoder else paged_kernel_for(self.device, self.kv.dtype)
-        norms = any(isinstance(m, RMSNorm) for m in self.model.modules())  # an encoder has none
-        if self.device.type == "cpu" and (norms or self._paged_kernel is PagedKernel.NUMBA):
-            if cpu_kernels.available():
-                cache = self.kv.dtype if self._paged_kernel is PagedKernel.NUMBA else None
-                cpu_kernels.warm_up(cache, torch.get_num_threads())
+        warm_cpu_kernels(self.model, self.kv.dtype, self._paged_kernel, self.device)
         if self.device.type == "cuda" and self._paged_kernel is None:
             log.warning("triton is not installed: GPU decode attention runs the portable matmul path")
         if self.device.type == "cuda" and self.config.sliding_window is not None:
