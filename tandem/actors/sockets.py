@@ -8,6 +8,12 @@ Why each option matters:
   scheduler that stalled 3-5 s was never answered; a peer whose receive queue is full stops answering
   heartbeats too), while the actor heartbeats already catch a hung peer, and fail its requests, and a
   dead one's socket closes with it.
+- RCVHWM 0 wherever heartbeats are on: libzmq (4.3.5 and earlier) aborts the whole process
+  (``Assertion failed: !_io_error (stream_engine_base.cpp)``) when a connection fails while its
+  receive queue is full and a heartbeat PING is then due (zeromq/libzmq#3937, #4767). A resumed
+  SIGSTOPped client met it in CI; any peer that floods a busy gateway and then disconnects meets it
+  on the server. An unbounded receive queue never stops reading, so that state cannot arise; what one
+  client may have in flight is bounded by the gateway (``max_inflight_per_client``) instead.
 - MAXMSGSIZE: bounds what an untrusted peer can make us allocate before msgpack sees it.
 - ROUTER_MANDATORY: a ROUTER otherwise drops replies to unknown or slow peers silently.
 - IMMEDIATE: queue only to completed connections, so a send to a peer that is gone fails (Again)
@@ -57,8 +63,16 @@ def make_socket(
 
     ``router_mandatory`` defaults to on for ROUTER sockets. ``max_msg_size`` should be set on every
     socket that receives from a peer we do not control (clients). ZMTP heartbeats only act on
-    stream transports (tcp, ipc); ``heartbeat_ivl_ms=None`` turns them off.
+    stream transports (tcp, ipc); ``heartbeat_ivl_ms=None`` turns them off. With heartbeats on the
+    receive queue is unbounded (see the module docstring), so a ``rcvhwm`` is refused.
     """
+    if heartbeat_ivl_ms is not None:
+        if rcvhwm not in (None, 0):
+            raise ValueError(
+                f"rcvhwm={rcvhwm} with ZMTP heartbeats: libzmq aborts the process when such a "
+                "connection fails with its receive queue full; leave rcvhwm unset"
+            )
+        rcvhwm = 0
     sock = ctx.socket(socket_type)
     try:
         sock.setsockopt(zmq.LINGER, linger_ms)

@@ -132,6 +132,8 @@ def ps(url: str | None, as_json: bool) -> None:
             )
             if isinstance(plan.get(key), int | float)
         ]
+        if plan.get("dense_copy_bytes") and parts:  # the part of the weights that is packed layers' copies
+            parts[0] += f" (dense copies {human_bytes(plan['dense_copy_bytes'])})"
         alive = "worker alive" if t.get("worker_alive") else "WORKER DOWN"
         planned = f", planned {human_bytes(t['planned_bytes'])}" if t.get("planned_bytes") else ""
         click.echo(

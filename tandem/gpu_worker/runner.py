@@ -190,7 +190,8 @@ class ModelRunner:
         return {
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch.") + ("+packed" * self.model.has_packed_weights),
-            "weights_bytes": self.weights_bytes,
+            "weights_bytes": self.weights_bytes,  # dense copies included: what the worker holds
+            "dense_copy_bytes": self.model.dense_copy_bytes,
             "kv_cache_bytes": self.kv.num_bytes,
             "kv_blocks": self.kv.num_blocks,
             "block_size": self.kv.block_size,

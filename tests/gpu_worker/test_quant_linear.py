@@ -244,3 +244,23 @@ def test_the_model_makes_layer_copies_only_within_the_budget(
         counts = {m.dense_min_rows for m in layer_linears}
         assert len(counts) == 1
         assert all((m.dense is None) == (counts == {math.inf}) for m in layer_linears)
+
+
+def test_the_layer_copies_count_in_the_weights_bytes(
+    tiny_files: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memory plan's weights are what the worker holds: packed codes plus any dense copies."""
+    from tandem.gpu_worker.model import llama
+    from tandem.gpu_worker.runner import build_model
+
+    path, cpu = str(tiny_files[T.Q4_0]), torch.device("cpu")
+    monkeypatch.setattr(llama, "DENSE_COPY_BUDGET", 0)
+    packed = build_model(path, "auto", cpu)
+    monkeypatch.setattr(llama, "DENSE_COPY_BUDGET", 1 << 30)
+    monkeypatch.setattr(llama, "choose_dense_rows", lambda linears: 4)  # the copies win from 4 rows
+    copied = build_model(path, "auto", cpu)
+    layer_linears = [m for m in copied.layers.modules() if isinstance(m, QuantLinear)]
+    elem = 2 if quant_linear.cpu_has_bf16() else 4
+    assert packed.dense_copy_bytes == 0
+    assert copied.dense_copy_bytes == sum(m.num_weights for m in layer_linears) * elem > 0
+    assert copied.weights_bytes == packed.weights_bytes + copied.dense_copy_bytes

@@ -271,7 +271,10 @@ def test_quantized_file_is_served_from_packed_weights(tmp_path: Path) -> None:
         finally:
             eng.close()
     assert plans["auto"]["dtype"].endswith("+packed") and plans["float32"]["dtype"] == "float32"
-    assert plans["auto"]["weights_bytes"] < plans["float32"]["weights_bytes"] / 3
+    # the packed weights; the layers' dense bf16 copies, when timing at load kept them, come on top
+    auto, f32 = plans["auto"], plans["float32"]
+    assert auto["weights_bytes"] - auto["dense_copy_bytes"] < f32["weights_bytes"] / 3
+    assert auto["weights_bytes"] < f32["weights_bytes"] and f32["dense_copy_bytes"] == 0
 
 
 def test_one_requests_bad_data_never_kills_the_scheduler(engine) -> None:

@@ -117,6 +117,8 @@ class BertModel(nn.Module):
     def has_packed_weights(self) -> bool:
         return False
 
+    dense_copy_bytes = 0  # its weights are dense as loaded
+
     @property
     def weights_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.parameters())

@@ -271,6 +271,15 @@ class LlamaModel(nn.Module):
                 m.release_sources()
 
     @property
+    def dense_copy_bytes(self) -> int:
+        """The part of `weights_bytes` that is the layers' dense copies of packed weights."""
+        return sum(
+            m.dense.untyped_storage().nbytes()
+            for m in self.layers.modules()
+            if isinstance(m, QuantLinear) and m.dense is not None
+        )
+
+    @property
     def weights_bytes(self) -> int:
         """Bytes of every parameter and buffer of the weights, storage shared between them once."""
         seen: dict[int, int] = {}
