@@ -55,9 +55,7 @@ print("survived", flush=True)
 
 @pytest.mark.parametrize("receiver", ["ROUTER", "DEALER"])
 def test_a_flooded_heartbeating_socket_survives_its_peer_leaving(receiver: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, receiver], capture_output=True, text=True, timeout=60
-    )
+    done = subprocess.run([sys.executable, "-c", CHILD, receiver], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "survived" in done.stdout, (
         f"the process died (rc {done.returncode}): {done.stderr[-500:]}"
     )
