@@ -295,7 +295,9 @@ def test_owner_exit_without_stop_stops_actor(rdir: Path, tmp_path: Path) -> None
     )
     assert out.returncode == 0, out.stderr
     assert not running(int(out.stdout))
-    assert marker.read_text() == "cleaned:Stop message: owner exiting"
+    # The owner's exit gives the Stop message 1.2 s before SIGTERM; on a loaded machine the actor
+    # can take longer to wind down, and the signal's cleanups then run instead: either way it ran them.
+    assert marker.read_text() in ("cleaned:Stop message: owner exiting", "cleaned:SIGTERM")
     assert list(rdir.iterdir()) == []
 
 
