@@ -6,6 +6,8 @@
 Attention: one decode step's attention over every layer (blocks scattered through the pool),
 the portable chunk path (gather + batched matmuls, fp32 cache) against the paged kernel with an
 fp32 and a bf16 cache. RMSNorm: one call on fp32 rows, torch's rms_norm against the kernel.
+Rope and the cache write: one layer's, torch's ops (fused.rotate_half_, attention.write_kv) against
+the kernel, into a bf16 cache.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch.nn.functional as F
 
 from tandem.gpu_worker.kv_cache import KVCache
 from tandem.gpu_worker.model import cpu_kernels
-from tandem.gpu_worker.model.attention import AttentionMetadata, PagedKernel, paged_attention
+from tandem.gpu_worker.model.attention import AttentionMetadata, PagedKernel, paged_attention, write_kv
+from tandem.gpu_worker.model.fused import rotate_half_
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, BLOCK, HIDDEN = 9, 3, 64, 30, 16, 576  # SmolLM2-135M
 
@@ -75,6 +78,27 @@ def norm_us(rows: int, repeats: int) -> dict[str, float]:
     return {"torch": torch_us, "kernel": kernel_us}
 
 
+def rope_us(rows: int, repeats: int) -> dict[str, float]:
+    q_size, kv_size = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+    qkv = torch.randn(rows, q_size + 2 * kv_size)
+    cos, sin = torch.randn(rows, HEAD_DIM // 2), torch.randn(rows, HEAD_DIM // 2)
+    kv = torch.zeros(2, KV_HEADS, 64 * BLOCK, HEAD_DIM, dtype=torch.bfloat16)
+    slots = torch.randperm(64 * BLOCK)[:rows]
+    calls = 1000
+
+    def torch_ops() -> None:
+        for _ in range(calls):
+            rotate_half_(qkv[:, : q_size + kv_size].unflatten(1, (-1, HEAD_DIM)), cos, sin)
+            write_kv(kv, qkv[:, q_size:].unflatten(1, (-1, HEAD_DIM)), slots)
+
+    def kernel() -> None:
+        for _ in range(calls):
+            cpu_kernels.rope_and_store(qkv, q_size, cos, sin, kv, slots)
+
+    runs = (("torch", torch_ops), ("kernel", kernel))
+    return {name: best_ms(fn, repeats) * 1000 / calls for name, fn in runs}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
@@ -97,6 +121,10 @@ def main() -> None:
         gain = us["torch"] / us["kernel"]
         cells = f"torch {us['torch']:.1f} us, kernel {us['kernel']:.1f} us"
         print(f"rms_norm of {rows} x {HIDDEN}: {cells} ({gain:.1f}x)")
+    for rows in (1, 8):
+        us = rope_us(rows, args.repeats)
+        cells = f"torch {us['torch']:.1f} us, kernel {us['kernel']:.1f} us"
+        print(f"rope + cache write of {rows} row(s), one layer: {cells} ({us['torch'] / us['kernel']:.1f}x)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The CPU's numba kernels: paged decode attention against SDPA, inside mixed steps and in the
-worker; RMSNorm (and its residual add) against torch's."""
+worker; RMSNorm (and its residual add), rope with the KV-cache write, against torch's ops."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from triton_cases import BLOCK, pool, scattered_tables, sdpa_reference
 
 from tandem.gpu_worker.model import cpu_kernels
-from tandem.gpu_worker.model.attention import AttentionMetadata, PagedKernel, paged_attention
-from tandem.gpu_worker.model.fused import add_rms_norm_
+from tandem.gpu_worker.model.attention import AttentionMetadata, PagedKernel, paged_attention, write_kv
+from tandem.gpu_worker.model.fused import add_rms_norm_, rotate_half_
 from tandem.gpu_worker.model.layers import RMSNorm
 
 LENS = [1, 3, 4, 5, 31, 32, 33, 70]  # across block edges
@@ -142,3 +142,43 @@ def test_warm_up_keeps_the_workers_thread_count() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["1", "1", "False", "2", "2", "True"], out.stdout
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("rows", "pad"), [(1, 0), (5, 0), (3, 16)], ids=["one", "rows", "padded-view"])
+def test_rope_and_store_matches_torch(cache_dtype: torch.dtype, rows: int, pad: int) -> None:
+    """Rotated q and k within an ulp of torch's rotation; the cache holds k and v as torch would
+    convert them (compared on the kernel's own rotated values, since an ulp can flip a rounding)."""
+    heads, kv_heads, dim = 9, 3, 64
+    width = (heads + 2 * kv_heads) * dim
+    torch.manual_seed(0)
+    qkv = (torch.randn(rows, width + pad) * 10)[:, :width]
+    cos, sin = torch.randn(rows, dim // 2), torch.randn(rows, dim // 2)
+    slots = torch.randperm(40)[:rows]
+    want = qkv.clone()
+    rotate_half_(want[:, : (heads + kv_heads) * dim].unflatten(1, (-1, dim)), cos, sin)
+    kv = torch.zeros(2, kv_heads, 40, dim, dtype=cache_dtype)
+    assert cpu_kernels.rope_applies(qkv, kv)
+    cpu_kernels.rope_and_store(qkv, heads * dim, cos, sin, kv, slots)
+    torch.testing.assert_close(qkv, want, rtol=1e-6, atol=1e-5)
+    expected = torch.zeros_like(kv)
+    write_kv(expected, qkv[:, heads * dim :].unflatten(1, (-1, dim)), slots)
+    assert torch.equal(kv.view(torch.int16), expected.view(torch.int16))
+    assert not kv.view(torch.int16)[:, :, [s for s in range(40) if s not in slots.tolist()]].any()
+
+
+def test_the_cache_write_rounds_bf16_as_torch_does() -> None:
+    """Round to nearest even over fp32's range, infinities and the largest finite values included;
+    a NaN stays a NaN. The values ride in v, which rope leaves alone."""
+    dim = 1024
+    x = torch.randn(2 * dim, generator=torch.Generator().manual_seed(1)) * torch.logspace(-40, 38, 2 * dim)
+    x[:6] = torch.tensor([float("inf"), -float("inf"), 3.4e38, -3.4e38, 1.0 + 2**-8, 1.0 + 3 * 2**-8])
+    x[6] = float("nan")
+    qkv = torch.cat([torch.zeros(2 * dim), x]).view(1, -1)[:, : 3 * dim]  # q, k (zeros), then v
+    kv = torch.zeros(2, 1, 4, dim, dtype=torch.bfloat16)
+    no_turn = torch.ones(1, dim // 2), torch.zeros(1, dim // 2)
+    cpu_kernels.rope_and_store(qkv, dim, *no_turn, kv, torch.tensor([2]))
+    got, want = kv[1, 0, 2].float(), x[:dim].to(torch.bfloat16).float()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert got.isnan().sum() == 1 and got.isinf().sum() == want.isinf().sum() >= 2
+    assert not kv[0].any()  # k was zeros

@@ -15,6 +15,11 @@ heads (GQA) against each block while it is in cache, prefetching the next block:
 61 calls a step on the default model; the kernel is one call, and the pre-MLP norm takes the
 residual add with it (two torch ops fewer again).
 
+**Rope and the KV-cache write.** Rotating q and k in the fused QKV output and copying k and v into
+the cache took a dozen torch ops a layer (slices, four in-place multiplies, a temporary, a dtype
+conversion, an indexed copy); the kernel is one call. It rounds to bf16 as torch does (to nearest
+even), so the cache holds what the torch ops would have written.
+
 ``python benchmarks/bench_cpu_kernels.py`` (default model's shapes, one thread, idle machine):
 attention over the 30 layers of a decode step, chunk path with an fp32 cache -> this kernel with
 a bf16 cache: batch 1 at context 128 1.8 -> 0.7 ms, batch 8 at 128 9.5 -> 5.8, batch 8 at 2048
@@ -94,6 +99,34 @@ def decode_attention(
     )
 
 
+def rope_applies(qkv: torch.Tensor, kv_layer: torch.Tensor) -> bool:
+    """Whether ``rope_and_store`` takes these: fp32 rows on the CPU, a cache the kernel writes."""
+    return (
+        qkv.device.type == "cpu"
+        and qkv.dtype == torch.float32
+        and qkv.dim() == 2
+        and qkv.stride(1) == 1
+        and kv_layer.dtype in SUPPORTED_CACHE_DTYPES
+        and kv_layer.is_contiguous()
+        and available()
+    )
+
+
+def rope_and_store(
+    qkv: torch.Tensor,  # (T, q + 2 kv) fp32: the fused projection's output, rows contiguous
+    q_size: int,
+    cos: torch.Tensor,  # (T, D/2) fp32
+    sin: torch.Tensor,
+    kv_layer: torch.Tensor,  # (2, Hkv, slots, D) fp32 or bf16
+    slot_mapping: torch.Tensor,  # (T,) int64
+) -> None:
+    """Rope of the q and k heads in place, then k and v into the cache: one call for what took a
+    dozen torch ops a layer (fused.rotate_half_ and attention.write_kv)."""
+    from tandem.gpu_worker.model.numba_rope import rope_store
+
+    rope_store(qkv.numpy(), q_size, cos.numpy(), sin.numpy(), _as_numpy(kv_layer), slot_mapping.numpy())
+
+
 class _Launch:
     """How the attention kernel runs its tasks: on the calling thread unless the worker has more
     than one (``warm_up``); numba's thread pool is started only then."""
@@ -157,6 +190,11 @@ def warm_up(cache_dtype: torch.dtype | None, threads: int) -> None:
         rms_norm(wide.view(rows, -1)[:, :dim], w, 1e-5)
         if cache_dtype is not None:
             kv = torch.zeros(2, hkv, 2 * bs, dim, dtype=cache_dtype)
+            slots = torch.arange(rows)
+            cos = sin = torch.ones(rows, dim // 2)
+            width = (heads + 2 * hkv) * dim  # a fused QKV output, alone or a view into a padded one
+            for qkv in (torch.ones(rows, width), torch.ones(rows, width + 16)[:, :width]):
+                rope_and_store(qkv, heads * dim, cos, sin, kv, slots)
             tables = torch.zeros(rows, 1, dtype=torch.int32)
             lens = torch.ones(rows, dtype=torch.int32)
             decode_attention(q, kv, np.arange(rows), tables, lens, bs, 1.0, torch.empty(rows, heads, dim))

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tandem.gpu_worker.model import cpu_kernels
+from tandem.gpu_worker.model.attention import write_kv
 
 
 def rotate_half_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -28,6 +29,24 @@ def rotate_half_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     x1.mul_(c).sub_(t)
     if xf is not x:
         x.copy_(xf)
+
+
+def rope_and_store(
+    qkv: torch.Tensor,
+    q_size: int,
+    head_dim: int,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    kv_layer: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Rotate the q and k heads of the fused QKV output `qkv` (T, q + 2 kv) in place, then write
+    its k and v heads to the cache at `slot_mapping`: one kernel on the CPU."""
+    if cpu_kernels.rope_applies(qkv, kv_layer):
+        cpu_kernels.rope_and_store(qkv, q_size, *rope, kv_layer, slot_mapping)
+        return
+    kv_size = (qkv.shape[1] - q_size) // 2
+    rotate_half_(qkv[:, : q_size + kv_size].unflatten(1, (-1, head_dim)), *rope)
+    write_kv(kv_layer, qkv[:, q_size:].unflatten(1, (-1, head_dim)), slot_mapping)
 
 
 def add_rms_norm_(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -16,8 +16,8 @@ from tandem.errors import UnsupportedModelError
 from tandem.formats.gguf_packed import AffineCodes
 from tandem.formats.model_config import ModelConfig
 from tandem.gpu_worker.kv_cache import KVCache, available_host_memory
-from tandem.gpu_worker.model.attention import AttentionMetadata, paged_attention, write_kv
-from tandem.gpu_worker.model.fused import add_rms_norm_, rotate_half_
+from tandem.gpu_worker.model.attention import AttentionMetadata, paged_attention
+from tandem.gpu_worker.model.fused import add_rms_norm_, rope_and_store
 from tandem.gpu_worker.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
 from tandem.gpu_worker.model.quant_linear import QuantLinear, choose_dense_rows, cpu_has_bf16, make_linear
 
@@ -89,9 +89,8 @@ class Attention(nn.Module):
             q.copy_(self.q_norm(q))
             k.copy_(self.k_norm(k))
         # q and k rotated together, in place in the fused output; then k and v go to the cache
-        # in one indexed copy, straight from the same buffer.
-        rotate_half_(qkv[:, : self.q_size + self.kv_size].unflatten(1, (-1, self.head_dim)), *rope)
-        write_kv(kv.layers[layer], qkv[:, self.q_size :].unflatten(1, (-1, self.head_dim)), meta.slot_mapping)
+        # straight from the same buffer.
+        rope_and_store(qkv, self.q_size, self.head_dim, rope, kv.layers[layer], meta.slot_mapping)
         q = qkv[:, : self.q_size].unflatten(1, (self.num_heads, self.head_dim))
         if x.device.type == "cpu" and x.dtype != torch.float32:
             # CPU attention in bf16 ran 6-8x slower than in fp32 for decode here (1.2x for a prefill),
