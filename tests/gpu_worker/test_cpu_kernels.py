@@ -182,3 +182,15 @@ def test_the_cache_write_rounds_bf16_as_torch_does() -> None:
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     assert got.isnan().sum() == 1 and got.isinf().sum() == want.isinf().sum() >= 2
     assert not kv[0].any()  # k was zeros
+
+
+@pytest.mark.parametrize("slot", [-1, 40])
+def test_rope_and_store_refuses_a_slot_outside_the_pool(slot: int) -> None:
+    """torch's indexed copy raised on such a slot; the kernel must not write past the pool either
+    (numba does not check indices), and it refuses before touching the rows or the cache."""
+    qkv = torch.randn(2, 5 * 8)
+    kv = torch.zeros(2, 2, 40, 8, dtype=torch.bfloat16)
+    before = qkv.clone()
+    with pytest.raises(IndexError, match="outside the cache pool"):
+        cpu_kernels.rope_and_store(qkv, 8, torch.randn(2, 4), torch.randn(2, 4), kv, torch.tensor([3, slot]))
+    assert torch.equal(qkv, before) and not kv.view(torch.int16).any()

@@ -51,6 +51,9 @@ def rope_store(qkv, q_size, cos, sin, kv, slots):
     kv_size = hkv * head_dim
     half = head_dim // 2
     rotated = (q_size + kv_size) // head_dim
+    for t in range(qkv.shape[0]):  # before any write: an index out of the pool must not land anywhere
+        if slots[t] < 0 or slots[t] >= kv.shape[2]:
+            raise IndexError("a KV slot outside the cache pool")
     kv_rows = np.empty((2, hkv, head_dim), dtype=np.float32)
     for t in range(qkv.shape[0]):
         for j in range(rotated):
