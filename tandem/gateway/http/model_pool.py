@@ -86,11 +86,16 @@ def estimate_bytes(model_path: str, kv_cache_memory: int) -> int:
     return weights + kv_cache_memory
 
 
+def plan_bytes(plan: dict[str, Any]) -> int:
+    """What a worker's memory plan holds: weights as loaded (dense copies of packed layers
+    included) and the KV pool; 0 for a plan not yet known."""
+    return int(plan.get("weights_bytes", 0)) + int(plan.get("kv_cache_bytes", 0))
+
+
 def resident_bytes(ready_info: dict[str, Any], estimate: int) -> int:
-    """What a loaded model holds: its worker's own plan (weights as loaded, dense copies of packed
-    layers included, and the KV pool) where that is more than the estimate made before loading."""
-    plan = ready_info.get("memory_plan") or {}
-    return max(estimate, int(plan.get("weights_bytes", 0)) + int(plan.get("kv_cache_bytes", 0)))
+    """What a loaded model holds: its worker's own plan where that is more than the estimate made
+    before loading."""
+    return max(estimate, plan_bytes(ready_info.get("memory_plan") or {}))
 
 
 @dataclass

@@ -33,7 +33,7 @@ from tandem.errors import (
 from tandem.formats.model_config import pooling_type_embeds
 from tandem.gateway.http.errors import ApiError
 from tandem.gateway.http.formats import JSONResponse, ndjson, rfc3339
-from tandem.gateway.http.model_pool import Loaded
+from tandem.gateway.http.model_pool import Loaded, plan_bytes
 from tandem.gateway.http.params import get_bool, read_json
 from tandem.gateway.http.state import Gateway, check_name, gateway_of, model_capabilities
 from tandem.gateway.http.store_calls import StoreTimeout
@@ -232,7 +232,7 @@ async def _ps_entry(root: Gateway, m: Loaded) -> dict[str, Any]:
 
     ref, info = await _store_read(root, "reading the loaded model", read)
     plan = stats.memory_plan if stats else gw.engine.ready_info.get("memory_plan", {})
-    size = int(plan.get("weights_bytes", 0)) + int(plan.get("kv_cache_bytes", 0)) or ref.size_bytes
+    size = plan_bytes(plan) or ref.size_bytes
     on_gpu = str(plan.get("device", cfg.device)).startswith("cuda")
     expires = _NEVER if m.resident or m.expires_at is None else datetime.fromtimestamp(m.expires_at, UTC)
     tandem = {
