@@ -33,37 +33,38 @@ def prefetch(typingctx, arr, index):
     return types.void(arr, types.intp), codegen
 
 
-def load_block(src, base, bs, dst):
-    """Rows ``base .. base + bs`` of ``src`` into the fp32 ``dst`` (numba picks the overload)."""
+@intrinsic
+def _bf16_bits_to_f32(typingctx, bits):
+    """The fp32 whose upper half is these 16 bits (a bf16, exactly; signed or not, the bits are
+    zero-extended), as one shift and bitcast: numba has no scalar bitcast, and converting a block
+    into an fp32 scratch first cost a store and a load an element."""
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+def as_f32(x):
+    """A cache element as fp32: bf16 stored as its raw 16 bits, or fp32 (numba picks the overload)."""
     raise NotImplementedError("numba-only")
 
 
-@overload(load_block, inline="always")
-def _load_block(src, base, bs, dst):
-    if src.dtype.bitwidth == 16:  # bf16 read as int16: its bits are the top half of an fp32
-
-        def bf16(src, base, bs, dst):
-            bits = dst.view(np.uint32)
-            for t in range(bs):
-                for d in range(dst.shape[1]):
-                    bits[t, d] = np.uint32(np.uint16(src[base + t, d])) << 16
-
-        return bf16
-
-    def f32(src, base, bs, dst):
-        for t in range(bs):
-            for d in range(dst.shape[1]):
-                dst[t, d] = src[base + t, d]
-
-    return f32
+@overload(as_f32, inline="always")
+def _as_f32(x):
+    if isinstance(x, types.Integer) and x.bitwidth == 16:
+        return lambda x: _bf16_bits_to_f32(x)
+    return lambda x: x
 
 
 @njit(fastmath=True, inline="always")
-def _prefetch_block(src, base, bs):
+def _prefetch_row(src, row):
     step = 64 // src.itemsize  # one hint a cache line
     d = src.shape[1]
-    for e in range(0, bs * d, step):
-        prefetch(src, base * d + e)
+    for e in range(0, d, step):
+        prefetch(src, row * d + e)
 
 
 # 2^f on [0, 1), degree 6, fitted to relative error (1e-7 evaluated in fp32: fp32's own epsilon).
@@ -100,17 +101,6 @@ def _exp_sum(row, n, top, scratch):
     return total
 
 
-@njit(fastmath=True, inline="always")
-def _next_block(src, tables, i, b, nblocks, bs, block):
-    """Block b of sequence i (keys or values) into the fp32 ``block``, the one after it hinted
-    into cache while this one is worked on."""
-    if b == 0:
-        _prefetch_block(src, tables[i, 0] * bs, bs)
-    if b + 1 < nblocks:
-        _prefetch_block(src, tables[i, b + 1] * bs, bs)
-    load_block(src, tables[i, b] * bs, bs, block)
-
-
 @njit(parallel=True, fastmath=True, cache=True)
 def decode(q, kv, rows, tables, lens, scale, bs, out):
     """``out[rows[i]]`` = attention of ``q[rows[i]]`` over sequence i's ``lens[i]`` cached keys,
@@ -140,20 +130,26 @@ def _attend(q, kv, rows, tables, lens, scale, bs, out, i, h):
     scores = np.empty((group, nblocks * bs), dtype=np.float32)
     scratch = np.empty(nblocks * bs, dtype=np.float32)
     qs = np.empty((group, dim), dtype=np.float32)
-    block = np.empty((bs, dim), dtype=np.float32)
     acc = np.zeros((group, dim), dtype=np.float32)
     for g in range(group):
         for d in range(dim):
             qs[g, d] = q[r, h * group + g, d] * scale
     keys = kv[0, h]
     values = kv[1, h]
+    for t in range(bs):
+        _prefetch_row(keys, tables[i, 0] * bs + t)
     for b in range(nblocks):
-        _next_block(keys, tables, i, b, nblocks, bs, block)
+        # Elements are read through a slice: an index ``base + t`` could be negative to numba,
+        # whose wraparound check then kept the loops from vectorizing.
+        block = keys[tables[i, b] * bs : (tables[i, b] + 1) * bs]
+        ahead = tables[i, b + 1 if b + 1 < nblocks else b] * bs
+        for t in range(bs):  # the next block hinted into cache a row at a time, spread over this one's work
+            _prefetch_row(keys, ahead + t)
         for g in range(group):
             for t in range(bs):
                 s = np.float32(0.0)
                 for d in range(dim):
-                    s += qs[g, d] * block[t, d]
+                    s += qs[g, d] * as_f32(block[t, d])
                 scores[g, b * bs + t] = s
     for g in range(group):
         top = np.float32(-np.inf)
@@ -165,13 +161,17 @@ def _attend(q, kv, rows, tables, lens, scale, bs, out, i, h):
             scores[g, t] *= inv
         for t in range(length, nblocks * bs):  # the last block's slots past the context
             scores[g, t] = 0.0
+    for t in range(bs):
+        _prefetch_row(values, tables[i, 0] * bs + t)
     for b in range(nblocks):
-        _next_block(values, tables, i, b, nblocks, bs, block)
+        block = values[tables[i, b] * bs : (tables[i, b] + 1) * bs]
+        ahead = tables[i, b + 1 if b + 1 < nblocks else b] * bs
         for t in range(bs):
+            _prefetch_row(values, ahead + t)
             for g in range(group):
                 p = scores[g, b * bs + t]
                 for d in range(dim):
-                    acc[g, d] += p * block[t, d]
+                    acc[g, d] += p * as_f32(block[t, d])
     for g in range(group):
         for d in range(dim):
             out[r, h * group + g, d] = acc[g, d]
