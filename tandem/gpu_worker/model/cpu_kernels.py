@@ -20,6 +20,12 @@ the cache took a dozen torch ops a layer (slices, four in-place multiplies, a te
 conversion, an indexed copy); the kernel is one call. It rounds to bf16 as torch does (to nearest
 even), so the cache holds what the torch ops would have written.
 
+**Packed int4 matmul.** torch's int4 kernel takes bf16 activations and bf16 (scale, zero) pairs,
+and the pairs' rounding was the largest part of the packed path's error, which a second call
+repaired for the attention projections at twice the cost. ``int4_matmul`` reads torch's own pack
+(no second copy of the codes) with fp32 activations and fp32 pairs, so it is exact to fp32
+rounding, and it was faster than torch's kernel alone at every row count measured (1-32 rows).
+
 ``python benchmarks/bench_cpu_kernels.py`` (default model's shapes, one thread, idle machine):
 attention over the 30 layers of a decode step, chunk path with an fp32 cache -> this kernel with
 a bf16 cache: batch 1 at context 128 1.8 -> 0.7 ms, batch 8 at 128 9.5 -> 5.8, batch 8 at 2048
@@ -127,6 +133,42 @@ def rope_and_store(
     rope_store(qkv.numpy(), q_size, cos.numpy(), sin.numpy(), _as_numpy(kv_layer), slot_mapping.numpy())
 
 
+@functools.cache
+def int4_pack_is_blocked() -> bool:
+    """Whether torch packs int4 weights here as ``numba_int4`` reads them: (N/64, K, 32) bytes, byte
+    j of (block b, column k) row 64b + j's code (low nibble) and row 64b + 32 + j's (high). The
+    layout is torch's and may differ by build or CPU, so it is checked once on a probe."""
+    if not available() or not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+        return False
+    n, k = 128, 64
+    codes = torch.randint(0, 16, (n, k), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    if packed.dtype != torch.uint8 or packed.numel() != n * k // 2:
+        return False
+    blocks = codes.view(n // 64, 2, 32, k).permute(0, 3, 1, 2)  # (b, k, half, j)
+    expected = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).to(torch.uint8)
+    return torch.equal(packed.view(n // 64, k, 32), expected)
+
+
+def int4_matmul_applies(padded_rows: int) -> bool:
+    """Whether ``int4_matmul`` takes a weight of this many (padded) output rows."""
+    return padded_rows % 64 == 0 and int4_pack_is_blocked()
+
+
+def int4_matmul(packed: torch.Tensor, x: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` in fp32 over torch's int4 pack of W (see numba_int4) with fp16 or fp32 (scale,
+    offset) pairs ``pairs`` (N/64, G, 2, 64); ``x`` (M, K) fp32. Returns (M, N) fp32."""
+    from tandem.gpu_worker.model import numba_int4 as k
+
+    blocks = pairs.shape[0]
+    width = x.shape[1]
+    out = torch.empty(x.shape[0], blocks * 64)
+    kernel = k.matmul_parallel if _Launch.parallel else k.matmul
+    pairs = pairs.view(torch.int16) if pairs.dtype == torch.float16 else pairs  # numba has no fp16
+    kernel(packed.numpy().reshape(blocks, width, 32), x.numpy(), pairs.numpy(), out.numpy())
+    return out
+
+
 class _Launch:
     """How the attention kernel runs its tasks: on the calling thread unless the worker has more
     than one (``warm_up``); numba's thread pool is started only then."""
@@ -179,6 +221,10 @@ def warm_up(cache_dtype: torch.dtype | None, threads: int) -> None:
         # whole pool when it starts (2 here), so a one-thread worker silently ran torch on both
         # cores: torch's count is set again, and a one-thread worker never starts numba's pool.
         torch.set_num_threads(threads)
+    if int4_pack_is_blocked():
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.zeros(64, 32, dtype=torch.int32), 1)
+        for dtype in (torch.float16, torch.float32):  # the pairs' two dtypes
+            int4_matmul(packed, torch.ones(1, 32), torch.zeros(1, 1, 2, 64, dtype=dtype))
     heads, hkv, dim, bs = 2, 1, 8, 4
     w = torch.ones(dim)
     for rows in (1, 2):

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.formats.gguf_packed import GROUP, AffineCodes
+from tandem.gpu_worker.model import cpu_kernels
 from tandem.gpu_worker.model.layers import Linear
 
 log = logging.getLogger(__name__)
@@ -109,9 +110,17 @@ class Int4Planes(nn.Module):
         self.out_features, self.in_features = (int(s) for s in codes.shape)
         pad = -self.out_features % _N_ALIGN
         self.register_buffer("packed", self._pack_codes(codes, pad), persistent=False)
+        exact = None
+        if cpu_kernels.int4_matmul_applies(self.out_features + pad):
+            exact = self._exact_pairs(scale, offset, pad)
+        # The exact kernel's pairs, or torch's bf16 ones (made from the exact pairs on demand for
+        # inputs too big for that kernel, so a weight keeps one set of scales).
+        self.register_buffer("exact_pairs", exact, persistent=False)
         sz = self._scales_zeros(scale, offset)
-        residual = self._targets(scale, offset) - sz.float() if exact_scales else None
-        self.register_buffer("scales_zeros", _pad_pairs(sz, pad), persistent=False)
+        bf16_pairs = None if exact is not None else _pad_pairs(sz, pad)
+        self.register_buffer("scales_zeros", bf16_pairs, persistent=False)
+        # Without the exact kernel, the layers asked for it get the second torch call instead.
+        residual = self._targets(scale, offset) - sz.float() if exact_scales and exact is None else None
         self.register_buffer(
             "residual_scales_zeros",
             None if residual is None else _pad_pairs(residual.to(torch.bfloat16), pad),
@@ -148,12 +157,36 @@ class Int4Planes(nn.Module):
         # multiples of the scale (bf16 then rounds the scale alone; 16 s is exact too).
         return self._pairs(s, 8 * s + offset.t()).to(torch.bfloat16)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (M, K) bf16, contiguous
-        if self.planes == 2:
-            x = torch.cat([x, x], dim=1)
-        y = self._mm(x, self.scales_zeros)
-        if self.residual_scales_zeros is not None and x.shape[0] <= _EXACT_SCALES_MAX_ROWS:
-            y = y.float().add_(self._mm(x, self.residual_scales_zeros))
+    def _exact_pairs(self, scale: torch.Tensor, offset: torch.Tensor, pad: int) -> torch.Tensor:
+        """(scale, offset) of ``w = code * scale + offset`` in the exact kernel's block order
+        (N/64, G, 2, 64), in fp16 where that holds them exactly (the file's own scales are fp16 in
+        Q4_0, Q4_1, Q5_x and Q8_0), else fp32; padded rows get zeros, so they output 0."""
+        pairs = F.pad(torch.stack([scale.t(), offset.t()], dim=1).float(), (0, pad))  # (G, 2, N + pad)
+        if torch.equal(pairs.half().float(), pairs):
+            pairs = pairs.half()
+        return pairs.unflatten(2, (-1, 64)).permute(2, 0, 1, 3).contiguous()
+
+    def _bf16_pairs(self) -> torch.Tensor:
+        """torch's kernel's (scale, zero) pairs, from the exact pairs when this linear has them."""
+        if self.scales_zeros is not None:
+            return self.scales_zeros
+        s, o = self.exact_pairs.float().permute(1, 2, 0, 3).flatten(2).unbind(1)  # (G, N + pad) each
+        s = s.to(torch.bfloat16).float()  # the zero from the rounded scale, as _scales_zeros does
+        return self._pairs(s, 8 * s + o).to(torch.bfloat16).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (M, K) float
+        if self.exact_pairs is not None and x.shape[0] <= _EXACT_SCALES_MAX_ROWS:
+            xf = x.float().contiguous()
+            if self.planes == 2:
+                xf = torch.cat([xf, xf], dim=1)
+            y = cpu_kernels.int4_matmul(self.packed, xf, self.exact_pairs)
+        else:
+            xb = x.to(torch.bfloat16).contiguous()
+            if self.planes == 2:
+                xb = torch.cat([xb, xb], dim=1)
+            y = self._mm(xb, self._bf16_pairs())
+            if self.residual_scales_zeros is not None and x.shape[0] <= _EXACT_SCALES_MAX_ROWS:
+                y = y.float().add_(self._mm(xb, self.residual_scales_zeros))
         return y if y.shape[1] == self.out_features else y[:, : self.out_features]
 
     def _mm(self, x: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
@@ -245,7 +278,7 @@ class QuantLinear(nn.Module):
         if self._single is not None and x.dim() == 2 and x.shape[0] < self.dense_min_rows:
             # The decode step's common case, one packed segment: each op here costs a microsecond
             # or more a call, 120 calls a step.
-            y = self._single(x.to(torch.bfloat16).contiguous()).to(x.dtype)
+            y = self._single(x).to(x.dtype)
             return y if self.bias is None else y + self.bias
         flat = x.reshape(-1, self.in_features)
         if self.dense is not None and flat.shape[0] >= self.dense_min_rows:
@@ -260,8 +293,7 @@ class QuantLinear(nn.Module):
         return F.linear(flat.to(self.dense.dtype), self.dense)
 
     def _packed(self, flat: torch.Tensor) -> torch.Tensor:
-        xb = flat.to(torch.bfloat16).contiguous()
-        outs = [s(xb) if isinstance(s, Int4Planes) else s(flat) for s in self.segments]
+        outs = [s(flat) for s in self.segments]
         if len(outs) == 1:
             return outs[0]
         return torch.cat([o.to(flat.dtype) for o in outs], dim=-1)
