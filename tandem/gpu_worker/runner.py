@@ -27,7 +27,7 @@ from tandem.gpu_worker.model.attention import PagedKernel
 from tandem.gpu_worker.model.bert import BertModel
 from tandem.gpu_worker.model.layers import RMSNorm
 from tandem.gpu_worker.model.llama import LlamaModel
-from tandem.gpu_worker.model.quant_linear import cpu_has_bf16, int4_kernel_available
+from tandem.gpu_worker.model.quant_linear import Int4Planes, cpu_has_bf16, int4_kernel_available
 from tandem.gpu_worker.model.triton_attention import triton_available
 from tandem.gpu_worker.sampler import SamplingTensors, sample
 from tandem.gpu_worker.staging import StepStaging
@@ -84,12 +84,14 @@ def paged_kernel_for(device: torch.device, cache_dtype: torch.dtype) -> PagedKer
 def warm_cpu_kernels(
     model: nn.Module, cache_dtype: torch.dtype, paged_kernel: PagedKernel | None, device: torch.device
 ) -> None:
-    """Before the first step, the CPU kernels this model will call (norms, decode attention), at
+    """Before the first step, the CPU kernels this model will call (norms, decode attention, the
+    exact int4 matmul), at
     the thread count set for it; an encoder calls none of them."""
     attention = paged_kernel is PagedKernel.NUMBA
     norms = any(isinstance(m, RMSNorm) for m in model.modules())
-    if device.type == "cpu" and (norms or attention) and cpu_kernels.available():
-        cpu_kernels.warm_up(cache_dtype if attention else None, torch.get_num_threads())
+    int4 = any(isinstance(m, Int4Planes) and m.exact_pairs is not None for m in model.modules())
+    if device.type == "cpu" and (norms or attention or int4) and cpu_kernels.available():
+        cpu_kernels.warm_up(cache_dtype if attention else None, torch.get_num_threads(), int4=int4)
 
 
 def build_model(model_path: str, dtype_name: str, device: torch.device) -> LlamaModel | BertModel:

@@ -205,9 +205,10 @@ def add_rms_norm_(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, ep
     return out
 
 
-def warm_up(cache_dtype: torch.dtype | None, threads: int) -> None:
+def warm_up(cache_dtype: torch.dtype | None, threads: int, int4: bool = False) -> None:
     """Compile (or load from numba's disk cache) the kernels, the attention one for this cache
-    dtype (None: none), and give them the worker's thread count, before the first step.
+    dtype (None: none) and the int4 matmul if ``int4`` (a third of a second to load, so only for
+    models that call it), and give them the worker's thread count, before the first step.
 
     numba compiles once per argument layout: one row is C-contiguous to it, several rows of a view
     into a wider buffer (the queries in the fused QKV output) are strided, so both are warmed.
@@ -221,7 +222,7 @@ def warm_up(cache_dtype: torch.dtype | None, threads: int) -> None:
         # whole pool when it starts (2 here), so a one-thread worker silently ran torch on both
         # cores: torch's count is set again, and a one-thread worker never starts numba's pool.
         torch.set_num_threads(threads)
-    if int4_pack_is_blocked():
+    if int4 and int4_pack_is_blocked():
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.zeros(64, 32, dtype=torch.int32), 1)
         for dtype in (torch.float16, torch.float32):  # the pairs' two dtypes
             int4_matmul(packed, torch.ones(1, 32), torch.zeros(1, 1, 2, 64, dtype=dtype))
