@@ -118,7 +118,7 @@ class DecodeBatch:
         self.tables = rng.permutation(batch * self.width).reshape(batch, self.width).astype(np.int32)
         self.staging = StepStaging(device)
         self.paged_kernel = paged_kernel_for(device, self.kv.dtype)
-        warm_cpu_kernels(model, self.kv.dtype, self.paged_kernel, device)
+        warm_cpu_kernels(model, self.kv.dtype, self.paged_kernel, device, BLOCK_SIZE)
         self.host = _Host(model, self.kv, torch.zeros(max(batch, 1), dtype=torch.long, device=device), device)
         self.graphs: DecodeGraphs | None = None
 

@@ -82,7 +82,11 @@ def paged_kernel_for(device: torch.device, cache_dtype: torch.dtype) -> PagedKer
 
 
 def warm_cpu_kernels(
-    model: nn.Module, cache_dtype: torch.dtype, paged_kernel: PagedKernel | None, device: torch.device
+    model: nn.Module,
+    cache_dtype: torch.dtype,
+    paged_kernel: PagedKernel | None,
+    device: torch.device,
+    block_size: int,
 ) -> None:
     """Before the first step, the CPU kernels this model will call (norms, decode attention, the
     exact int4 matmul), at
@@ -91,7 +95,13 @@ def warm_cpu_kernels(
     norms = any(isinstance(m, RMSNorm) for m in model.modules())
     int4 = any(isinstance(m, Int4Planes) and m.exact_pairs is not None for m in model.modules())
     if device.type == "cpu" and (norms or attention or int4) and cpu_kernels.available():
-        cpu_kernels.warm_up(cache_dtype if attention else None, torch.get_num_threads(), int4=int4)
+        config = getattr(model, "config", None)
+        shape = None
+        if attention and config is not None:
+            shape = (config.num_heads, config.num_kv_heads, config.head_dim, block_size)
+        cpu_kernels.warm_up(
+            cache_dtype if attention else None, torch.get_num_threads(), int4=int4, attention=shape
+        )
 
 
 def build_model(model_path: str, dtype_name: str, device: torch.device) -> LlamaModel | BertModel:
@@ -212,7 +222,7 @@ class ModelRunner:
         """Staging buffers, the decode kernel choice and, on a GPU, the captured decode graphs."""
         self._staging = StepStaging(self.device)
         self._paged_kernel = None if self.encoder else paged_kernel_for(self.device, self.kv.dtype)
-        warm_cpu_kernels(self.model, self.kv.dtype, self._paged_kernel, self.device)
+        warm_cpu_kernels(self.model, self.kv.dtype, self._paged_kernel, self.device, self.kv.block_size)
         if self.device.type == "cuda" and self._paged_kernel is None:
             log.warning("triton is not installed: GPU decode attention runs the portable matmul path")
         if self.device.type == "cuda" and self.config.sliding_window is not None:

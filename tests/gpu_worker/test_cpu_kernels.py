@@ -30,22 +30,25 @@ LENS = [1, 3, 4, 5, 31, 32, 33, 70]  # across block edges
     ],
 )
 @pytest.mark.parametrize("parallel", [True, False], ids=["prange", "serial"])
+# Blocks of 16 rows (32: two halves each) with a head dimension of 16s take the vector kernel.
+@pytest.mark.parametrize("block", [BLOCK, 16, 32], ids=lambda b: f"block{b}")
 def test_kernel_matches_sdpa(
     heads: int,
     kv_heads: int,
     head_dim: int,
     dtype: torch.dtype,
     parallel: bool,
+    block: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(cpu_kernels._Launch, "parallel", parallel)
-    kv = pool(heads, kv_heads, head_dim, dtype, "cpu")
-    tables = scattered_tables(LENS, kv.num_blocks)  # stale ids past each row's own blocks
+    kv = pool(heads, kv_heads, head_dim, dtype, "cpu", block)
+    tables = scattered_tables(LENS, kv.num_blocks, block)  # stale ids past each row's own blocks
     q = torch.randn(len(LENS), heads, head_dim, generator=torch.Generator().manual_seed(2))
     out = torch.full_like(q, float("nan"))
     scale = head_dim**-0.5
     tab, lens = torch.from_numpy(tables.astype(np.int32)), torch.tensor(LENS, dtype=torch.int32)
-    cpu_kernels.decode_attention(q, kv.layers[0], np.arange(len(LENS)), tab, lens, BLOCK, scale, out)
+    cpu_kernels.decode_attention(q, kv.layers[0], np.arange(len(LENS)), tab, lens, block, scale, out)
     # bf16 keys and values are converted exactly: the reference reads the same values upcast.
     err = (out - sdpa_reference(q, kv, tables, LENS, scale)).abs().max().item()
     assert err < 1e-5, err

@@ -34,9 +34,11 @@ CASES = [
 GPU_CASES = [(4, 2, 64, torch.bfloat16, 2e-2), (32, 8, 128, torch.bfloat16, 2e-2)]
 
 
-def pool(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: str) -> KVCache:
+def pool(
+    heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: str, block: int = BLOCK
+) -> KVCache:
     cfg = ModelConfig("llama", 1, heads * head_dim, 64, heads, kv_heads, head_dim, 32, 512, 1e-5, 1e4, True)
-    kv = KVCache.allocate(cfg, 48, BLOCK, dtype, device)
+    kv = KVCache.allocate(cfg, 48, block, dtype, device)
     kv.layers[0].copy_(torch.randn(kv.layers[0].shape, generator=torch.Generator().manual_seed(0)))
     return kv
 
@@ -44,10 +46,11 @@ def pool(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: s
 def sdpa_reference(
     q: torch.Tensor, kv: KVCache, tables: np.ndarray, lens: list[int], scale: float
 ) -> torch.Tensor:
+    block = kv.block_size
     rows = []
     for i, n in enumerate(lens):
         j = np.arange(n)
-        slots = torch.from_numpy(tables[i, j // BLOCK] * BLOCK + j % BLOCK).to(q.device)
+        slots = torch.from_numpy(tables[i, j // block] * block + j % block).to(q.device)
         k = kv.layers[0][0][:, slots].float()[None]  # (1, Hkv, n, D)
         v = kv.layers[0][1][:, slots].float()[None]
         o = F.scaled_dot_product_attention(q[i].float()[None, :, None], k, v, scale=scale, enable_gqa=True)
@@ -55,14 +58,14 @@ def sdpa_reference(
     return torch.stack(rows)
 
 
-def scattered_tables(lens: list[int], num_blocks: int) -> np.ndarray:
+def scattered_tables(lens: list[int], num_blocks: int, block: int = BLOCK) -> np.ndarray:
     """Blocks scattered through the pool; each row padded with stale ids past its own blocks."""
     rng = np.random.default_rng(1)
     perm = rng.permutation(num_blocks)
-    tables = rng.integers(0, num_blocks, size=(len(lens), -(-max(lens) // BLOCK) + 2))
+    tables = rng.integers(0, num_blocks, size=(len(lens), -(-max(lens) // block) + 2))
     used = 0
     for i, n in enumerate(lens):
-        nb = -(-n // BLOCK)
+        nb = -(-n // block)
         tables[i, :nb] = perm[used : used + nb]
         used += nb
     return tables

@@ -93,7 +93,7 @@ def decode_attention(
         raise TypeError(f"CPU decode attention takes fp32 queries and output, got {q.dtype}, {out.dtype}")
     from tandem.gpu_worker.model import numba_attention as k
 
-    (k.decode if _Launch.parallel else k.decode_serial)(
+    args = (
         q.numpy(),
         _as_numpy(kv_layer),
         rows,
@@ -103,6 +103,20 @@ def decode_attention(
         block_size,
         out.numpy(),
     )
+    sizes = _vector_sizes(q.shape[1] // kv_layer.shape[1], q.shape[2], block_size)
+    if sizes is not None and out.stride(2) == 1 and kv_layer.is_contiguous():
+        (k.decode_vec_parallel if _Launch.parallel else k.decode_vec)(*args, *sizes)
+    else:
+        (k.decode if _Launch.parallel else k.decode_serial)(*args)
+
+
+@functools.cache
+def _vector_sizes(group: int, dim: int, block_size: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The vector kernel's compiled-in sizes (tuples whose lengths are the query heads of a group
+    and the 16s of the head dimension), or None where it does not apply."""
+    if block_size % 16 or dim % 16:
+        return None
+    return (0,) * group, (0,) * (dim // 16)
 
 
 def rope_applies(qkv: torch.Tensor, kv_layer: torch.Tensor) -> bool:
@@ -205,10 +219,17 @@ def add_rms_norm_(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, ep
     return out
 
 
-def warm_up(cache_dtype: torch.dtype | None, threads: int, int4: bool = False) -> None:
+def warm_up(
+    cache_dtype: torch.dtype | None,
+    threads: int,
+    int4: bool = False,
+    attention: tuple[int, int, int, int] | None = None,
+) -> None:
     """Compile (or load from numba's disk cache) the kernels, the attention one for this cache
     dtype (None: none) and the int4 matmul if ``int4`` (a third of a second to load, so only for
     models that call it), and give them the worker's thread count, before the first step.
+    ``attention``: the model's (heads, KV heads, head dim, block size), whose sizes the vector
+    attention kernel compiles in.
 
     numba compiles once per argument layout: one row is C-contiguous to it, several rows of a view
     into a wider buffer (the queries in the fused QKV output) are strided, so both are warmed.
@@ -242,6 +263,14 @@ def warm_up(cache_dtype: torch.dtype | None, threads: int, int4: bool = False) -
             width = (heads + 2 * hkv) * dim  # a fused QKV output, alone or a view into a padded one
             for qkv in (torch.ones(rows, width), torch.ones(rows, width + 16)[:, :width]):
                 rope_and_store(qkv, heads * dim, cos, sin, kv, slots)
+            tables = torch.zeros(rows, 1, dtype=torch.int32)
+            lens = torch.ones(rows, dtype=torch.int32)
+            decode_attention(q, kv, np.arange(rows), tables, lens, bs, 1.0, torch.empty(rows, heads, dim))
+    if cache_dtype is not None and attention is not None:
+        heads, hkv, dim, bs = attention
+        for rows in (1, 2):  # the queries: one row, or rows of a view into the fused QKV output
+            q = torch.ones(rows, heads + 2 * hkv, dim)[:, :heads]
+            kv = torch.zeros(2, hkv, bs, dim, dtype=cache_dtype)
             tables = torch.zeros(rows, 1, dtype=torch.int32)
             lens = torch.ones(rows, dtype=torch.int32)
             decode_attention(q, kv, np.arange(rows), tables, lens, bs, 1.0, torch.empty(rows, heads, dim))

@@ -12,6 +12,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from tandem.gpu_worker.model import numba_vec as vec
+
 
 @intrinsic
 def prefetch(typingctx, arr, index):
@@ -26,8 +28,9 @@ def prefetch(typingctx, arr, index):
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
-        # read, keep in all levels (locality 3), data cache
-        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        # read, into L2 (locality 2: prefetcht1), data cache: hints into L1 took the L1's few
+        # miss buffers, and blocks scattered through the pool streamed at 9 GB/s against 11.7
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
         return context.get_dummy_value()
 
     return types.void(arr, types.intp), codegen
@@ -101,6 +104,186 @@ def _exp_sum(row, n, top, scratch):
     return total
 
 
+AHEAD = 4  # blocks hinted ahead of the one read (measured 1-8: 4 was best)
+
+
+def _count(t: types.Type) -> int | None:
+    """The length of a tuple type: how the vector kernels get sizes they compile in (a tuple's
+    length is part of its type, so numba specializes on it and caches each; an int made literal
+    with ``numba.literally`` cost a failed compile at every call)."""
+    return t.count if isinstance(t, types.UniTuple) else None
+
+
+@intrinsic
+def _key_scores(typingctx, keys, row0, qs, scores, col, group, dim):
+    """``scores[g, col + t] = qs[g] . keys[row0 + t]`` for the 16 rows from ``row0`` and every
+    query head g of the group: the 16 dot products of a head are summed across lanes together
+    (numba_vec.Transposer), not each on its own."""
+    g_count, chunks = _count(group), _count(dim)
+    if g_count is None or chunks is None:
+        return None
+    d = 16 * chunks
+    sig = types.void(keys, types.intp, qs, scores, types.intp, group, dim)
+
+    def codegen(context, builder, sig, args):
+        keys_a, row0, qs_a, scores_a, col = args[:5]
+        kt, qt, st = sig.args[0], sig.args[2], sig.args[3]
+        karr = context.make_array(kt)(context, builder, keys_a)
+        qarr = context.make_array(qt)(context, builder, qs_a)
+        sarr = context.make_array(st)(context, builder, scores_a)
+
+        def at(ty, arr, *idx):
+            return cgutils.get_item_pointer(context, builder, ty, arr, list(idx))
+
+        c, chunks = vec.const, d // 16
+        for g in range(g_count):  # a head at a time: all of them at once spilled registers
+            q = [vec.load16(builder, at(qt, qarr, c(g), c(0)), c(16 * j)) for j in range(chunks)]
+            sums = vec.Transposer(builder)
+            for t in range(16):
+                row = at(kt, karr, builder.add(row0, c(t)), c(0))
+                p = builder.fmul(q[0], vec.load16(builder, row, c(0)), flags=vec.FAST)
+                for j in range(1, chunks):
+                    term = builder.fmul(q[j], vec.load16(builder, row, c(16 * j)), flags=vec.FAST)
+                    p = builder.fadd(p, term, flags=vec.FAST)
+                sums.push(p)
+            dst = builder.bitcast(at(st, sarr, c(g), col), vec.V16F.as_pointer())
+            builder.store(sums.result(), dst, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _value_sums(typingctx, values, tables, i, nblocks, bs, scores, out, r, h, group, dim):
+    """``out[r, h G + g] = sum over t of scores[g, t] values[t]`` over sequence i's blocks: the
+    group's accumulators stay in registers for the whole pass (a slice of the head dimension at
+    a time, at most 16 vectors), each value row widened once for every query head."""
+    g_count, chunks = _count(group), _count(dim)
+    if g_count is None or chunks is None:
+        return None
+    d = 16 * chunks
+    sig = types.void(
+        values, tables, types.intp, types.intp, types.intp, scores, out, types.intp, types.intp, group, dim
+    )
+
+    def codegen(context, builder, sig, args):
+        values_a, tables_a, i, nblocks, bs, scores_a, out_a, r, h = args[:9]
+        vt, tt, st, ot = sig.args[0], sig.args[1], sig.args[5], sig.args[6]
+        varr, tarr = (
+            context.make_array(vt)(context, builder, values_a),
+            context.make_array(tt)(context, builder, tables_a),
+        )
+        sarr, oarr = (
+            context.make_array(st)(context, builder, scores_a),
+            context.make_array(ot)(context, builder, out_a),
+        )
+
+        def at(ty, arr, *idx):
+            return cgutils.get_item_pointer(context, builder, ty, arr, list(idx))
+
+        c, add, mul = vec.const, builder.add, builder.mul
+        chunk = max(1, 16 // g_count)  # vectors of the head dimension per pass
+        per_line = 64 // (vt.dtype.bitwidth // 8) // 16  # vectors a cache line holds
+        zero = ir.Constant(vec.V16F, [0.0] * 16)
+        last = builder.sub(nblocks, c(1))
+        for first in range(0, d // 16, chunk):
+            width = min(chunk, d // 16 - first)
+            acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(width)] for _ in range(g_count)]
+            with cgutils.for_range(builder, nblocks) as blocks:
+                b = blocks.index
+                base = mul(builder.sext(builder.load(at(tt, tarr, i, b)), vec.I64), bs)
+                later = add(b, c(AHEAD))
+                ahead = builder.select(builder.icmp_signed("<", later, last), later, last)
+                ahead = mul(builder.sext(builder.load(at(tt, tarr, i, ahead)), vec.I64), bs)
+                with cgutils.for_range(builder, bs) as rows:
+                    t = rows.index
+                    for j in range(0, width, per_line):
+                        vec.prefetch(builder, at(vt, varr, add(ahead, t), c(16 * (first + j))))
+                    row = at(vt, varr, add(base, t), c(16 * first))
+                    v = [vec.load16(builder, row, c(16 * j)) for j in range(width)]
+                    col = add(mul(b, bs), t)
+                    for g in range(g_count):
+                        p = vec.splat(builder, builder.load(at(st, sarr, c(g), col)))
+                        for j in range(width):
+                            term = builder.fmul(p, v[j], flags=vec.FAST)
+                            builder.store(
+                                builder.fadd(builder.load(acc[g][j]), term, flags=vec.FAST), acc[g][j]
+                            )
+            for g in range(g_count):
+                dst = at(ot, oarr, r, add(mul(h, c(g_count)), c(g)), c(16 * first))
+                for j in range(width):
+                    builder.store(
+                        builder.load(acc[g][j]), vec.vector_at(builder, dst, c(16 * j), vec.V16F), align=4
+                    )
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(fastmath=True, inline="always")
+def _attend_vec(q, kv, rows, tables, lens, scale, bs, out, i, h, group, dim):
+    """``_attend`` for blocks of a multiple of 16 rows and a head dimension of a multiple of 16,
+    with the group size and head dimension compiled in: the inner loops are vector IR."""
+    r = rows[i]
+    length = lens[i]
+    nblocks = (length + bs - 1) // bs
+    heads, width = len(group), q.shape[2]
+    scores = np.empty((heads, nblocks * bs), dtype=np.float32)
+    scratch = np.empty(nblocks * bs, dtype=np.float32)
+    qs = np.empty((heads, width), dtype=np.float32)
+    for g in range(heads):
+        for d in range(width):
+            qs[g, d] = q[r, h * heads + g, d] * scale
+    keys = kv[0, h]
+    for b in range(min(AHEAD, nblocks)):
+        for t in range(bs):
+            _prefetch_row(keys, tables[i, b] * bs + t)
+    for b in range(nblocks):
+        ahead = tables[i, min(b + AHEAD, nblocks - 1)] * bs
+        for t in range(bs):
+            _prefetch_row(keys, ahead + t)
+        for part in range(0, bs, 16):
+            _key_scores(keys, tables[i, b] * bs + part, qs, scores, b * bs + part, group, dim)
+    _softmax(scores, length, scratch)
+    values = kv[1, h]
+    for b in range(min(AHEAD, nblocks)):
+        for t in range(bs):
+            _prefetch_row(values, tables[i, b] * bs + t)
+    _value_sums(values, tables, i, nblocks, bs, scores, out, r, h, group, dim)
+
+
+@njit(fastmath=True, inline="always")
+def _softmax(scores, length, scratch):
+    """Each row of ``scores`` softmaxed over its first ``length`` columns, the rest zeroed."""
+    for g in range(scores.shape[0]):
+        top = np.float32(-np.inf)
+        for t in range(length):
+            top = max(top, scores[g, t])
+        total = _exp_sum(scores[g], length, top, scratch)
+        inv = np.float32(1.0) / total
+        for t in range(length):
+            scores[g, t] *= inv
+        for t in range(length, scores.shape[1]):  # the last block's slots past the context
+            scores[g, t] = 0.0
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def decode_vec_parallel(q, kv, rows, tables, lens, scale, bs, out, group, dim):
+    """``decode_vec`` with the tasks spread over numba's threads."""
+    hkv = kv.shape[1]
+    for task in prange(rows.shape[0] * hkv):
+        _attend_vec(q, kv, rows, tables, lens, scale, bs, out, task // hkv, task % hkv, group, dim)
+
+
+@njit(fastmath=True, cache=True)
+def decode_vec(q, kv, rows, tables, lens, scale, bs, out, group, dim):
+    """``decode_serial`` through ``_attend_vec``; ``group`` and ``dim`` are tuples of as many
+    elements as the group has query heads and the head dimension has 16s (see ``_count``)."""
+    hkv = kv.shape[1]
+    for task in range(rows.shape[0] * hkv):
+        _attend_vec(q, kv, rows, tables, lens, scale, bs, out, task // hkv, task % hkv, group, dim)
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def decode(q, kv, rows, tables, lens, scale, bs, out):
     """``out[rows[i]]`` = attention of ``q[rows[i]]`` over sequence i's ``lens[i]`` cached keys,
@@ -151,16 +334,7 @@ def _attend(q, kv, rows, tables, lens, scale, bs, out, i, h):
                 for d in range(dim):
                     s += qs[g, d] * as_f32(block[t, d])
                 scores[g, b * bs + t] = s
-    for g in range(group):
-        top = np.float32(-np.inf)
-        for t in range(length):
-            top = max(top, scores[g, t])
-        total = _exp_sum(scores[g], length, top, scratch)
-        inv = np.float32(1.0) / total
-        for t in range(length):
-            scores[g, t] *= inv
-        for t in range(length, nblocks * bs):  # the last block's slots past the context
-            scores[g, t] = 0.0
+    _softmax(scores, length, scratch)
     for t in range(bs):
         _prefetch_row(values, tables[i, 0] * bs + t)
     for b in range(nblocks):

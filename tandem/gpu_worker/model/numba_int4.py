@@ -8,8 +8,9 @@ horizontal sums, then applies the group's fp32 (scale, offset) pairs; those are 
 block order, (N/64, G, 2, 64), so the whole pass reads two sequential streams.
 
 numba widens arithmetic on small integers to 64 bits, which kept the nibble unpacking from
-vectorizing, so the group's inner loop is written as LLVM vector IR (``_group_dot``); what is
-around it is plain numba. Module-level functions so numba caches their machine code on disk.
+vectorizing, so the group's inner loop is written as LLVM vector IR (``_group_dot``, with
+numba_vec's helpers); what is around it is plain numba. Module-level functions so numba caches
+their machine code on disk.
 """
 
 from __future__ import annotations
@@ -20,30 +21,18 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-_F32 = ir.FloatType()
-_I8 = ir.IntType(8)
-_I32 = ir.IntType(32)
-_I64 = ir.IntType(64)
+from tandem.gpu_worker.model import numba_vec as vec
+
+_F32, _I8, _I32, _FAST = vec.F32, vec.I8, vec.I32, vec.FAST
 _V32F = ir.VectorType(_F32, 32)
 _V32B = ir.VectorType(_I8, 32)
-_FAST = ("fast",)
+_i, _vector_at = vec.const, vec.vector_at
 BLOCK_ROWS = 64  # output rows a column of the pack holds
 GROUP = 32
 
 
-def _i(v: int) -> ir.Constant:
-    return ir.Constant(_I64, v)
-
-
 def _splat(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
-    undef = ir.Constant(_V32F, None)
-    one = builder.insert_element(undef, value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(_I32, 32), [0] * 32))
-
-
-def _vector_at(builder: ir.IRBuilder, base: ir.Value, index: ir.Value, vtype: ir.VectorType) -> ir.Value:
-    """A pointer to the vector of ``vtype`` at element ``index`` of scalar pointer ``base``."""
-    return builder.bitcast(builder.gep(base, [index]), vtype.as_pointer())
+    return vec.splat(builder, value, 32)
 
 
 def _make_group_dot(rows: int):
