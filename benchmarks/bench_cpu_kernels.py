@@ -7,7 +7,8 @@ Attention: one decode step's attention over every layer (blocks scattered throug
 the portable chunk path (gather + batched matmuls, fp32 cache) against the paged kernel with an
 fp32 and a bf16 cache. RMSNorm: one call on fp32 rows, torch's rms_norm against the kernel.
 Rope and the cache write: one layer's, torch's ops (fused.rotate_half_, attention.write_kv) against
-the kernel, into a bf16 cache.
+the kernel, into a bf16 cache. int4: the 120 packed layer matmuls of a step, torch's kernel (with
+and without its second call on the attention projections) against the exact kernel.
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
 
+from tandem.formats.gguf_packed import AffineCodes
 from tandem.gpu_worker.kv_cache import KVCache
 from tandem.gpu_worker.model import cpu_kernels
 from tandem.gpu_worker.model.attention import AttentionMetadata, PagedKernel, paged_attention, write_kv
 from tandem.gpu_worker.model.fused import rotate_half_
+from tandem.gpu_worker.model.quant_linear import Int4Planes
 
-HEADS, KV_HEADS, HEAD_DIM, LAYERS, BLOCK, HIDDEN = 9, 3, 64, 30, 16, 576  # SmolLM2-135M
+HEADS, KV_HEADS, HEAD_DIM, LAYERS, BLOCK, HIDDEN, FFN = 9, 3, 64, 30, 16, 576, 1536  # SmolLM2-135M
 
 
 def best_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -99,6 +103,48 @@ def rope_us(rows: int, repeats: int) -> dict[str, float]:
     return {name: best_ms(fn, repeats) * 1000 / calls for name, fn in runs}
 
 
+def int4_ms(rows_list: list[int], repeats: int) -> dict[int, dict[str, float]]:
+    """The 120 packed layer matmuls of a default-model step (random Q4_1 codes, fp16 scales):
+    torch's int4 kernel with bf16 scales, the same with its second call on the attention
+    projections (what the model ran before the exact kernel), and the exact kernel."""
+    gen = torch.Generator().manual_seed(0)
+    planes = []
+    for n, k in [
+        (HEADS * HEAD_DIM + 2 * KV_HEADS * HEAD_DIM, HIDDEN),
+        (HIDDEN, HIDDEN),
+        (2 * FFN, HIDDEN),
+        (HIDDEN, FFN),
+    ]:
+        for _ in range(LAYERS):
+            codes = torch.randint(0, 16, (n, k), dtype=torch.int8, generator=gen)
+            scale = (torch.rand(n, k // 32, generator=gen) * 0.01 + 1e-3).half().float()
+            offset = (torch.randn(n, k // 32, generator=gen) * 0.05).half().float()
+            planes.append(Int4Planes([AffineCodes(codes, scale, offset, 4, GGMLQuantizationType.Q4_1, True)]))
+    out = {}
+    for rows in rows_list:
+        xs = {k: torch.randn(rows, k, generator=gen) for k in (HIDDEN, FFN)}
+        xb = {k: x.to(torch.bfloat16) for k, x in xs.items()}
+
+        def torch_kernel(second_call: bool, xb: dict[int, torch.Tensor] = xb) -> None:
+            for i, p in enumerate(planes):
+                pairs = p._bf16_pairs()
+                y = p._mm(xb[p.in_features], pairs)
+                if second_call and i < 2 * LAYERS:  # qkv and o; the residual pairs cost the same
+                    y.float().add_(p._mm(xb[p.in_features], pairs))
+
+        def exact(xs: dict[int, torch.Tensor] = xs) -> None:
+            for p in planes:
+                p(xs[p.in_features])
+
+        for p in planes:  # bf16 pairs made once, as a weight without the exact kernel holds them
+            p.scales_zeros = p._bf16_pairs()
+        runs = (("torch", lambda: torch_kernel(False)), ("torch + second call", lambda: torch_kernel(True)))
+        out[rows] = {name: best_ms(fn, repeats) for name, fn in (*runs, ("exact kernel", exact))}
+        for p in planes:
+            p.scales_zeros = None
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
@@ -121,6 +167,10 @@ def main() -> None:
         gain = us["torch"] / us["kernel"]
         cells = f"torch {us['torch']:.1f} us, kernel {us['kernel']:.1f} us"
         print(f"rms_norm of {rows} x {HIDDEN}: {cells} ({gain:.1f}x)")
+    if cpu_kernels.int4_pack_is_blocked():
+        for rows, ms in int4_ms([1, 2, 8, 32], args.repeats).items():
+            cells = ", ".join(f"{k} {v:.2f}" for k, v in ms.items())
+            print(f"int4 layer matmuls of a step ({4 * LAYERS}), {rows} row(s), ms: {cells}")
     for rows in (1, 8):
         us = rope_us(rows, args.repeats)
         cells = f"torch {us['torch']:.1f} us, kernel {us['kernel']:.1f} us"

@@ -1,4 +1,4 @@
-"""The exact int4 kernel (cpu_kernels.int4_matmul): torch's pack read with fp32 activations and
+"""The exact int4 kernel (cpu_kernels.Int4Matmul): torch's pack read with fp32 activations and
 fp16/fp32 scales, against float64 on the file's own weights, and the torch kernel kept beside it."""
 
 from __future__ import annotations

@@ -11,6 +11,12 @@ heads (GQA) against each block while it is in cache, prefetching the next block:
 - softmax over the visible keys in fp32;
 - the values' weighted sum, block by block again.
 
+Where blocks hold a multiple of 16 rows and the head dimension is a multiple of 16 (every model
+tandem serves, at the default block size), a vector kernel does it (numba_attention.decode_vec):
+the group size and head dimension compiled in, the 16 key scores of a head summed across lanes
+together, the values' accumulators in registers for the whole pass, and the blocks hinted into L2
+four ahead. Other shapes take the scalar kernel (``decode_serial``).
+
 **RMSNorm.** torch's CPU rms_norm is a composite of several ops (pow, mean, add, rsqrt, mul),
 61 calls a step on the default model; the kernel is one call, and the pre-MLP norm takes the
 residual add with it (two torch ops fewer again).
@@ -22,7 +28,7 @@ even), so the cache holds what the torch ops would have written.
 
 **Packed int4 matmul.** torch's int4 kernel takes bf16 activations and bf16 (scale, zero) pairs,
 and the pairs' rounding was the largest part of the packed path's error, which a second call
-repaired for the attention projections at twice the cost. ``int4_matmul`` reads torch's own pack
+repaired for the attention projections at twice the cost. ``Int4Matmul`` reads torch's own pack
 (no second copy of the codes) with fp32 activations and fp32 pairs, so it is exact to fp32
 rounding, and it was faster than torch's kernel alone at every row count measured (1-32 rows).
 
@@ -165,22 +171,30 @@ def int4_pack_is_blocked() -> bool:
 
 
 def int4_matmul_applies(padded_rows: int) -> bool:
-    """Whether ``int4_matmul`` takes a weight of this many (padded) output rows."""
+    """Whether ``Int4Matmul`` takes a weight of this many (padded) output rows."""
     return padded_rows % 64 == 0 and int4_pack_is_blocked()
 
 
-def int4_matmul(packed: torch.Tensor, x: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+class Int4Matmul:
     """``x @ W.T`` in fp32 over torch's int4 pack of W (see numba_int4) with fp16 or fp32 (scale,
-    offset) pairs ``pairs`` (N/64, G, 2, 64); ``x`` (M, K) fp32. Returns (M, N) fp32."""
-    from tandem.gpu_worker.model import numba_int4 as k
+    offset) pairs ``pairs`` (N/64, G, 2, 64). The arrays the kernel reads are made once: converting
+    four tensors a call cost 9 us against the kernel's own 1 us at one row, 120 calls a step."""
 
-    blocks = pairs.shape[0]
-    width = x.shape[1]
-    out = torch.empty(x.shape[0], blocks * 64)
-    kernel = k.matmul_parallel if _Launch.parallel else k.matmul
-    pairs = pairs.view(torch.int16) if pairs.dtype == torch.float16 else pairs  # numba has no fp16
-    kernel(packed.numpy().reshape(blocks, width, 32), x.numpy(), pairs.numpy(), out.numpy())
-    return out
+    def __init__(self, packed: torch.Tensor, pairs: torch.Tensor) -> None:
+        from tandem.gpu_worker.model import numba_int4
+
+        self._kernels = numba_int4
+        blocks = pairs.shape[0]
+        self.rows = blocks * 64
+        self._packed = packed.numpy().reshape(blocks, -1, 32)
+        # numba has no fp16: the kernel reads fp16 pairs as their 16 bits
+        self._pairs = (pairs.view(torch.int16) if pairs.dtype == torch.float16 else pairs).numpy()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (M, K) fp32, C-contiguous
+        out = np.empty((x.shape[0], self.rows), dtype=np.float32)
+        kernel = self._kernels.matmul_parallel if _Launch.parallel else self._kernels.matmul
+        kernel(self._packed, x.numpy(), self._pairs, out)
+        return torch.from_numpy(out)
 
 
 class _Launch:
@@ -246,7 +260,7 @@ def warm_up(
     if int4 and int4_pack_is_blocked():
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.zeros(64, 32, dtype=torch.int32), 1)
         for dtype in (torch.float16, torch.float32):  # the pairs' two dtypes
-            int4_matmul(packed, torch.ones(1, 32), torch.zeros(1, 1, 2, 64, dtype=dtype))
+            Int4Matmul(packed, torch.zeros(1, 1, 2, 64, dtype=dtype))(torch.ones(1, 32))
     heads, hkv, dim, bs = 2, 1, 8, 4
     w = torch.ones(dim)
     for rows in (1, 2):

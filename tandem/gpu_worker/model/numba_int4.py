@@ -1,4 +1,4 @@
-"""Matmul over torch's CPU int4 pack with fp32 scales, as a numba kernel (see cpu_kernels.int4_matmul).
+"""Matmul over torch's CPU int4 pack with fp32 scales, as a numba kernel (see cpu_kernels.Int4Matmul).
 
 torch's ``_convert_weight_to_int4pack_for_cpu`` lays a weight out as (N/64, K, 32) bytes: byte j
 of (block b, column k) holds row 64b + j's code in its low nibble and row 64b + 32 + j's in its

@@ -15,11 +15,12 @@ wider ones, against 4 for fp32.
 
 bf16 rounds every group's scale, a coherent error across its 32 weights that measured as the largest
 part of the packed path's divergence from float32 (KL 2.5e-3 of 4.6e-3 on the default model). So
-inputs of up to 64 rows (decode steps) go through ``cpu_kernels.int4_matmul`` instead wherever it
+inputs of up to 64 rows (decode steps) go through ``cpu_kernels.Int4Matmul`` instead wherever it
 reads this torch's pack: the same packed codes, fp32 activations and the file's own scales (fp16,
 or fp32 where fp16 does not hold them), exact to fp32 rounding and faster than torch's kernel at
-every row count measured (one row: the 120 layer matmuls of the default model 5.2 ms, against
-7.7 through torch's kernel and 10.4 with its second call for the attention projections).
+every row count measured (``benchmarks/bench_cpu_kernels.py``: the 120 layer matmuls of a
+default-model step at one row 6.6 ms, against 7.8 through torch's kernel and 9.9 with its second
+call for the attention projections).
 The weight then keeps only those pairs; torch's bf16 ones are made from them for bigger inputs
 (prefill chunks without dense copies), which are compute-bound and take torch's kernel. Where the
 exact kernel does not apply (no numba, another pack layout, output rows not in blocks of 64), the
@@ -123,6 +124,7 @@ class Int4Planes(nn.Module):
         # The exact kernel's pairs, or torch's bf16 ones (made from the exact pairs on demand for
         # inputs too big for that kernel, so a weight keeps one set of scales).
         self.register_buffer("exact_pairs", exact, persistent=False)
+        self._exact: cpu_kernels.Int4Matmul | None = None  # made at the first call
         sz = self._scales_zeros(scale, offset)
         bf16_pairs = None if exact is not None else _pad_pairs(sz, pad)
         self.register_buffer("scales_zeros", bf16_pairs, persistent=False)
@@ -186,7 +188,9 @@ class Int4Planes(nn.Module):
             xf = x.float().contiguous()
             if self.planes == 2:
                 xf = torch.cat([xf, xf], dim=1)
-            y = cpu_kernels.int4_matmul(self.packed, xf, self.exact_pairs)
+            if self._exact is None:
+                self._exact = cpu_kernels.Int4Matmul(self.packed, self.exact_pairs)
+            y = self._exact(xf)
         else:
             xb = x.to(torch.bfloat16).contiguous()
             if self.planes == 2:
