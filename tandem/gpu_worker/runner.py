@@ -89,8 +89,7 @@ def warm_cpu_kernels(
     block_size: int,
 ) -> None:
     """Before the first step, the CPU kernels this model will call (norms, decode attention, the
-    exact int4 matmul), at
-    the thread count set for it; an encoder calls none of them."""
+    exact int4 matmul), at the thread count set for it; an encoder calls none of them."""
     attention = paged_kernel is PagedKernel.NUMBA
     norms = any(isinstance(m, RMSNorm) for m in model.modules())
     int4 = any(isinstance(m, Int4Planes) and m.exact_pairs is not None for m in model.modules())

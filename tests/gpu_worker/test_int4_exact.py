@@ -101,3 +101,16 @@ def test_big_inputs_get_torch_pairs_made_from_the_exact_ones(
     assert torch.equal(seg._bf16_pairs(), built)
     big = torch.randn(quant_linear._EXACT_SCALES_MAX_ROWS + 1, codes.shape[1])
     assert torch.equal(lin(big), seg._mm(torch.cat([big] * seg.planes, 1).to(torch.bfloat16), built).float())
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0], ids=lambda t: t.name)
+def test_the_threaded_kernel_gives_the_serial_ones_result(
+    tiny_files: dict, qtype: GGMLQuantizationType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker of several threads spreads the blocks of 64 output rows over them: each block is
+    the same arithmetic in the same order, so the outputs are equal bit for bit."""
+    lin, codes, _ = _linear(tiny_files[qtype])
+    x = torch.randn(5, codes.shape[1], generator=torch.Generator().manual_seed(5))
+    serial = lin(x)
+    monkeypatch.setattr(cpu_kernels._Launch, "parallel", True)
+    assert torch.equal(lin(x), serial)

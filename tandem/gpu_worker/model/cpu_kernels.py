@@ -29,13 +29,13 @@ even), so the cache holds what the torch ops would have written.
 **Packed int4 matmul.** torch's int4 kernel takes bf16 activations and bf16 (scale, zero) pairs,
 and the pairs' rounding was the largest part of the packed path's error, which a second call
 repaired for the attention projections at twice the cost. ``Int4Matmul`` reads torch's own pack
-(no second copy of the codes) with fp32 activations and fp32 pairs, so it is exact to fp32
+(no second copy of the codes) with fp32 activations and fp16 or fp32 pairs, so it is exact to fp32
 rounding, and it was faster than torch's kernel alone at every row count measured (1-32 rows).
 
 ``python benchmarks/bench_cpu_kernels.py`` (default model's shapes, one thread, idle machine):
 attention over the 30 layers of a decode step, chunk path with an fp32 cache -> this kernel with
-a bf16 cache: batch 1 at context 128 1.8 -> 0.7 ms, batch 8 at 128 9.5 -> 5.8, batch 8 at 2048
-172 -> 81, batch 32 at 256 73 -> 45; rms_norm of one row of 576, 10.3 -> 6.4 us a call.
+a bf16 cache: batch 1 at context 128 2.0 -> 0.6 ms, batch 8 at 128 9.4 -> 2.6, batch 8 at 2048
+140 -> 35, batch 32 at 256 70 -> 19; rms_norm of one row of 576, 10.3 -> 6.4 us a call.
 
 Compiled on first use and cached on disk by numba (seconds, once per machine); the worker warms
 them at load (``warm_up``) so no request waits on the compiler.
@@ -198,7 +198,7 @@ class Int4Matmul:
 
 
 class _Launch:
-    """How the attention kernel runs its tasks: on the calling thread unless the worker has more
+    """How the attention and int4 kernels run: on the calling thread unless the worker has more
     than one (``warm_up``); numba's thread pool is started only then."""
 
     parallel = False
