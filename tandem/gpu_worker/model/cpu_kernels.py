@@ -265,7 +265,6 @@ def warm_up(
     w = torch.ones(dim)
     for rows in (1, 2):
         wide = torch.ones(rows, 2 * heads, dim)
-        q = wide[:, :heads]
         x = torch.ones(rows, dim)
         rms_norm(x, w, 1e-5)
         add_rms_norm_(x, x.clone(), w, 1e-5)
@@ -277,14 +276,16 @@ def warm_up(
             width = (heads + 2 * hkv) * dim  # a fused QKV output, alone or a view into a padded one
             for qkv in (torch.ones(rows, width), torch.ones(rows, width + 16)[:, :width]):
                 rope_and_store(qkv, heads * dim, cos, sin, kv, slots)
-            tables = torch.zeros(rows, 1, dtype=torch.int32)
-            lens = torch.ones(rows, dtype=torch.int32)
-            decode_attention(q, kv, np.arange(rows), tables, lens, bs, 1.0, torch.empty(rows, heads, dim))
-    if cache_dtype is not None and attention is not None:
-        heads, hkv, dim, bs = attention
-        for rows in (1, 2):  # the queries: one row, or rows of a view into the fused QKV output
-            q = torch.ones(rows, heads + 2 * hkv, dim)[:, :heads]
-            kv = torch.zeros(2, hkv, bs, dim, dtype=cache_dtype)
-            tables = torch.zeros(rows, 1, dtype=torch.int32)
-            lens = torch.ones(rows, dtype=torch.int32)
-            decode_attention(q, kv, np.arange(rows), tables, lens, bs, 1.0, torch.empty(rows, heads, dim))
+            _warm_attention(cache_dtype, rows, heads, hkv, dim, bs)
+            if attention is not None:
+                _warm_attention(cache_dtype, rows, *attention)
+
+
+def _warm_attention(cache_dtype: torch.dtype, rows: int, heads: int, hkv: int, dim: int, bs: int) -> None:
+    """One decode_attention call of this shape; the queries of several rows are a view into a
+    wider buffer, as in the fused QKV output."""
+    q = torch.ones(rows, heads + 2 * hkv, dim)[:, :heads]
+    kv = torch.zeros(2, hkv, bs, dim, dtype=cache_dtype)
+    tables = torch.zeros(rows, 1, dtype=torch.int32)
+    lens = torch.ones(rows, dtype=torch.int32)
+    decode_attention(q, kv, np.arange(rows), tables, lens, bs, 1.0, torch.empty(rows, heads, dim))

@@ -23,14 +23,7 @@ def prefetch(typingctx, arr, index):
 
     def codegen(context, builder, sig, args):
         ary = context.make_array(sig.args[0])(context, builder, args[0])
-        i8p = ir.IntType(8).as_pointer()
-        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
-        # read, into L2 (locality 2: prefetcht1), data cache: hints into L1 took the L1's few
-        # miss buffers, and blocks scattered through the pool streamed at 9 GB/s against 11.7
-        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        vec.prefetch(builder, builder.gep(ary.data, [args[1]]))
         return context.get_dummy_value()
 
     return types.void(arr, types.intp), codegen
@@ -38,14 +31,11 @@ def prefetch(typingctx, arr, index):
 
 @intrinsic
 def _bf16_bits_to_f32(typingctx, bits):
-    """The fp32 whose upper half is these 16 bits (a bf16, exactly; signed or not, the bits are
-    zero-extended), as one shift and bitcast: numba has no scalar bitcast, and converting a block
+    """The fp32 of a bf16 held as 16 bits: numba has no scalar bitcast, and converting a block
     into an fp32 scratch first cost a store and a load an element."""
 
     def codegen(context, builder, sig, args):
-        i32 = ir.IntType(32)
-        wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
-        return builder.bitcast(wide, ir.FloatType())
+        return vec.widen_bf16(builder, args[0])
 
     return types.float32(bits), codegen
 
@@ -68,6 +58,13 @@ def _prefetch_row(src, row):
     d = src.shape[1]
     for e in range(0, d, step):
         prefetch(src, row * d + e)
+
+
+@njit(fastmath=True, inline="always")
+def _prefetch_block(src, start, bs):
+    """Rows ``start .. start + bs`` hinted a row at a time."""
+    for t in range(bs):
+        _prefetch_row(src, start + t)
 
 
 # 2^f on [0, 1), degree 6, fitted to relative error (1e-7 evaluated in fp32: fp32's own epsilon).
@@ -122,7 +119,6 @@ def _key_scores(typingctx, keys, row0, qs, scores, col, group, dim):
     g_count, chunks = _count(group), _count(dim)
     if g_count is None or chunks is None:
         return None
-    d = 16 * chunks
     sig = types.void(keys, types.intp, qs, scores, types.intp, group, dim)
 
     def codegen(context, builder, sig, args):
@@ -135,7 +131,7 @@ def _key_scores(typingctx, keys, row0, qs, scores, col, group, dim):
         def at(ty, arr, *idx):
             return cgutils.get_item_pointer(context, builder, ty, arr, list(idx))
 
-        c, chunks = vec.const, d // 16
+        c = vec.const
         for g in range(g_count):  # a head at a time: all of them at once spilled registers
             q = [vec.load16(builder, at(qt, qarr, c(g), c(0)), c(16 * j)) for j in range(chunks)]
             sums = vec.Transposer(builder)
@@ -161,7 +157,6 @@ def _value_sums(typingctx, values, tables, i, nblocks, bs, scores, out, r, h, gr
     g_count, chunks = _count(group), _count(dim)
     if g_count is None or chunks is None:
         return None
-    d = 16 * chunks
     sig = types.void(
         values, tables, types.intp, types.intp, types.intp, scores, out, types.intp, types.intp, group, dim
     )
@@ -186,8 +181,8 @@ def _value_sums(typingctx, values, tables, i, nblocks, bs, scores, out, r, h, gr
         per_line = 64 // (vt.dtype.bitwidth // 8) // 16  # vectors a cache line holds
         zero = ir.Constant(vec.V16F, [0.0] * 16)
         last = builder.sub(nblocks, c(1))
-        for first in range(0, d // 16, chunk):
-            width = min(chunk, d // 16 - first)
+        for first in range(0, chunks, chunk):
+            width = min(chunk, chunks - first)
             acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(width)] for _ in range(g_count)]
             with cgutils.for_range(builder, nblocks) as blocks:
                 b = blocks.index
@@ -236,19 +231,15 @@ def _attend_vec(q, kv, rows, tables, lens, scale, bs, out, i, h, group, dim):
             qs[g, d] = q[r, h * heads + g, d] * scale
     keys = kv[0, h]
     for b in range(min(AHEAD, nblocks)):
-        for t in range(bs):
-            _prefetch_row(keys, tables[i, b] * bs + t)
+        _prefetch_block(keys, tables[i, b] * bs, bs)
     for b in range(nblocks):
-        ahead = tables[i, min(b + AHEAD, nblocks - 1)] * bs
-        for t in range(bs):
-            _prefetch_row(keys, ahead + t)
+        _prefetch_block(keys, tables[i, min(b + AHEAD, nblocks - 1)] * bs, bs)
         for part in range(0, bs, 16):
             _key_scores(keys, tables[i, b] * bs + part, qs, scores, b * bs + part, group, dim)
     _softmax(scores, length, scratch)
     values = kv[1, h]
     for b in range(min(AHEAD, nblocks)):
-        for t in range(bs):
-            _prefetch_row(values, tables[i, b] * bs + t)
+        _prefetch_block(values, tables[i, b] * bs, bs)
     _value_sums(values, tables, i, nblocks, bs, scores, out, r, h, group, dim)
 
 
@@ -319,15 +310,12 @@ def _attend(q, kv, rows, tables, lens, scale, bs, out, i, h):
             qs[g, d] = q[r, h * group + g, d] * scale
     keys = kv[0, h]
     values = kv[1, h]
-    for t in range(bs):
-        _prefetch_row(keys, tables[i, 0] * bs + t)
+    _prefetch_block(keys, tables[i, 0] * bs, bs)
     for b in range(nblocks):
         # Elements are read through a slice: an index ``base + t`` could be negative to numba,
         # whose wraparound check then kept the loops from vectorizing.
         block = keys[tables[i, b] * bs : (tables[i, b] + 1) * bs]
-        ahead = tables[i, b + 1 if b + 1 < nblocks else b] * bs
-        for t in range(bs):  # the next block hinted into cache a row at a time, spread over this one's work
-            _prefetch_row(keys, ahead + t)
+        _prefetch_block(keys, tables[i, b + 1 if b + 1 < nblocks else b] * bs, bs)  # the next one
         for g in range(group):
             for t in range(bs):
                 s = np.float32(0.0)
@@ -335,8 +323,7 @@ def _attend(q, kv, rows, tables, lens, scale, bs, out, i, h):
                     s += qs[g, d] * as_f32(block[t, d])
                 scores[g, b * bs + t] = s
     _softmax(scores, length, scratch)
-    for t in range(bs):
-        _prefetch_row(values, tables[i, 0] * bs + t)
+    _prefetch_block(values, tables[i, 0] * bs, bs)
     for b in range(nblocks):
         block = values[tables[i, b] * bs : (tables[i, b] + 1) * bs]
         ahead = tables[i, b + 1 if b + 1 < nblocks else b] * bs
